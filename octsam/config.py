@@ -1,0 +1,158 @@
+"""Experiment configuration: three dataclasses parsed from one YAML file, overridable on the command line.
+
+``python train.py --config configs/amd.yaml --learning_rate 3e-4`` reads the YAML, rejects keys that no dataclass
+knows, and lets each ``--name value`` override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from octsam.errors import OctSamError
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="sam", metadata={"help": "sam (SAM + LoRA) or unet (MONAI U-Net baseline)."})
+    base_model: str = field(
+        default="facebook/sam-vit-base", metadata={"help": "SamModel Hub id or local folder (any SAM size)."}
+    )
+    base_model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    mode: str = field(default="automatic", metadata={"help": "automatic (no prompts) or prompted (boxes/points)."})
+    class_activation: str = field(
+        default="softmax", metadata={"help": "softmax: classes compete (one per pixel); sigmoid: overlapping."}
+    )
+    tokens_per_class: int = field(default=2, metadata={"help": "Learned prompt tokens per class (automatic)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["qkv"],
+        metadata={"help": "Any of qkv, proj, mlp (image encoder) and decoder_attention."},
+    )
+    train_mask_decoder: bool = field(default=True, metadata={"help": "Train the whole mask decoder."})
+    fast_attention: bool = field(
+        default=True, metadata={"help": "Exact fast attention for the image encoder (octsam.fast_attention)."}
+    )
+    unet_channels: list[int] = field(
+        default_factory=lambda: [32, 64, 128, 256, 512], metadata={"help": "U-Net channels per level."}
+    )
+    unet_image_size: int = field(default=256, metadata={"help": "U-Net input size (square)."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="", metadata={"help": "Dataset folder (save_to_disk) or Hub dataset repo id."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub revision of the dataset."})
+    max_prompts: int = field(default=8, metadata={"help": "Prompted mode: prompts (components) per B-scan."})
+    box_jitter: float = field(default=0.1, metadata={"help": "Prompted mode: box jitter as a fraction of its size."})
+    positive_points: int = field(default=1, metadata={"help": "Prompted mode: points inside each component."})
+    negative_points: int = field(default=1, metadata={"help": "Prompted mode: points in the box, outside it."})
+    prompt_types: list[str] = field(
+        default_factory=lambda: ["box", "point", "box+point"],
+        metadata={"help": "Prompted mode: prompt kinds drawn per step."},
+    )
+    augment: bool = field(default=True, metadata={"help": "Flips, rotations, brightness/contrast on training."})
+    rotate_limit: float = field(default=10.0, metadata={"help": "Largest rotation in degrees."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training scans."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, adapter, results go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output_dir."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of all steps."})
+    effective_batch_size: int = field(
+        default=16, metadata={"help": "per-device batch x processes x accumulation (accumulation is derived)."}
+    )
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Batch per device."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Evaluation batch per device."})
+    num_train_epochs: int = field(default=50, metadata={"help": "Maximum epochs."})
+    early_stopping_patience: int = field(default=5, metadata={"help": "Epochs without a better val Dice; 0: off."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU unless the launch config says), no, bf16."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, trackio, wandb or none."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Epoch checkpoints kept besides best and latest."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest or a checkpoint folder."})
+    evaluate_test: bool = field(default=True, metadata={"help": "Evaluate the best model on the test split."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the best adapter at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "ORG/NAME for --push_to_hub."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    stop_after_epochs: int | None = field(
+        default=None, metadata={"help": "Stop (as if interrupted) after this many epochs; for testing resume."}
+    )
+
+
+ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """``--config FILE.yaml`` (optional) plus command-line overrides -> the three argument dataclasses."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ALL_ARGUMENTS)
+    parser.add_argument("--config", type=str, default=None, help="YAML file with any of the options below.")
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise OctSamError("--config needs a YAML file path.")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise OctSamError(f"Config file {config_path} does not exist.")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise OctSamError(f"Config file {config_path} is not valid YAML: {err}") from err
+        known = {f.name for dc in ALL_ARGUMENTS for f in dataclasses.fields(dc)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise OctSamError(
+                f"Unknown config key(s) {unknown} in {config_path}. Known keys: {', '.join(sorted(known))}."
+            )
+        parser.set_defaults(**values)
+    namespace, rest = parser.parse_known_args(argv)
+    if rest:
+        raise OctSamError(f"Unknown command-line argument(s) {rest}; run with --help for the options.")
+    outputs = []
+    for dc in ALL_ARGUMENTS:
+        names = {f.name for f in dataclasses.fields(dc) if f.init}
+        outputs.append(dc(**{k: v for k, v in vars(namespace).items() if k in names}))
+    model_args, data_args, train_args = outputs
+    validate(model_args, data_args, train_args)
+    return model_args, data_args, train_args
+
+
+def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    if not data_args.dataset:
+        raise OctSamError("No dataset given: set `dataset:` in the config or pass --dataset DIR_OR_REPO.")
+    if model_args.model not in ("sam", "unet"):
+        raise OctSamError(f"--model must be sam or unet, got {model_args.model!r}.")
+    if train_args.report_to not in ("tensorboard", "trackio", "wandb", "none"):
+        raise OctSamError(f"--report_to must be tensorboard, trackio, wandb or none, got {train_args.report_to!r}.")
+    bad = [t for t in data_args.prompt_types if t not in ("box", "point", "box+point")]
+    if bad:
+        raise OctSamError(f"prompt_types {bad} unknown; use box, point, box+point.")
+    if train_args.push_to_hub and not train_args.hub_model_id:
+        raise OctSamError("--push_to_hub needs --hub_model_id ORG/NAME.")
+    for name in ("effective_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(train_args, name) < 1:
+            raise OctSamError(f"--{name} must be at least 1.")

@@ -1,0 +1,475 @@
+"""SAM + LoRA for OCT biomarkers: model construction, the two modes, and the self-describing adapter folder.
+
+Automatic mode (default): every foreground class k gets ``tokens_per_class`` learned prompt tokens, initialised from
+SAM's own embedding of a whole-image box prompt (so training starts from "segment the object in this box" rather than
+from noise). All K classes go through SAM's pretrained mask decoder in one forward pass (as K prompt sets of the
+decoder's point batch), giving one mask logit per class.
+
+Class activation (``class_activation``):
+- ``softmax`` (default): classes compete. The background logit is fixed at 0 and the K class logits are SAM's mask
+  logits, so a pixel is class k when its logit is positive and the largest - the same 0 threshold SAM uses. One class
+  per pixel, which fits index masks.
+- ``sigmoid``: each class is an independent binary mask (overlaps allowed in probability maps); the index mask takes
+  the class with the largest positive logit.
+
+Prompted mode: box and/or point prompts per class instance go through SAM's prompt encoder (frozen) and decoder; the
+logits of prompts of the same class are combined by a maximum into that class's logit.
+
+The trained state (LoRA weights, the fully trained mask decoder and the class prompts) lives in PEFT's
+``adapter_model.safetensors`` (the decoder and prompts as PEFT ``modules_to_save``); ``octsam_config.json`` records the
+base model, mode, labels, input size and normalisation, so loading needs only the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from octsam import __version__
+from octsam.errors import OctSamError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_NAME = "octsam_config.json"
+ADAPTER_FORMAT = "octsam-adapter"
+ADAPTER_FORMAT_VERSION = 1
+# SAM's normalisation (ImageNet mean/std on the 0-255 scale), as in transformers' SamImageProcessor.
+SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
+SAM_IMAGE_STD = (58.395, 57.12, 57.375)
+CLASS_PROMPTS_MODULE = "octsam_class_prompts"
+# Names accepted in ``lora_target_modules`` and the module-name patterns they stand for.
+LORA_TARGETS = {
+    "qkv": r"vision_encoder\.layers\.\d+\.attn\.qkv",
+    "proj": r"vision_encoder\.layers\.\d+\.attn\.proj",
+    "mlp": r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
+    "decoder_attention": r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
+}
+
+
+@dataclass
+class OctSamConfig:
+    """Everything needed to rebuild a trained model from its folder (saved as ``octsam_config.json``)."""
+
+    labels: list[str]
+    base_model: str = "facebook/sam-vit-base"
+    base_model_revision: str | None = None
+    architecture: str = "sam"
+    mode: str = "automatic"
+    class_activation: str = "softmax"
+    image_size: int = 1024
+    image_mean: tuple[float, ...] = SAM_IMAGE_MEAN
+    image_std: tuple[float, ...] = SAM_IMAGE_STD
+    tokens_per_class: int = 2
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: ["qkv"])
+    train_mask_decoder: bool = True
+    format: str = ADAPTER_FORMAT
+    format_version: int = ADAPTER_FORMAT_VERSION
+    octsam_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2 or self.labels[0] != "background":
+            raise OctSamError(
+                f"labels must start with 'background' and name at least one biomarker, got {self.labels}."
+            )
+        if self.mode not in ("automatic", "prompted"):
+            raise OctSamError(f"mode must be 'automatic' or 'prompted', got {self.mode!r}.")
+        if self.class_activation not in ("softmax", "sigmoid"):
+            raise OctSamError(f"class_activation must be 'softmax' or 'sigmoid', got {self.class_activation!r}.")
+        unknown = [t for t in self.lora_target_modules if t not in LORA_TARGETS]
+        if unknown:
+            raise OctSamError(f"Unknown lora_target_modules {unknown}; choose from {sorted(LORA_TARGETS)}.")
+        if self.train_mask_decoder and "decoder_attention" in self.lora_target_modules:
+            raise OctSamError(
+                "lora_target_modules 'decoder_attention' and train_mask_decoder=true both train the mask decoder; "
+                "set train_mask_decoder false to use LoRA on the decoder instead."
+            )
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> OctSamConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise OctSamError(f"Cannot read adapter config {path}: {err}") from err
+        if data.get("format") != ADAPTER_FORMAT:
+            raise OctSamError(
+                f"{path} is not an octsam adapter (format={data.get('format')!r}); "
+                "pass a folder written by octsam's train.py or `python -m octsam.hub push`."
+            )
+        if int(data.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+            raise OctSamError(
+                f"{path} was written by a newer octsam (format_version {data['format_version']} > "
+                f"{ADAPTER_FORMAT_VERSION}); upgrade octsam to load it."
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OctSamError(f"{path} has unknown keys {unknown}; it was written by another octsam version.")
+        return cls(**data)
+
+
+def make_sam_config(
+    image_size: int = 24,
+    patch_size: int = 2,
+    hidden_size: int = 36,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    output_channels: int = 32,
+    window_size: int = 4,
+    global_attn_indexes: tuple[int, ...] = (1,),
+    decoder_hidden_size: int = 32,
+    decoder_mlp_dim: int = 64,
+    decoder_heads: int = 4,
+    initializer_range: float = 0.02,
+):
+    """A small SAM architecture for tests and the CPU demo (random weights, ``initializer_range`` set so it learns)."""
+    from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+    if image_size % patch_size:
+        raise OctSamError(f"image_size {image_size} must be a multiple of patch_size {patch_size}.")
+    vision = SamVisionConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        output_channels=output_channels,
+        window_size=window_size,
+        global_attn_indexes=list(global_attn_indexes),
+        mlp_dim=hidden_size * 4,
+        num_pos_feats=decoder_hidden_size // 2,
+        initializer_range=initializer_range,
+    )
+    prompt = SamPromptEncoderConfig(
+        hidden_size=decoder_hidden_size, image_size=image_size, patch_size=patch_size, mask_input_channels=8
+    )
+    decoder = SamMaskDecoderConfig(
+        hidden_size=decoder_hidden_size,
+        mlp_dim=decoder_mlp_dim,
+        num_attention_heads=decoder_heads,
+        iou_head_hidden_dim=decoder_hidden_size,
+    )
+    if output_channels != decoder_hidden_size:
+        raise OctSamError("output_channels must equal decoder_hidden_size (SAM feeds the neck into the decoder).")
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def save_random_base(path: str | os.PathLike, seed: int = 0, **config_kwargs: Any) -> str:
+    """Write a randomly initialised SAM (``make_sam_config``) as a local base model folder and return its path."""
+    from transformers import SamModel
+
+    torch.manual_seed(seed)
+    model = SamModel(make_sam_config(**config_kwargs))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
+    """Load a ``SamModel`` from a Hub id or a local folder, with a clear message when it cannot be found offline."""
+    from transformers import SamModel
+
+    try:
+        model = SamModel.from_pretrained(base_model, revision=revision, dtype=dtype, attn_implementation="sdpa")
+    except OSError as err:
+        local_hint = (
+            ""
+            if os.path.isdir(base_model)
+            else (
+                f" It could not be loaded from the Hugging Face cache either: download it once with "
+                f"`huggingface-cli download {base_model}` on a machine with internet (or copy its folder here and pass "
+                f"the local path as --base_model)."
+            )
+        )
+        raise OctSamError(f"Cannot load base SAM model {base_model!r}: {err}.{local_hint}") from err
+    _check_input_size(model.config.vision_config)
+    return model
+
+
+def _check_input_size(vision_config) -> None:
+    size, patch = vision_config.image_size, vision_config.patch_size
+    if size % patch:
+        raise OctSamError(f"SAM input size {size} is not a multiple of its patch size {patch}.")
+
+
+def box_prompt_embedding(sam, image_size: int) -> torch.Tensor:
+    """SAM's prompt embedding of a box covering the whole image, shape (2, D): the automatic-mode initialisation."""
+    box = torch.tensor([[[0.0, 0.0, image_size - 1.0, image_size - 1.0]]])
+    with torch.no_grad():
+        emb = sam.prompt_encoder._embed_boxes(box.to(sam.prompt_encoder.no_mask_embed.weight.device))
+    return emb[0, 0].float().cpu()
+
+
+class ClassPrompts(nn.Module):
+    """Learned prompt tokens, ``tokens_per_class`` per foreground class (K, T, D)."""
+
+    def __init__(self, num_classes: int, tokens_per_class: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_classes, tokens_per_class, hidden_size))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+def _lora_config(cfg: OctSamConfig):
+    from peft import LoraConfig
+
+    pattern = "|".join(f"(?:{LORA_TARGETS[t]})" for t in cfg.lora_target_modules)
+    modules_to_save = []
+    if cfg.train_mask_decoder:
+        modules_to_save.append("mask_decoder")
+    if cfg.mode == "automatic":
+        modules_to_save.append(CLASS_PROMPTS_MODULE)
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=f"^(?:.*\\.)?(?:{pattern})$",
+        modules_to_save=modules_to_save or None,
+        base_model_name_or_path=cfg.base_model,
+        revision=cfg.base_model_revision,
+    )
+
+
+class OctSamModel(nn.Module):
+    """SAM with a LoRA adapter and the parts a mode trains; ``forward`` gives mask logits at SAM's low resolution."""
+
+    def __init__(self, sam: nn.Module, config: OctSamConfig):
+        super().__init__()
+        self.sam = sam  # a peft.PeftModel while training; a plain SamModel after ``merge``
+        self.config = config
+        self.register_buffer("pixel_mean", torch.tensor(config.image_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.image_std).view(1, -1, 1, 1), persistent=False)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_base(cls, config: OctSamConfig, seed: int = 0, dtype: torch.dtype | None = None) -> OctSamModel:
+        """A new adapter on the base model named in ``config`` (LoRA initialised, class prompts from SAM)."""
+        from peft import get_peft_model
+
+        sam = load_base_sam(config.base_model, config.base_model_revision, dtype=dtype)
+        config.image_size = sam.config.vision_config.image_size
+        cls._attach_class_prompts(sam, config)
+        if config.mode == "automatic":
+            generator = torch.Generator().manual_seed(seed)
+            init = box_prompt_embedding(sam, config.image_size)
+            prompts = getattr(sam, CLASS_PROMPTS_MODULE)
+            noise = torch.randn(prompts.weight.shape, generator=generator) * 0.02 * init.std()
+            with torch.no_grad():
+                prompts.weight.copy_(init.expand_as(prompts.weight) + noise)
+        sam.requires_grad_(False)
+        peft_model = get_peft_model(sam, _lora_config(config))
+        return cls(peft_model, config)
+
+    @staticmethod
+    def _attach_class_prompts(sam: nn.Module, config: OctSamConfig) -> None:
+        if config.mode == "automatic":
+            hidden = sam.config.prompt_encoder_config.hidden_size
+            sam.add_module(CLASS_PROMPTS_MODULE, ClassPrompts(config.num_labels - 1, config.tokens_per_class, hidden))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        adapter: str | os.PathLike,
+        revision: str | None = None,
+        base_model: str | None = None,
+        is_trainable: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> OctSamModel:
+        """Load an adapter folder (or Hub repo id, via ``octsam.hub.resolve_adapter``) onto its base model."""
+        from peft import PeftModel
+
+        from octsam.hub import resolve_adapter
+
+        folder = resolve_adapter(str(adapter), revision=revision)
+        config = OctSamConfig.from_json_file(folder / ADAPTER_CONFIG_NAME)
+        if config.architecture != "sam":
+            raise OctSamError(f"{folder} holds a {config.architecture!r} model; load it with octsam.load_model().")
+        if base_model is not None:
+            config.base_model = base_model
+        sam = load_base_sam(config.base_model, config.base_model_revision, dtype=dtype)
+        if sam.config.vision_config.image_size != config.image_size:
+            raise OctSamError(
+                f"Adapter {adapter} was trained for input size {config.image_size}, but base model "
+                f"{config.base_model} takes {sam.config.vision_config.image_size}; use the base model it was "
+                "trained on."
+            )
+        cls._attach_class_prompts(sam, config)
+        try:
+            peft_model = PeftModel.from_pretrained(sam, str(folder), is_trainable=is_trainable)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise OctSamError(
+                f"Adapter {adapter} does not fit base model {config.base_model}: {err}. Pass the base model it was "
+                "trained on (see base_model in octsam_config.json)."
+            ) from err
+        if not is_trainable:
+            peft_model.eval()
+        return cls(peft_model, config)
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def core(self) -> nn.Module:
+        """The underlying ``SamModel`` (LoRA layers injected in place, or merged)."""
+        from peft import PeftModel
+
+        return self.sam.base_model.model if isinstance(self.sam, PeftModel) else self.sam
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_summary(self) -> str:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+    def merge(self) -> OctSamModel:
+        """Fold LoRA into the base weights (``merge_and_unload``) for faster inference; returns self."""
+        from peft import PeftModel
+
+        if isinstance(self.sam, PeftModel):
+            self.sam = self.sam.merge_and_unload()
+        return self
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, S, S) with C in {1, 3} -> normalised float (B, 3, S, S) on the model's device and dtype."""
+        if pixels.shape[-1] != self.config.image_size or pixels.shape[-2] != self.config.image_size:
+            raise OctSamError(
+                f"Input of size {tuple(pixels.shape[-2:])} given to a model that takes "
+                f"{self.config.image_size}x{self.config.image_size}; resize first (octsam.transforms)."
+            )
+        pixels = pixels.to(self.pixel_mean.device, non_blocking=True).float()
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        dtype = next(self.core.vision_encoder.parameters()).dtype
+        return ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
+
+    # ----------------------------------------------------------------- forward
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.core.vision_encoder(pixel_values).last_hidden_state
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_boxes: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits and predicted IoU.
+
+        Without prompts (automatic mode): logits (B, K, h, w), one per foreground class.
+        With prompts: ``input_boxes`` (B, P, 4) and/or ``input_points`` (B, P, N, 2) with ``input_labels`` (B, P, N)
+        in input-pixel coordinates; logits (B, P, M, h, w) with M = 3 when ``multimask_output`` else 1.
+        """
+        return self.decode(
+            self.image_embeddings(pixel_values), input_boxes, input_points, input_labels, multimask_output
+        )
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        input_boxes: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sam = self.core
+        batch = embeddings.shape[0]
+        positional = sam.get_image_wide_positional_embeddings().to(embeddings.dtype).expand(batch, -1, -1, -1)
+        prompted = input_boxes is not None or input_points is not None
+        if prompted:
+            sparse, dense = sam.prompt_encoder(
+                input_points=input_points, input_labels=input_labels, input_boxes=input_boxes, input_masks=None
+            )
+        else:
+            if not hasattr(sam, CLASS_PROMPTS_MODULE):
+                raise OctSamError("This adapter was trained in prompted mode: give box or point prompts.")
+            prompts = getattr(sam, CLASS_PROMPTS_MODULE)()
+            sparse = prompts.unsqueeze(0).expand(batch, -1, -1, -1)
+            grid = embeddings.shape[-1]
+            dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, grid, grid)
+        masks, iou = sam.mask_decoder(
+            image_embeddings=embeddings,
+            image_positional_embeddings=positional,
+            sparse_prompt_embeddings=sparse.to(embeddings.dtype),
+            dense_prompt_embeddings=dense.to(embeddings.dtype),
+            multimask_output=multimask_output,
+        )
+        if not prompted:
+            return masks[:, :, 0], iou[:, :, 0]
+        return masks, iou
+
+    # ----------------------------------------------------------------- saving
+    def save_pretrained(self, folder: str | os.PathLike, card: str | None = None) -> Path:
+        """Write the adapter folder: PEFT weights + ``octsam_config.json`` (+ ``README.md`` when ``card`` given)."""
+        from peft import PeftModel
+
+        if not isinstance(self.sam, PeftModel):
+            raise OctSamError("A merged model cannot be saved as an adapter; save before merge().")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.sam.save_pretrained(str(folder))
+        self.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
+        if card is not None:  # written after PEFT, which writes its own README.md
+            (folder / "README.md").write_text(card)
+        return folder
+
+
+def class_logits_from_prompts(
+    logits: torch.Tensor, prompt_classes: torch.Tensor, prompt_valid: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Per-prompt logits (B, P, h, w) -> per-class logits (B, K, h, w) by a maximum over a class's prompts.
+
+    ``prompt_classes`` (B, P) holds class ids 1..K; classes without a prompt get a large negative logit.
+    """
+    batch, _, height, width = logits.shape
+    out = logits.new_full((batch, num_classes, height, width), -1e4)
+    for k in range(1, num_classes + 1):
+        sel = (prompt_classes == k) & prompt_valid
+        if sel.any():
+            masked = torch.where(sel[:, :, None, None], logits, logits.new_tensor(-1e4))
+            out[:, k - 1] = masked.max(dim=1).values
+    return out
+
+
+def class_probabilities(class_logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """(B, K, H, W) class logits -> (B, K+1, H, W) probabilities, channel 0 = background."""
+    if activation == "softmax":
+        zeros = torch.zeros_like(class_logits[:, :1])
+        return torch.softmax(torch.cat([zeros, class_logits], dim=1).float(), dim=1)
+    probs = torch.sigmoid(class_logits.float())
+    background = (1 - probs).prod(dim=1, keepdim=True)
+    return torch.cat([background, probs], dim=1)
+
+
+def predict_index_mask(class_logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) logits -> (B, H, W) class ids: the largest positive logit wins, else background (same rule for
+    softmax with a zero background logit and for sigmoid with a 0.5 threshold)."""
+    best, index = class_logits.max(dim=1)
+    return torch.where(best > 0, index + 1, torch.zeros_like(index))
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) logits to ``size`` (H, W)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

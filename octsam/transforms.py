@@ -1,0 +1,191 @@
+"""Data pipeline: joint image/mask augmentation (albumentations) and resizing on CPU workers, uint8 batches.
+
+Workers produce uint8 (C, S, S) images and uint8 (S, S) masks at the model's input size; the conversion to float,
+grey-to-RGB and SAM's normalisation happen on the accelerator (``OctSamModel.preprocess``), which moves 4x (grey:
+12x) fewer bytes than float RGB and keeps the workers cheap. Augmentation runs at native size (cheaper than at 1024).
+
+Every random choice for sample ``i`` in epoch ``e`` comes from a generator seeded by (seed, e, i), so a run is
+reproducible whatever the number of workers, and a resumed run sees exactly the batches an uninterrupted one would.
+The training sampler encodes the epoch in the index it yields (``e * n + i``) so persistent workers need no state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from octsam.prompts import instance_prompts
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class AugmentConfig:
+    hflip_p: float = 0.5
+    rotate_limit: float = 10.0
+    rotate_p: float = 0.5
+    brightness_limit: float = 0.2
+    contrast_limit: float = 0.2
+    brightness_contrast_p: float = 0.5
+
+
+@dataclass
+class PromptConfig:
+    max_prompts: int = 8
+    jitter: float = 0.1
+    min_jitter_px: float = 3.0
+    positive_points: int = 1
+    negative_points: int = 1
+
+
+def build_augmentation(cfg: AugmentConfig) -> A.Compose:
+    """Flips, small rotations (image bilinear, mask nearest, borders filled with ignore) and brightness/contrast."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.hflip_p),
+            A.Rotate(
+                limit=cfg.rotate_limit,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+                p=cfg.rotate_p,
+            ),
+            A.RandomBrightnessContrast(
+                brightness_limit=cfg.brightness_limit, contrast_limit=cfg.contrast_limit, p=cfg.brightness_contrast_p
+            ),
+        ],
+        seed=0,
+    )
+
+
+def to_uint8_image(image) -> np.ndarray:
+    """A PIL image or array -> uint8 (H, W) for grey scans, (H, W, 3) for colour ones."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = array.astype(np.float32)
+        lo, hi = float(array.min()), float(array.max())
+        array = ((array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)).astype(np.uint8)
+    if array.ndim == 3:
+        if array.shape[2] == 4:
+            array = array[:, :, :3]
+        if array.shape[2] == 1 or (
+            np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 1], array[..., 2])
+        ):
+            array = array[:, :, 0]
+    return np.ascontiguousarray(array)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of a uint8 image to a square ``size`` (area averaging when shrinking)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    shrink = image.shape[0] > size and image.shape[1] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST) if mask.shape != (size, size) else mask
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W) or (H, W, 3) -> uint8 tensor (C, H, W)."""
+    return torch.from_numpy(image[None] if image.ndim == 2 else image.transpose(2, 0, 1).copy())
+
+
+class SegmentationSamples(Dataset):
+    """B-scans of one split as uint8 tensors at the model's input size (+ prompts in prompted mode)."""
+
+    def __init__(
+        self,
+        split,
+        image_size: int,
+        num_labels: int,
+        augment: AugmentConfig | None = None,
+        prompts: PromptConfig | None = None,
+        seed: int = 0,
+    ):
+        self.split = split
+        self.image_size = image_size
+        self.num_labels = num_labels
+        self.augment = build_augmentation(augment) if augment is not None else None
+        self.prompts = prompts
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        epoch, index = divmod(int(key), len(self.split))
+        row = self.split[index]
+        image = to_uint8_image(row["image"])
+        mask = np.asarray(row["mask"], dtype=np.uint8)
+        if mask.ndim == 3:
+            mask = mask[:, :, 0]
+        seed_seq = np.random.SeedSequence([self.seed, epoch, index])
+        rng = np.random.default_rng(seed_seq)
+        if self.augment is not None:
+            self.augment.set_random_seed(int(seed_seq.generate_state(1)[0]))
+            out = self.augment(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        image = resize_image(image, self.image_size)
+        mask = resize_mask(mask, self.image_size)
+        sample = {"pixels": image_tensor(image), "mask": torch.from_numpy(mask.copy()), "index": torch.tensor(index)}
+        if self.prompts is not None:
+            cfg = self.prompts
+            p = instance_prompts(
+                mask,
+                self.num_labels,
+                cfg.max_prompts,
+                rng=rng if self.augment is not None else None,
+                jitter=cfg.jitter,
+                min_jitter_px=cfg.min_jitter_px,
+                positive_points=cfg.positive_points,
+                negative_points=cfg.negative_points,
+            )
+            sample.update(
+                boxes=torch.from_numpy(p.boxes),
+                points=torch.from_numpy(p.points),
+                point_labels=torch.from_numpy(p.point_labels),
+                prompt_classes=torch.from_numpy(p.classes),
+                prompt_valid=torch.from_numpy(p.valid),
+                instance_map=torch.from_numpy(p.instance_map.astype(np.int64)),
+            )
+        return sample
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack samples; grey images become 3-channel only when the batch mixes grey and colour scans."""
+    if len({s["pixels"].shape[0] for s in samples}) > 1:
+        for s in samples:
+            if s["pixels"].shape[0] == 1:
+                s["pixels"] = s["pixels"].expand(3, -1, -1)
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch) and yields ``epoch * n + i`` (see module docstring)."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True):
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = range(self.length)
+        offset = self.epoch * self.length
+        return iter([offset + i for i in order])

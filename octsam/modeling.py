@@ -473,3 +473,41 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def load_model(
+    adapter: str | os.PathLike,
+    revision: str | None = None,
+    base_model: str | None = None,
+    is_trainable: bool = False,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load any octsam model folder or Hub repo: a SAM adapter (``OctSamModel``) or the U-Net baseline."""
+    from octsam.hub import resolve_adapter
+
+    folder = resolve_adapter(str(adapter), revision=revision)
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        raise OctSamError(
+            f"{adapter} has no {ADAPTER_CONFIG_NAME}: it is not an octsam adapter folder (a plain PEFT or "
+            "transformers checkpoint cannot be used without the labels and input size that file records)."
+        )
+    config = OctSamConfig.from_json_file(folder / ADAPTER_CONFIG_NAME)
+    if config.architecture == "unet":
+        from octsam.unet import UNetSegmenter
+
+        return UNetSegmenter.from_folder(folder, config)
+    return OctSamModel.from_pretrained(folder, base_model=base_model, is_trainable=is_trainable, dtype=dtype)
+
+
+def zero_shot_model(base_model: str, labels: list[str], revision: str | None = None) -> OctSamModel:
+    """The base SAM with no adapter, for the zero-shot baseline (prompted mode only)."""
+    sam = load_base_sam(base_model, revision)
+    config = OctSamConfig(
+        labels=labels,
+        base_model=base_model,
+        base_model_revision=revision,
+        mode="prompted",
+        image_size=sam.config.vision_config.image_size,
+        train_mask_decoder=False,
+    )
+    return OctSamModel(sam.eval(), config)

@@ -1,0 +1,177 @@
+"""Prediction on B-scans of any size: the one path used by inference, evaluation and the end of training.
+
+from octsam import Segmenter
+segmenter = Segmenter.from_pretrained("ORG/octsam-amd")      # or a local adapter folder
+results = segmenter(["scan1.png", "scan2.tif"])               # results[0].mask: class ids at native size
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from octsam.errors import OctSamError
+from octsam.modeling import class_logits_from_prompts, class_probabilities, load_model, predict_index_mask
+from octsam.transforms import image_tensor, resize_image, to_uint8_image
+
+
+@dataclass
+class Prompt:
+    """One object to segment: class id, an optional box (x1, y1, x2, y2) and points (x, y, 1 inside / 0 outside), in
+    native pixel coordinates of the B-scan."""
+
+    label: int
+    box: tuple[float, float, float, float] | None = None
+    points: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+@dataclass
+class SegmentationResult:
+    mask: np.ndarray  # (H, W) uint8 class ids at the B-scan's native size
+    probabilities: np.ndarray | None = None  # (K+1, H, W) float16, channel 0 background, when asked for
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OctSamError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    return torch.device(device)
+
+
+class Segmenter:
+    """Batched prediction with a loaded model; outputs at each B-scan's native size."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", batch_size: int = 8):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        adapter: str | os.PathLike,
+        revision: str | None = None,
+        device: str = "auto",
+        merge: bool = True,
+        fast_attention: bool = True,
+        batch_size: int = 8,
+        base_model: str | None = None,
+    ) -> Segmenter:
+        """Load an adapter folder or Hub repo; LoRA is merged into the base weights unless ``merge=False``."""
+        model = load_model(adapter, revision=revision, base_model=base_model)
+        if merge:
+            model.merge()
+        if fast_attention and model.config.architecture == "sam":
+            from octsam.fast_attention import enable_fast_attention
+
+            enable_fast_attention(model)
+        return cls(model, device=device, batch_size=batch_size)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    def __call__(
+        self,
+        images: list,
+        prompts: list[list[Prompt] | None] | None = None,
+        return_probabilities: bool = False,
+        multimask: bool = False,
+    ) -> list[SegmentationResult]:
+        """Segment ``images`` (paths, PIL images or arrays). ``prompts`` gives a list of ``Prompt`` per image
+        (prompted mode); ``multimask`` picks the best of SAM's 3 masks by predicted IoU (zero-shot protocol)."""
+        from octsam.data import read_scan
+
+        arrays = [to_uint8_image(read_scan(i) if isinstance(i, (str, os.PathLike)) else i) for i in images]
+        if prompts is None and self.config.mode == "prompted":
+            raise OctSamError("This model was trained in prompted mode: give a box or point prompt per image.")
+        results = []
+        for start in range(0, len(arrays), self.batch_size):
+            batch = arrays[start : start + self.batch_size]
+            batch_prompts = prompts[start : start + self.batch_size] if prompts is not None else None
+            results.extend(self._predict_batch(batch, batch_prompts, return_probabilities, multimask))
+        return results
+
+    @torch.inference_mode()
+    def class_logits(self, arrays: list[np.ndarray], prompts=None, multimask: bool = False) -> torch.Tensor:
+        """(B, K, h, w) class logits at the model's output resolution for a batch of uint8 images."""
+        size = self.config.image_size
+        tensors = [image_tensor(resize_image(a, size)) for a in arrays]
+        channels = max(t.shape[0] for t in tensors)
+        pixels = torch.stack([t.expand(channels, -1, -1) for t in tensors]).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            pixel_values = self.model.preprocess(pixels)
+            if prompts is None:
+                logits, _ = self.model(pixel_values)
+                return logits.float()
+            embeddings = self.model.image_embeddings(pixel_values)
+            return torch.cat(
+                [
+                    self._prompted_logits(embeddings[i : i + 1], arrays[i].shape[:2], prompts[i], multimask)
+                    for i in range(len(arrays))
+                ]
+            )
+
+    def _prompted_logits(self, embedding, shape, prompts: list[Prompt] | None, multimask: bool) -> torch.Tensor:
+        num_classes = self.config.num_labels - 1
+        grid = embedding.shape[-1] * 4
+        if not prompts:
+            return embedding.new_full((1, num_classes, grid, grid), -1e4).float()
+        size = self.config.image_size
+        sy, sx = size / shape[0], size / shape[1]
+        for p in prompts:
+            if not 1 <= p.label <= num_classes:
+                raise OctSamError(f"Prompt class {p.label} is not one of 1..{num_classes} ({self.labels[1:]}).")
+        outputs, classes = [], []
+        # SAM's prompt encoder takes boxes for all prompts of a call or for none: run the two groups separately.
+        for group in ([p for p in prompts if p.box is not None], [p for p in prompts if p.box is None]):
+            if not group:
+                continue
+            boxes = points = labels = None
+            if group[0].box is not None:
+                boxes = torch.tensor([[[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in (p.box for p in group)]])
+            n_points = max(len(p.points) for p in group)
+            if n_points:
+                points = torch.zeros(1, len(group), n_points, 2)
+                labels = torch.full((1, len(group), n_points), -10, dtype=torch.long)
+                for j, p in enumerate(group):
+                    for n, (x, y, lab) in enumerate(p.points):
+                        points[0, j, n] = torch.tensor([x * sx, y * sy])
+                        labels[0, j, n] = int(lab)
+            logits, iou = self.model.decode(
+                embedding,
+                input_boxes=None if boxes is None else boxes.to(self.device),
+                input_points=None if points is None else points.to(self.device),
+                input_labels=None if labels is None else labels.to(self.device),
+                multimask_output=multimask,
+            )
+            best = iou.argmax(dim=-1)  # (1, P): best of the 3 masks by predicted IoU (or the only one)
+            logits = torch.gather(logits, 2, best[:, :, None, None, None].expand(-1, -1, 1, *logits.shape[-2:]))
+            outputs.append(logits[:, :, 0].float())
+            classes.extend(p.label for p in group)
+        logits = torch.cat(outputs, dim=1)
+        classes_t = torch.tensor([classes], device=logits.device)
+        return class_logits_from_prompts(logits, classes_t, torch.ones_like(classes_t, dtype=torch.bool), num_classes)
+
+    def _predict_batch(self, arrays, prompts, return_probabilities: bool, multimask: bool):
+        logits = self.class_logits(arrays, prompts, multimask)
+        results = []
+        for i, array in enumerate(arrays):
+            native = F.interpolate(logits[i : i + 1], size=array.shape[:2], mode="bilinear", align_corners=False)
+            mask = predict_index_mask(native)[0].to(torch.uint8).cpu().numpy()
+            probs = None
+            if return_probabilities:
+                probs = class_probabilities(native, self.config.class_activation)[0].half().cpu().numpy()
+            results.append(SegmentationResult(mask=mask, probabilities=probs))
+        return results

@@ -1,0 +1,556 @@
+"""The training loop (Accelerate): one process or DDP, bf16 on GPU, early stopping, exact resume, tracking.
+
+Read top to bottom: ``main`` parses the config, ``train`` builds data, model and optimiser, runs epochs of
+``train_one_epoch`` + ``validate``, checkpoints each epoch, and finishes with the best adapter, ``all_results.json``,
+test metrics and curves.
+
+Checkpoints hold only what changes: the trainable tensors (LoRA, decoder, class prompts - a few MB, not the frozen
+375 MB base that ``Accelerator.save_state`` would copy every epoch), optimiser, scheduler, every process's RNG state
+and the trainer state (epoch, step, early-stopping counters, history). Each is written to ``NAME.tmp`` and renamed,
+so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from octsam.config import DataArguments, ModelArguments, TrainArguments, parse_config
+from octsam.errors import OctSamError
+from octsam.losses import SegmentationLoss, prompted_loss
+from octsam.modeling import OctSamConfig, OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
+from octsam.transforms import AugmentConfig, EpochSampler, PromptConfig, SegmentationSamples, collate
+
+logger = logging.getLogger("octsam")
+CHECKPOINT_DIR = "checkpoints"
+BEST_ADAPTER_DIR = "best_adapter"
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    mixed = args.mixed_precision
+    if mixed == "auto":
+        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if torch.cuda.is_available() else "no")
+    # Only LoRA, decoder and class-prompt gradients exist: no unused parameters, the same graph every step.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, static_graph=True, bucket_cap_mb=25)
+    return Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
+        kwargs_handlers=[ddp],
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def build_model(model_args: ModelArguments, labels: list[str], seed: int):
+    """A new SAM + LoRA model or U-Net baseline for ``labels``."""
+    if model_args.model == "unet":
+        from octsam.unet import UNetSegmenter
+
+        return UNetSegmenter.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
+    config = OctSamConfig(
+        labels=labels,
+        base_model=model_args.base_model,
+        base_model_revision=model_args.base_model_revision,
+        mode=model_args.mode,
+        class_activation=model_args.class_activation,
+        tokens_per_class=model_args.tokens_per_class,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        lora_target_modules=list(model_args.lora_target_modules),
+        train_mask_decoder=model_args.train_mask_decoder,
+    )
+    model = OctSamModel.from_base(config, seed=seed)
+    if model_args.fast_attention:
+        from octsam.fast_attention import enable_fast_attention
+
+        enable_fast_attention(model)
+    return model
+
+
+def prepare_output_dir(args: TrainArguments) -> Path:
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise OctSamError(
+            f"Output folder {out} is not empty. Resume it with --resume_from_checkpoint latest, choose another "
+            "--output_dir, or pass --overwrite_output_dir to write over it."
+        )
+    return out
+
+
+def effective_accumulation(args: TrainArguments, num_processes: int) -> int:
+    per_step = args.per_device_train_batch_size * num_processes
+    return max(1, round(args.effective_batch_size / per_step))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise OctSamError(
+            f"Checkpoint {source} does not match this model (missing {missing}, unexpected {extra}); it was written "
+            "with another model, mode or label set."
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise OctSamError(
+                    f"Checkpoint {source}: {name} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(params[name].shape)} (different label count or LoRA rank)."
+                )
+            params[name].copy_(value)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, trainer_state: dict, out: Path, keep: int) -> Path:
+    """Write ``checkpoints/epoch-NNNN`` atomically; every process stores its RNG state, the main one the rest."""
+    from safetensors.torch import save_file
+
+    ckpt_root = out / CHECKPOINT_DIR
+    final = ckpt_root / f"epoch-{trainer_state['epoch']:04d}"
+    tmp = ckpt_root / f"{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        unwrapped.config.to_json_file(tmp / "octsam_config.json")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(ckpt_root, best_epoch=trainer_state["best_epoch"], keep=keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("epoch-[0-9][0-9][0-9][0-9]") if (p / "trainer_state.json").is_file())
+
+
+def prune_checkpoints(root: Path, best_epoch: int, keep: int) -> None:
+    """Keep the latest, the best and ``keep`` more recent ones."""
+    ckpts = list_checkpoints(root)
+    protected = {ckpts[-1].name, f"epoch-{best_epoch:04d}"} if ckpts else set()
+    others = [p for p in ckpts if p.name not in protected]
+    for path in others[: max(0, len(others) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def find_checkpoint(args: TrainArguments) -> Path:
+    if args.resume_from_checkpoint == "latest":
+        ckpts = list_checkpoints(Path(args.output_dir) / CHECKPOINT_DIR)
+        if not ckpts:
+            raise OctSamError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}/{CHECKPOINT_DIR}.")
+        return ckpts[-1]
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise OctSamError(f"{path} is not an octsam checkpoint folder (no trainer_state.json).")
+    return path
+
+
+def write_atomic_folder(save, final: Path) -> None:
+    """Call ``save(tmp_folder)`` then move it over ``final`` (a reader never sees a half-written adapter)."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def compute_loss(model, batch, loss_fn: SegmentationLoss, mode: str, prompt_kind: str | None):
+    """Forward + loss for one batch; returns (loss, class logits at mask resolution)."""
+    pixel_values = model_preprocess(model, batch["pixels"])
+    mask = batch["mask"].long()
+    size = tuple(mask.shape[-2:])
+    if mode == "prompted":
+        boxes = batch["boxes"] if "box" in prompt_kind else None
+        points = batch["points"] if "point" in prompt_kind else None
+        labels = batch["point_labels"] if "point" in prompt_kind else None
+        logits, _ = model(pixel_values, input_boxes=boxes, input_points=points, input_labels=labels)
+        logits = upsample_logits(logits[:, :, 0], size)
+        loss = prompted_loss(loss_fn, logits, batch["instance_map"], batch["prompt_valid"], mask)
+        class_logits = class_logits_from_prompts(
+            logits, batch["prompt_classes"], batch["prompt_valid"], loss_fn_num_classes(model)
+        )
+        return loss, class_logits
+    logits, _ = model(pixel_values)
+    logits = upsample_logits(logits, size)
+    return loss_fn(logits, mask), logits
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def model_preprocess(model, pixels):
+    return _unwrap(model).preprocess(pixels)
+
+
+def loss_fn_num_classes(model) -> int:
+    return _unwrap(model).config.num_labels - 1
+
+
+def pick_prompt_kind(data_args: DataArguments, seed: int, epoch: int, step: int) -> str:
+    """The prompt kind of one step, the same on every process and in a resumed run."""
+    return random.Random(f"{seed}-{epoch}-{step}").choice(data_args.prompt_types)
+
+
+def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) -> dict:
+    """Mean foreground Dice per class over validation scans (each scan counted once across processes)."""
+    from octsam.metrics import dice_from_stats, segmentation_stats
+
+    model.eval()
+    stats, losses = [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="validation", leave=False, disable=not accelerator.is_local_main_process):
+            loss, logits = compute_loss(model, batch, loss_fn, mode, "box")
+            pred = predict_index_mask(logits)
+            batch_stats = segmentation_stats(pred, batch["mask"].long(), num_labels)
+            stats.append(accelerator.gather_for_metrics(batch_stats))
+            losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(pred))))
+    model.train()
+    all_stats = torch.cat(stats)
+    dice = dice_from_stats(all_stats).cpu()
+    return {
+        "val_loss": float(torch.cat(losses).mean()),
+        "val_dice_per_class": [float(d) for d in dice],
+        "val_mean_dice": float(torch.nanmean(dice)) if not torch.isnan(dice).all() else 0.0,
+        "val_scans": int(all_stats.shape[0]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ main loop
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict:
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from octsam.data import load_oct_dataset
+
+    out = prepare_output_dir(train_args)
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = effective_accumulation(train_args, num_processes)
+    accelerator = build_accelerator(train_args, accumulation)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    set_seed(train_args.seed)
+    effective = train_args.per_device_train_batch_size * accelerator.num_processes * accumulation
+    logger.info(
+        f"effective batch {effective} = {train_args.per_device_train_batch_size} per device x "
+        f"{accelerator.num_processes} process(es) x {accumulation} accumulation step(s)"
+        + ("" if effective == train_args.effective_batch_size else f" (asked for {train_args.effective_batch_size})")
+    )
+
+    dataset, labels = load_oct_dataset(data_args.dataset, revision=data_args.dataset_revision)
+    for split in ("train", "validation", "test") if train_args.evaluate_test else ("train", "validation"):
+        if split not in dataset or len(dataset[split]) == 0:
+            raise OctSamError(
+                f"Dataset {data_args.dataset} has no (or an empty) {split!r} split; build it with dataset_builder, "
+                "which makes train/validation/test."
+            )
+    train_split = dataset["train"]
+    if data_args.max_train_samples:
+        train_split = train_split.select(range(min(data_args.max_train_samples, len(train_split))))
+
+    resume_path = find_checkpoint(train_args) if train_args.resume_from_checkpoint else None
+    if resume_path is not None:
+        saved = OctSamConfig.from_json_file(resume_path / "octsam_config.json")
+        if list(saved.labels) != list(labels):
+            raise OctSamError(
+                f"Checkpoint {resume_path} was trained for labels {saved.labels} ({len(saved.labels)} classes) but "
+                f"dataset {data_args.dataset} has {labels} ({len(labels)}); resume with the dataset it was trained "
+                "on or start a new run."
+            )
+    model = build_model(model_args, labels, train_args.seed)
+    config = model.config
+    logger.info(model.parameter_summary())
+    if train_args.gradient_checkpointing and hasattr(model, "core"):
+        model.core.vision_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.core.vision_encoder.train()
+
+    prompts = None
+    if config.mode == "prompted" and config.architecture == "sam":
+        prompts = PromptConfig(
+            max_prompts=data_args.max_prompts,
+            jitter=data_args.box_jitter,
+            positive_points=data_args.positive_points,
+            negative_points=data_args.negative_points,
+        )
+    augment = AugmentConfig(rotate_limit=data_args.rotate_limit) if data_args.augment else None
+    train_data = SegmentationSamples(
+        train_split, config.image_size, config.num_labels, augment, prompts, seed=train_args.seed
+    )
+    val_data = SegmentationSamples(dataset["validation"], config.image_size, config.num_labels, None, prompts)
+    sampler = EpochSampler(len(train_data), seed=train_args.seed)
+    loader_kwargs = dict(
+        collate_fn=collate,
+        num_workers=data_args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=data_args.num_workers > 0,
+    )
+    train_loader = DataLoader(
+        train_data,
+        batch_size=train_args.per_device_train_batch_size,
+        sampler=sampler,
+        drop_last=False,
+        **loader_kwargs,
+    )
+    val_loader = DataLoader(val_data, batch_size=train_args.per_device_eval_batch_size, **loader_kwargs)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay, fused=torch.cuda.is_available()
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / accumulation)
+    total_steps = steps_per_epoch * train_args.num_train_epochs
+    scheduler = get_scheduler(
+        train_args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(train_args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    if train_args.compile:
+        model = torch.compile(model)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    loss_fn = SegmentationLoss(config.class_activation)
+
+    state = {"epoch": 0, "global_step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    if resume_path is not None:
+        from safetensors.torch import load_file
+
+        load_trainable_state(
+            accelerator.unwrap_model(model), load_file(str(resume_path / "trainable.safetensors")), str(resume_path)
+        )
+        optimizer.load_state_dict(torch.load(resume_path / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(resume_path / "scheduler.pt", weights_only=False))
+        state = json.loads((resume_path / "trainer_state.json").read_text())
+        rng_file = resume_path / f"rng_state_{accelerator.process_index}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        logger.info(f"resumed from {resume_path} (epoch {state['epoch']}, step {state['global_step']})")
+
+    if accelerator.is_main_process and train_args.report_to != "none":
+        run_config = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for a in (model_args, data_args, train_args)
+            for k, v in asdict(a).items()
+        }
+        accelerator.init_trackers("octsam", config=run_config)
+    elif train_args.report_to != "none":
+        accelerator.init_trackers("octsam")
+
+    model.train()
+    stopped_early = False
+    first_epoch = state["epoch"]
+    for epoch in range(first_epoch, train_args.num_train_epochs):
+        if train_args.stop_after_epochs is not None and epoch >= train_args.stop_after_epochs:
+            logger.info(f"stopping after epoch {epoch} as asked (--stop_after_epochs)")
+            accelerator.end_training()
+            return {"stopped_after_epoch": epoch}
+        sampler.set_epoch(epoch)
+        epoch_loss = train_one_epoch(
+            accelerator,
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            config,
+            data_args,
+            train_args,
+            state,
+            epoch,
+            out,
+            steps_per_epoch,
+        )
+        metrics = validate(accelerator, model, val_loader, loss_fn, config.mode, config.num_labels)
+        metrics.update(epoch=epoch + 1, train_loss=epoch_loss, lr=scheduler.get_last_lr()[0])
+        state["history"].append(metrics)
+        state["epoch"] = epoch + 1
+        per_class = ", ".join(f"{n} {d:.3f}" for n, d in zip(config.labels[1:], metrics["val_dice_per_class"]))
+        logger.info(
+            f"epoch {epoch + 1}: train loss {epoch_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
+            f"val mean Dice {metrics['val_mean_dice']:.4f} ({per_class})"
+        )
+        log = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        log.update({f"val_dice/{n}": d for n, d in zip(config.labels[1:], metrics["val_dice_per_class"])})
+        accelerator.log(log, step=state["global_step"])
+        if metrics["val_mean_dice"] > state["best_metric"]:
+            state.update(best_metric=metrics["val_mean_dice"], best_epoch=epoch + 1, bad_epochs=0)
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model)
+                write_atomic_folder(lambda p: unwrapped.save_pretrained(p), out / BEST_ADAPTER_DIR)
+        else:
+            state["bad_epochs"] += 1
+        save_checkpoint(accelerator, model, optimizer, scheduler, state, out, train_args.keep_checkpoints)
+        if train_args.early_stopping_patience and state["bad_epochs"] >= train_args.early_stopping_patience:
+            logger.info(
+                f"early stopping: no better validation Dice for {state['bad_epochs']} epochs "
+                f"(best {state['best_metric']:.4f} at epoch {state['best_epoch']})"
+            )
+            stopped_early = True
+            break
+
+    accelerator.wait_for_everyone()
+    results = finish(accelerator, model, dataset, labels, state, out, train_args, data_args, stopped_early)
+    accelerator.end_training()
+    return results
+
+
+def train_one_epoch(
+    accelerator,
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    loss_fn,
+    config,
+    data_args,
+    train_args,
+    state,
+    epoch,
+    out,
+    steps_per_epoch,
+) -> float:
+    """One pass over the training data; returns the mean training loss. Stops the run on a non-finite loss."""
+    total = torch.zeros((), device=accelerator.device)
+    count = 0
+    first_bad = None
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            kind = pick_prompt_kind(data_args, train_args.seed, epoch, state["global_step"])
+            loss, _ = compute_loss(model, batch, loss_fn, config.mode, kind)
+            if first_bad is None:
+                first_bad = torch.zeros((), device=loss.device)
+            first_bad = torch.where(
+                torch.isfinite(loss) | (first_bad > 0), first_bad, loss.new_tensor(state["global_step"] + 1.0)
+            )
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.detach().float()
+        count += 1
+        if accelerator.sync_gradients:
+            scheduler.step()
+            state["global_step"] += 1
+            bar.update(1)
+            if state["global_step"] % train_args.logging_steps == 0 or bar.n == steps_per_epoch:
+                check_finite(accelerator, first_bad, out)
+                mean = accelerator.reduce(total / max(count, 1), "mean").item()
+                bar.set_postfix(loss=f"{mean:.4f}")
+                accelerator.log({"train_loss": mean, "lr": scheduler.get_last_lr()[0]}, step=state["global_step"])
+    bar.close()
+    if first_bad is not None:
+        check_finite(accelerator, first_bad, out)
+    return accelerator.reduce(total / max(count, 1), "mean").item()
+
+
+def check_finite(accelerator, first_bad: torch.Tensor, out: Path) -> None:
+    bad = accelerator.reduce(first_bad.reshape(1).float(), "max").item()
+    if bad > 0:
+        ckpts = list_checkpoints(out / CHECKPOINT_DIR)
+        kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+        raise OctSamError(
+            f"Non-finite loss at optimizer step {int(bad)}; stopping ({kept}). Lower --learning_rate, check the "
+            "dataset for broken masks, or try --mixed_precision no."
+        )
+
+
+def finish(accelerator, model, dataset, labels, state, out, train_args, data_args, stopped_early) -> dict:
+    """Best adapter -> test metrics, all_results.json, curves; optional push to the Hub."""
+    results = {
+        "best_epoch": state["best_epoch"],
+        "best_val_mean_dice": state["best_metric"],
+        "epochs_trained": state["epoch"],
+        "global_step": state["global_step"],
+        "stopped_early": stopped_early,
+        "labels": labels,
+    }
+    if accelerator.is_main_process:
+        from octsam.plots import plot_training_curves
+
+        plot_training_curves(state["history"], out / "training_curves.png")
+        if train_args.evaluate_test:
+            from octsam.evaluation import evaluate_model
+
+            test = evaluate_model(
+                str(out / BEST_ADAPTER_DIR),
+                dataset["test"],
+                labels,
+                out / "test_results",
+                method="fine-tuned",
+                device=accelerator.device,
+            )
+            results.update({f"test_{k}": v for k, v in test.headline.items()})
+        (out / "all_results.json").write_text(json.dumps(results, indent=2))
+        logger.info(f"best adapter: {out / BEST_ADAPTER_DIR}; results: {out / 'all_results.json'}")
+        if train_args.push_to_hub:
+            from octsam.hub import push_adapter
+
+            push_adapter(out / BEST_ADAPTER_DIR, train_args.hub_model_id, private=train_args.hub_private)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, data_args, train_args = parse_config(argv)
+        train(model_args, data_args, train_args)
+    except OctSamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as err:
+        print(
+            f"error: the GPU ran out of memory ({err}). Lower --per_device_train_batch_size (the effective batch is "
+            "kept by gradient accumulation) or add --gradient_checkpointing.",
+            file=sys.stderr,
+        )
+        return 3
+    return 0

@@ -1,0 +1,96 @@
+"""MONAI U-Net baseline with the same interface as ``OctSamModel`` (class logits, preprocess, adapter-like folder),
+so it trains through the same ``train.py`` and evaluates with the same command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from octsam.errors import OctSamError
+from octsam.modeling import ADAPTER_CONFIG_NAME, OctSamConfig
+
+UNET_WEIGHTS = "model.safetensors"
+# Grey B-scans scaled to about [-2, 2]; repeated over the 3 input channels like SAM's input.
+UNET_MEAN = (127.5, 127.5, 127.5)
+UNET_STD = (63.75, 63.75, 63.75)
+
+
+class UNetSegmenter(nn.Module):
+    """MONAI ``UNet`` (2D, residual units) predicting K class logits; background is the fixed 0 logit, as in SAM."""
+
+    def __init__(self, config: OctSamConfig):
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.config = config
+        channels = tuple(config.extra.get("unet_channels", (32, 64, 128, 256, 512)))
+        self.net = UNet(
+            spatial_dims=2,
+            in_channels=3,
+            out_channels=config.num_labels - 1,
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=2,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(config.image_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.image_std).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def create(cls, labels: list[str], image_size: int, channels: list[int], seed: int = 0) -> UNetSegmenter:
+        depth = len(channels) - 1
+        if image_size % (2**depth):
+            raise OctSamError(f"unet_image_size {image_size} must be divisible by 2^{depth} for {channels}.")
+        config = OctSamConfig(
+            labels=labels,
+            architecture="unet",
+            base_model="monai.networks.nets.UNet",
+            image_size=image_size,
+            image_mean=UNET_MEAN,
+            image_std=UNET_STD,
+            lora_target_modules=[],
+            train_mask_decoder=False,
+            extra={"unet_channels": list(channels)},
+        )
+        torch.manual_seed(seed)
+        return cls(config)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.pixel_mean.device, non_blocking=True).float()
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return (pixels - self.pixel_mean) / self.pixel_std
+
+    def forward(self, pixel_values: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
+        return self.net(pixel_values), None
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_summary(self) -> str:
+        total = sum(p.numel() for p in self.parameters())
+        return f"trainable parameters: {total:,} of {total:,} (100.00%)"
+
+    def merge(self) -> UNetSegmenter:
+        return self
+
+    def save_pretrained(self, folder: str | os.PathLike, card: str | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / UNET_WEIGHTS))
+        self.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
+        if card is not None:
+            (folder / "README.md").write_text(card)
+        return folder
+
+    @classmethod
+    def from_folder(cls, folder: Path, config: OctSamConfig) -> UNetSegmenter:
+        model = cls(config)
+        try:
+            model.net.load_state_dict(load_file(str(folder / UNET_WEIGHTS)))
+        except (OSError, RuntimeError) as err:
+            raise OctSamError(f"Cannot load U-Net weights from {folder / UNET_WEIGHTS}: {err}") from err
+        return model.eval()

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random SAM base model and a small shape dataset it can learn (offline, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DUKE_DIR = REPO_ROOT.parent / "shared" / "data" / "duke_dme_fluid"
+TINY_LABELS = ["background", "drusen", "fluid"]
+
+
+def shape_scan(rng: np.random.Generator, size: tuple[int, int] = (40, 48)) -> tuple[np.ndarray, np.ndarray]:
+    """A grey scan with a bright rectangle (class 1) and a dark disc on a mid-grey band (class 2)."""
+    h, w = size
+    image = rng.normal(60, 6, size).clip(0, 255)
+    mask = np.zeros(size, np.uint8)
+    y0, x0 = rng.integers(4, h // 2 - 4), rng.integers(2, w // 2 - 8)
+    image[y0 : y0 + h // 3, x0 : x0 + w // 3] = 220
+    mask[y0 : y0 + h // 3, x0 : x0 + w // 3] = 1
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = rng.integers(h // 2, h - 8), rng.integers(w // 2 + 6, w - 8)
+    image[h // 2 - 2 :, w // 2 :] = 140
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 36
+    image[disc] = 10
+    mask[disc] = 2
+    return image.astype(np.uint8), mask
+
+
+def write_shape_dataset(path: Path, scans_per_split=(8, 4, 4), seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in zip(("train", "validation", "test"), scans_per_split):
+        rows = {k: [] for k in ("image", "mask", "patient_id", "scan_id", "disease", "source")}
+        for i in range(n):
+            image, mask = shape_scan(rng)
+            rows["image"].append(Image.fromarray(image))
+            rows["mask"].append(Image.fromarray(mask))
+            rows["patient_id"].append(f"{split}-p{i // 2}")
+            rows["scan_id"].append(f"{split}-{i}")
+            rows["disease"].append("amd")
+            rows["source"].append("test-shapes")
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "mask": datasets.Image(),
+                **{k: datasets.Value("string") for k in ("patient_id", "scan_id", "disease", "source")},
+            }
+        )
+        splits[split] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    (path / "id2label.json").write_text(json.dumps({str(i): n for i, n in enumerate(TINY_LABELS)}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A randomly initialised tiny SAM saved as a local base model (DESIGN.md's tiny config, input 24)."""
+    from octsam.modeling import save_random_base
+
+    return save_random_base(tmp_path_factory.mktemp("base") / "tiny-sam", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shape_dataset(tmp_path_factory) -> str:
+    return str(write_shape_dataset(tmp_path_factory.mktemp("data") / "shapes"))

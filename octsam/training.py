@@ -424,8 +424,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if metrics["val_mean_dice"] > state["best_metric"]:
             state.update(best_metric=metrics["val_mean_dice"], best_epoch=epoch + 1, bad_epochs=0)
             if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(model)
-                write_atomic_folder(lambda p: unwrapped.save_pretrained(p), out / BEST_ADAPTER_DIR)
+                write_atomic_folder(accelerator.unwrap_model(model).save_pretrained, out / BEST_ADAPTER_DIR)
         else:
             state["bad_epochs"] += 1
         save_checkpoint(accelerator, model, optimizer, scheduler, state, out, train_args.keep_checkpoints)

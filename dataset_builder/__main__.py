@@ -1,0 +1,156 @@
+"""Command line: ``python -m dataset_builder {synthetic,folder,nnunet} ...`` (also ``octsam-build-dataset``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+from dataset_builder.splits import parse_fractions
+from octsam.errors import OctSamError
+
+EPILOG = """examples:
+  python -m dataset_builder synthetic --disease amd --num-patients 20 --scans-per-patient 4 --seed 0 --output data/amd_synth
+  python -m dataset_builder folder --images ../shared/data/duke_dme_fluid/images --masks ../shared/data/duke_dme_fluid/masks \\
+      --labels background,fluid --patient-regex 'duke_s(\\d+)_' --disease dme --output data/duke_dme
+  python -m dataset_builder nnunet --input nnUNet_raw/Dataset501_OCT --patient-regex '^(\\w+?)_' --output data/oct501
+load the result with octsam.data.load_oct_dataset(PATH or ORG/NAME)"""
+
+
+def _size(text: str) -> tuple[int, int] | int:
+    try:
+        if "x" in text.lower():
+            width, height = (int(v) for v in text.lower().split("x"))
+            return (width, height)
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 512x496) or a height, got {text!r}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    out = common.add_argument_group("output")
+    out.add_argument("--output", help="dataset folder to write (DatasetDict.save_to_disk); must not exist")
+    out.add_argument("--overwrite", action="store_true", help="replace --output if it is an existing dataset folder")
+    out.add_argument("--push-to-hub", metavar="ORG/NAME", help="also push the dataset and its card to the Hub")
+    out.add_argument("--private", action="store_true", help="create the Hub dataset repo as private")
+    sp = common.add_argument_group("split (by patient)")
+    sp.add_argument("--split", default="0.7,0.15,0.15", help="train,validation,test fractions (default 0.7,0.15,0.15)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the split (and of synthetic drawing); default 0")
+    sp.add_argument(
+        "--split-file", help='JSON {"train": [patient ids], "validation": [...], "test": [...]} to use instead'
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dataset_builder",
+        description="Turn OCT B-scans and masks into an octsam dataset (Hugging Face DatasetDict, split by patient).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="SOURCE")
+
+    syn = sub.add_parser("synthetic", parents=[common], help="realistic synthetic B-scans (demos and tests)")
+    syn.add_argument("--disease", required=True, choices=["amd", "macular_hole"])
+    syn.add_argument("--num-patients", type=int, required=True)
+    syn.add_argument("--scans-per-patient", type=int, required=True)
+    syn.add_argument(
+        "--size", type=_size, help="WIDTHxHEIGHT of every B-scan, or a height (default: vendor-like sizes vary)"
+    )
+
+    meta = argparse.ArgumentParser(add_help=False)
+    meta.add_argument(
+        "--patient-regex", help="regex whose first group is the patient id (default: one patient per file)"
+    )
+    meta.add_argument("--disease", default="unknown", help="disease name stored with every B-scan, e.g. amd, dme")
+    meta.add_argument(
+        "--source", dest="source_name", help="source name stored with every B-scan (default: the input folder's name)"
+    )
+    meta.add_argument("--license", default="unknown", help="licence id for the dataset card, e.g. cc-by-4.0")
+    meta.add_argument("--citation", default="", help="citation text for the dataset card")
+
+    fol = sub.add_parser("folder", parents=[common, meta], help="a folder of images and a folder of masks")
+    fol.add_argument("--images", required=True, help="folder of B-scans (PNG, JPEG, TIFF, BMP)")
+    fol.add_argument("--masks", required=True, help="folder of masks with the same file names (any extension)")
+    fol.add_argument("--labels", help="class names by mask value, e.g. background,fluid (required for index masks)")
+    fol.add_argument("--palette", help="colour masks: amd, macular_hole or a JSON file {name: [R, G, B]}")
+
+    nnu = sub.add_parser("nnunet", parents=[common, meta], help="an nnU-Net raw dataset folder")
+    nnu.add_argument("--input", required=True, help="folder with dataset.json, imagesTr/, labelsTr/")
+    return parser
+
+
+def run(args: argparse.Namespace, command: str = "") -> None:
+    """Run one parsed command."""
+    if args.output is None and args.push_to_hub is None:
+        raise OctSamError("pass --output DIR (and/or --push-to-hub ORG/NAME).")
+    common = dict(
+        split=parse_fractions(args.split),
+        seed=args.seed,
+        split_file=args.split_file,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        command=command,
+    )
+    if args.kind == "synthetic":
+        from dataset_builder.synthetic import build_synthetic
+
+        result = build_synthetic(
+            args.disease, args.num_patients, args.scans_per_patient, output=args.output, size=args.size, **common
+        )
+    elif args.kind == "folder":
+        from dataset_builder.folder import build_folder
+
+        result = build_folder(
+            args.images,
+            args.masks,
+            args.output,
+            labels=args.labels,
+            palette=args.palette,
+            patient_regex=args.patient_regex,
+            disease=args.disease,
+            source=args.source_name,
+            license=args.license,
+            citation=args.citation,
+            **common,
+        )
+    else:
+        from dataset_builder.nnunet import build_nnunet
+
+        result = build_nnunet(
+            args.input,
+            args.output,
+            patient_regex=args.patient_regex,
+            disease=args.disease,
+            source=args.source_name,
+            license=args.license,
+            citation=args.citation,
+            **common,
+        )
+    print(result.table)
+    print(f"labels: {', '.join(f'{i} {n}' for i, n in enumerate(result.labels))}")
+    if result.output is not None:
+        print(f"wrote {result.output}")
+    if result.repo_id is not None:
+        print(f"pushed https://huggingface.co/datasets/{result.repo_id}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one message (no traceback) and return exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    logging.getLogger("datasets").setLevel(logging.WARNING)
+    try:
+        run(args, command="python -m dataset_builder " + shlex.join(argv))
+    except OctSamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -180,7 +181,7 @@ def build_dataset(
         check_output(out, overwrite)
     assignment = assign_splits(records, split, seed, split_file)
 
-    parent = out.parent if out is not None else Path.cwd()
+    parent = out.parent if out is not None else Path(tempfile.gettempdir())
     created = _missing_ancestors(parent)
     parent.mkdir(parents=True, exist_ok=True)
     name = out.name if out is not None else "dataset"

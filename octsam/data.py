@@ -202,7 +202,7 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
     uint8 stays as it is. Unsigned/signed integers whose values fit in 0..255 are kept; values up to 4095 are
     treated as 12-bit data (x * 255 / 4095); larger ones as 16-bit (x * 255 / 65535). Floats in [0, 1] are scaled
-    by 255; any other float range is min-max scaled to 0..255.
+    by 255, floats in [0, 255] are rounded; any other float range is min-max scaled to 0..255.
     """
     array = np.asarray(array)
     if array.dtype == np.uint8:
@@ -222,6 +222,8 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     if lo >= 0.0 and hi <= 1.0:
         scaled = array * 255.0
+    elif lo >= 0.0 and hi <= 255.0:  # 8-bit data stored as float (e.g. NIfTI)
+        scaled = array
     else:
         scaled = (array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)
     return np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)

@@ -373,16 +373,20 @@ def plot_training_curves(
                 column = [float(v[c]) if isinstance(v, (list, tuple, np.ndarray)) and c < len(v) else np.nan
                           for v in values]  # fmt: skip
                 name = class_names[c + 1] if class_names is not None and c + 1 < len(class_names) else f"class {c + 1}"
-                color = _rgb01(c + 1)
-                ax_metric.plot(epochs, column, linestyle="--", linewidth=1.2, color=color, label=f"{key}: {name}")
+                if not np.isfinite(column).any():
+                    name += " (no data)"
+                ax_metric.plot(epochs, column, linestyle="--", linewidth=1.2, marker=".", markersize=4,
+                               color=_rgb01(c + 1), label=f"{key}: {name}")  # fmt: skip
     if best_key in keys and np.isfinite(series(best_key)).any():
         values = series(best_key)
         best = int(np.nanargmax(values))
         ax_metric.axvline(epochs[best], color="#555555", linestyle=":", linewidth=1)
         right_half = epochs[best] > (epochs[0] + epochs[-1]) / 2
         ax_metric.annotate(f"best epoch {epochs[best]:g}\n{best_key} {values[best]:.3f}", (epochs[best], values[best]),
-                           xytext=(-6 if right_half else 6, -30), textcoords="offset points", fontsize=8,
-                           ha="right" if right_half else "left")  # fmt: skip
+                           xytext=(-8 if right_half else 8, -32), textcoords="offset points", fontsize=8,
+                           ha="right" if right_half else "left",
+                           bbox={"facecolor": "white", "edgecolor": "#999999", "alpha": 0.9, "pad": 2})  # fmt: skip
+        ax_metric.plot([epochs[best]], [values[best]], marker="*", markersize=12, color="black", linestyle="none")
     ax_loss.set_title("Loss")
     ax_metric.set_title("Validation metrics")
     ax_metric.set_ylim(0, 1.02)
@@ -391,7 +395,7 @@ def plot_training_curves(
         ax.grid(color="#e5e5e5")
         ax.spines[["top", "right"]].set_visible(False)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, frameon=False)
+            ax.legend(fontsize=8, framealpha=0.85, edgecolor="none")
     if len(epochs) <= 20:
         for ax in (ax_loss, ax_metric):
             ax.set_xticks(epochs)

@@ -1,0 +1,163 @@
+"""octsam.plots: fixed colours, overlays, and every figure written as a non-empty PNG of the expected size."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from octsam.errors import OctSamError
+from octsam.metrics import evaluate_predictions
+from octsam.plots import (
+    choose_cases,
+    class_color,
+    legend_handles,
+    overlay,
+    plot_confusion_matrix,
+    plot_metric_bars,
+    plot_qualitative_grid,
+    plot_training_curves,
+)
+
+LABELS = ["background", "drusen", "scar", "fluid"]
+
+
+def _png(path, size=None):
+    """Open a written figure; check it is a real picture (not blank) and, when given, its pixel size."""
+    assert path.exists() and path.stat().st_size > 5_000
+    image = np.asarray(Image.open(path).convert("RGB"))
+    if size is not None:
+        assert (image.shape[1], image.shape[0]) == size
+    assert image.std() > 5 and len(np.unique(image.reshape(-1, 3), axis=0)) > 20
+    return image
+
+
+def test_class_colors_are_fixed_and_distinct():
+    assert class_color(0) == (0, 0, 0)
+    assert class_color(1) == (255, 0, 0)
+    assert class_color(2) == (0, 255, 0)
+    assert class_color(3) == (0, 0, 255)
+    assert class_color(255) == (128, 128, 128)
+    colors = [class_color(i) for i in range(40)]
+    assert len(set(colors)) == 40
+    assert all(all(0 <= c <= 255 for c in color) for color in colors)
+    with pytest.raises(OctSamError):
+        class_color(-1)
+    handles = legend_handles(LABELS)
+    assert [h.get_label() for h in handles] == LABELS[1:]
+    assert tuple(round(255 * c) for c in handles[0].get_facecolor()[:3]) == (255, 0, 0)
+
+
+def test_overlay_colours_regions_and_keeps_background():
+    image = np.full((20, 30), 100, np.uint8)
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 5:15] = 1
+    mask[0, :] = 255
+    out = overlay(image, mask, LABELS, alpha=0.5)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[18, 20], [100, 100, 100])  # background untouched
+    np.testing.assert_array_equal(out[10, 10], [178, 50, 50])  # interior: 50% red over grey 100
+    np.testing.assert_array_equal(out[5, 10], [255, 0, 0])  # region border drawn in full colour
+    np.testing.assert_array_equal(out[0, 10], [114, 114, 114])  # ignored: grey tint, no outline
+    rgb = np.dstack([image, image, image])
+    np.testing.assert_array_equal(overlay(rgb, mask, LABELS, alpha=0.5), out)
+    with pytest.raises(OctSamError, match="does not match"):
+        overlay(image, mask[:10], LABELS)
+    with pytest.raises(OctSamError, match="class indices"):
+        overlay(image, np.full((20, 30), 7, np.uint8), LABELS)
+
+
+def _per_class(base, rng):
+    values = np.clip(base + rng.normal(0, 0.05, 3), 0.05, 0.95)
+    return pd.DataFrame(
+        {
+            "class_name": LABELS[1:],
+            "iou_mean": values * 0.9,
+            "iou_ci_low": values * 0.9 - 0.05,
+            "iou_ci_high": values * 0.9 + 0.04,
+            "dice_mean": values,
+            "dice_ci_low": values - 0.05,
+            "dice_ci_high": values + 0.04,
+        }
+    )
+
+
+def test_metric_bars_from_tables_and_results(tmp_path):
+    rng = np.random.default_rng(0)
+    tables = {"zero-shot": _per_class(0.3, rng), "LoRA": _per_class(0.85, rng), "U-Net": _per_class(0.75, rng)}
+    path = plot_metric_bars(tables, tmp_path / "bars.png", figsize=(8, 6), dpi=100)
+    _png(path, (800, 600))
+    ref = np.zeros((16, 16), np.uint8)
+    ref[4:9, 4:9] = 1
+    ref[10:14, 2:6] = 2
+    result = evaluate_predictions([ref, np.roll(ref, 1, axis=1)], [ref, ref], LABELS, n_bootstrap=20)
+    path = plot_metric_bars({"LoRA": result}, tmp_path / "sub" / "bars_result.png", dpi=80)
+    _png(path)
+    with pytest.raises(OctSamError):
+        plot_metric_bars({}, tmp_path / "none.png")
+
+
+def test_choose_cases_skips_nan():
+    assert choose_cases([0.5, np.nan, 0.9, 0.1, 0.7]) == {"best": 2, "median": 0, "worst": 3}
+    assert choose_cases([np.nan, np.nan]) == {"best": 0, "median": 1, "worst": 1}
+
+
+def test_qualitative_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    images, refs = [], []
+    for _ in range(5):
+        image = (rng.random((62, 96)) * 120 + np.linspace(0, 100, 96)).astype(np.uint8)
+        ref = np.zeros((62, 96), np.uint8)
+        y, x = rng.integers(5, 40, 2)
+        ref[y : y + 12, x : x + 20] = rng.integers(1, 4)
+        images.append(image)
+        refs.append(ref)
+    preds = {"zero-shot": [np.roll(r, 6, axis=1) for r in refs], "LoRA": [np.roll(r, 1, axis=0) for r in refs]}
+    scores = {"zero-shot": [0.2, 0.3, np.nan, 0.1, 0.4], "LoRA": [0.8, 0.95, 0.7, np.nan, 0.6]}
+    path = plot_qualitative_grid(
+        images,
+        refs,
+        preds,
+        LABELS,
+        tmp_path / "grid.png",
+        scores=scores,
+        rank_by="LoRA",
+        scan_ids=list("abcde"),
+        dpi=60,
+    )
+    image = _png(path)
+    assert image.shape[1] == round((3.2 * 4 + 0.4) * 60)  # four columns: B-scan, ground truth, two methods
+    assert image.shape[0] > image.shape[1] / 4 * 3 * 0.5  # three case rows
+    path = plot_qualitative_grid(images, refs, preds, LABELS, tmp_path / "grid2.png", cases={"picked": 2}, dpi=50)
+    _png(path)
+    with pytest.raises(OctSamError, match="cases"):
+        plot_qualitative_grid(images, refs, preds, LABELS, tmp_path / "grid3.png")
+    with pytest.raises(OctSamError, match="masks"):
+        plot_qualitative_grid(images, refs, {"bad": refs[:2]}, LABELS, tmp_path / "grid4.png", cases={"x": 0})
+
+
+def test_training_curves_accept_the_training_history(tmp_path):
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "val_loss": 1.2 / e + 0.1,
+            "val_mean_dice": 0.8 * (1 - 0.7**e),
+            "val_dice_per_class": [0.7 * (1 - 0.7**e), 0.9 * (1 - 0.7**e), float("nan")],
+            "lr": 1e-4,
+            "val_scans": 12,
+        }
+        for e in range(1, 9)
+    ]
+    path = plot_training_curves(history, tmp_path / "curves.png", class_names=LABELS, figsize=(9, 3.5), dpi=100)
+    _png(path, (900, 350))
+    _png(plot_training_curves(history[:1], tmp_path / "one.png"))  # a single epoch still plots
+    with pytest.raises(OctSamError, match="empty"):
+        plot_training_curves([], tmp_path / "empty.png")
+
+
+def test_confusion_matrix(tmp_path):
+    confusion = np.array([[9000, 50, 20, 30], [40, 300, 5, 0], [10, 2, 200, 1], [0, 0, 0, 0]])
+    path = plot_confusion_matrix(confusion, LABELS, tmp_path / "cm.png", figsize=(6, 5), dpi=100)
+    _png(path, (600, 500))
+    with pytest.raises(OctSamError, match="does not match"):
+        plot_confusion_matrix(confusion, LABELS[:3], tmp_path / "bad.png")

@@ -177,10 +177,9 @@ class SplitStats:
         counts = np.bincount(mask.ravel(), minlength=256)
         self.pixels += counts
         self.scans_with += counts > 0
-        values = image.astype(np.float64)
-        self.intensity_sum += float(values.sum())
-        self.intensity_sq += float(np.square(values).sum())
-        self.intensity_n += values.size
+        self.intensity_sum += float(image.sum(dtype=np.uint64))
+        self.intensity_sq += float(np.square(image, dtype=np.uint32).sum(dtype=np.uint64))
+        self.intensity_n += image.size
         key = f"{image.shape[1]}x{image.shape[0]}"
         self.sizes[key] = self.sizes.get(key, 0) + 1
 

@@ -139,7 +139,7 @@ def push_adapter(
             repo_type="model",
             revision=revision,
             commit_message=commit_message,
-            ignore_patterns=HUB_IGNORE_PATTERNS,
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),  # upload_folder extends the list it is given
             token=token,
         )
     except OctSamError:

@@ -1,0 +1,380 @@
+"""inference.py / octsam.inference: outputs at native size, prompts, merged == unmerged, odd inputs, every error."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import DUKE_DIR, TINY_LABELS
+from PIL import Image
+
+from octsam.data import read_scan
+from octsam.errors import OctSamError
+from octsam.inference import build_prompts, class_areas, main, parse_box, parse_point
+from octsam.modeling import ADAPTER_CONFIG_NAME, OctSamConfig, OctSamModel
+from octsam.plots import overlay
+from octsam.segmenter import Prompt, Segmenter
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test reaches the network, and huggingface_hub runs in offline mode (its flag is read at import time, so
+    setting HF_HUB_OFFLINE in the environment after ``import datasets`` would come too late)."""
+    import huggingface_hub.constants
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def make_adapter(base: str, folder: Path, mode: str = "automatic", seed: int = 0) -> Path:
+    """A tiny adapter standing in for a trained one: LoRA B weights perturbed (so LoRA is not the identity) and the
+    trained decoder's output layers scaled so that mask logits are O(1) rather than the random base's 1e-4."""
+    config = OctSamConfig(labels=list(TINY_LABELS), base_model=base, mode=mode)
+    model = OctSamModel.from_base(config, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            elif "modules_to_save" in name and name.endswith("weight"):
+                if "output_hypernetworks_mlps" in name:
+                    param.mul_(8)
+                elif "upscale_conv2" in name:
+                    param.mul_(10)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory) -> Path:
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("adapter") / "auto")
+
+
+@pytest.fixture(scope="module")
+def prompted_adapter(tiny_base, tmp_path_factory) -> Path:
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("adapter") / "prompted", mode="prompted", seed=1)
+
+
+@pytest.fixture(scope="module")
+def segmenter(adapter) -> Segmenter:
+    return Segmenter.from_pretrained(adapter, device="cpu", batch_size=1)
+
+
+def scan(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.normal(60, 10, (h, w)).clip(0, 255)
+    image[h // 4 : h // 2, w // 5 : w // 2] = 220
+    image[h // 2 :, w // 2 :] = 140
+    return image.astype(np.uint8)
+
+
+def read_summary(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ model paths
+def test_merged_equals_unmerged_and_lora_matters(adapter):
+    """Merging LoRA into the base weights changes no logit by more than 1e-5 (automatic and prompted paths)."""
+    images = [scan(40, 48, seed=i) for i in range(3)]
+    prompts = [[Prompt(1, box=(5, 5, 30, 25)), Prompt(2, points=[(40, 30, 1), (10, 10, 0)])] for _ in images]
+    unmerged = Segmenter.from_pretrained(adapter, device="cpu", merge=False)
+    merged = Segmenter.from_pretrained(adapter, device="cpu", merge=True)
+    from peft import PeftModel
+
+    assert isinstance(unmerged.model.sam, PeftModel) and not isinstance(merged.model.sam, PeftModel)
+    for p in (None, prompts):
+        a, b = unmerged.class_logits(images, p), merged.class_logits(images, p)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    assert a.abs().max() > 0.1  # logits large enough for the 1e-5 tolerance to mean something
+    with torch.no_grad():
+        for name, param in unmerged.model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    assert (unmerged.class_logits(images) - merged.class_logits(images)).abs().max() > 1e-3  # LoRA matters
+
+
+def test_prompt_parsing_and_grouping():
+    assert parse_box("fluid:1,2,30.5,40").box == (1.0, 2.0, 30.5, 40.0)
+    assert parse_point("2:5,6:neg").points == [(5.0, 6.0, 0)]
+    assert parse_point("drusen:5,6").points == [(5.0, 6.0, 1)]
+    specs = [parse_box("drusen:2,3,30,20"), parse_point("drusen:10,10:neg"), parse_point("2:40,30")]
+    prompts = build_prompts(specs, TINY_LABELS, (40, 48), "x")
+    assert prompts == [Prompt(1, box=(2, 3, 30, 20), points=[(10, 10, 0)]), Prompt(2, points=[(40, 30, 1)])]
+    for bad in ("fluid:1,2,3", "1,2,3,4", "fluid:5,5,1,1", "fluid:a,b,c,d"):
+        with pytest.raises(OctSamError, match="--box"):
+            parse_box(bad)
+    with pytest.raises(OctSamError, match="not a class of this adapter"):
+        build_prompts([parse_box("scar:1,1,5,5")], TINY_LABELS, (40, 48), "x")
+    with pytest.raises(OctSamError, match="outside the 48x40"):
+        build_prompts([parse_box("fluid:1,1,50,5")], TINY_LABELS, (40, 48), "x")
+
+
+# ------------------------------------------------------------------------------------------------ CLI outputs
+def test_cli_odd_inputs_native_size_outputs_and_failures(adapter, segmenter, tmp_path, capsys):
+    """16-bit TIFF, RGB JPEG, tiny, very wide and nested B-scans come back at native size; a broken file is
+    reported and skipped, the rest written, and the exit code says a B-scan failed."""
+    src = tmp_path / "scans"
+    (src / "sub").mkdir(parents=True)
+    tifffile.imwrite(src / "deep.tif", (scan(40, 48, 1).astype(np.uint16) * 257))
+    rgb = np.stack([scan(36, 50, 2), scan(36, 50, 3), np.full((36, 50), 90, np.uint8)], axis=-1)
+    Image.fromarray(rgb).save(src / "colour.jpg", quality=95)
+    Image.fromarray(scan(5, 7, 4)).save(src / "tiny.png")
+    Image.fromarray(scan(16, 600, 5)).save(src / "wide.png")
+    Image.fromarray(scan(40, 48, 6)).save(src / "sub" / "nested.bmp")
+    (src / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+
+    code, err = run_cli(
+        [
+            "--adapter",
+            adapter,
+            "--input",
+            src,
+            "--output",
+            out,
+            "--save-probabilities",
+            "--batch-size",
+            "3",
+            "--pixel-spacing-mm",
+            "0.0039,0.0114",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 1
+    assert "broken.png" in err and "1 B-scan(s) could not be segmented" in err and "Traceback" not in err
+
+    names = {
+        "deep": "deep.tif",
+        "colour": "colour.jpg",
+        "tiny": "tiny.png",
+        "wide": "wide.png",
+        "sub/nested": "sub/nested.bmp",
+    }
+    rows = {r["scan"]: r for r in read_summary(out / "summary.csv")}
+    assert rows["broken"]["status"] == "failed" and "broken.png" in rows["broken"]["source"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["failed"] == 1 and run["segmented"] == 5 and run["dtype"] == "float32" and run["merged"]
+    assert run["adapter"] == str(adapter) and run["device"] == "cpu" and run["timings"]["predict_s"] > 0
+    assert read_scan(src / "colour.jpg").ndim == 3  # a true colour input really went through the RGB path
+    for name, file in names.items():
+        image = read_scan(src / file)
+        mask = np.asarray(Image.open(out / "masks" / f"{name}.png"))
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8 and mask.max() < len(TINY_LABELS)
+        assert np.array_equal(mask, segmenter([image])[0].mask)  # the CLI wraps the Python API
+        drawn = np.asarray(Image.open(out / "overlays" / f"{name}.png").convert("RGB"))
+        assert drawn.shape[0] > mask.shape[0] and drawn.shape[1] >= mask.shape[1]  # legend strip below
+        assert np.array_equal(drawn[: mask.shape[0], : mask.shape[1]], overlay(image, mask, TINY_LABELS))
+        probs = np.load(out / "probabilities" / f"{name}.npz")
+        assert probs["probabilities"].shape == (3, *mask.shape) and probs["probabilities"].dtype == np.float16
+        assert list(probs["labels"]) == TINY_LABELS
+        np.testing.assert_allclose(probs["probabilities"].astype(np.float32).sum(0), 1.0, atol=5e-3)
+        row = rows[name]
+        assert (int(row["height"]), int(row["width"])) == mask.shape and row["status"] == "ok"
+        for k, label in enumerate(TINY_LABELS[1:], start=1):
+            area = int((mask == k).sum())
+            assert int(row[f"{label}_area_px"]) == area
+            assert float(row[f"{label}_area_mm2"]) == pytest.approx(area * 0.0039 * 0.0114, abs=1e-6)
+            n = cv2.connectedComponents((mask == k).astype(np.uint8), connectivity=8)[0] - 1
+            assert int(row[f"{label}_components"]) == n
+    assert set(np.unique(np.asarray(Image.open(out / "masks" / "deep.png")))) >= {1, 2}  # both classes drawn
+
+
+def test_cli_prompted_matches_python_api(adapter, segmenter, tmp_path, capsys):
+    """--box/--point (class by name or id) and a --prompts file give the masks of the same Prompt objects."""
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"scan{i}.png")
+        Image.fromarray(scan(40, 48, 10 + i)).save(paths[-1])
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps({"scan1.png": [{"class": "fluid", "box": [20, 18, 46, 38]}]}))
+    out = tmp_path / "out"
+    code, err = run_cli(
+        [
+            "--adapter",
+            adapter,
+            "--input",
+            *paths,
+            "--output",
+            out,
+            "--box",
+            "drusen:2,3,30,20",
+            "--point",
+            "1:10,10:neg",
+            "--point",
+            "fluid:40,30",
+            "--prompts",
+            prompt_file,
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    common = [Prompt(1, box=(2, 3, 30, 20), points=[(10, 10, 0)]), Prompt(2, points=[(40, 30, 1)])]
+    # scan1's file box contains the fluid point, so the point joins that box (one object, not two).
+    expected = [
+        common,
+        [Prompt(1, box=(2, 3, 30, 20), points=[(10, 10, 0)]), Prompt(2, box=(20, 18, 46, 38), points=[(40, 30, 1)])],
+    ]
+    for path, prompts in zip(paths, expected):
+        want = segmenter([path], prompts=[prompts])[0].mask
+        got = np.asarray(Image.open(out / "masks" / f"{path.stem}.png"))
+        assert np.array_equal(got, want)
+    run = json.loads((out / "run.json").read_text())
+    assert run["mode"] == "prompted" and run["scans_without_prompts"] == 0
+    # The box outside an image fails that B-scan only.
+    code, err = run_cli(
+        [
+            "--adapter",
+            adapter,
+            "--input",
+            *paths,
+            "--output",
+            tmp_path / "o2",
+            "--box",
+            "fluid:0,0,47,39",
+            "--box",
+            "1:0,0,48,41",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 1 and "outside the 48x40 B-scan" in err and "2 B-scan(s) could not be segmented" in err
+
+
+def test_cli_dataset_inputs(adapter, shape_dataset, tmp_path, capsys):
+    code, err = run_cli(
+        ["--adapter", adapter, "--dataset", shape_dataset, "--split", "test", "--output", tmp_path / "a", "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "a" / "masks").iterdir()) == [f"test-{i}.png" for i in range(4)]
+    code, err = run_cli(
+        [
+            "--adapter",
+            adapter,
+            "--input",
+            shape_dataset,
+            "--split",
+            "validation",
+            "--output",
+            tmp_path / "b",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert len(read_summary(tmp_path / "b" / "summary.csv")) == 4
+
+
+def test_cli_output_folder_is_never_overwritten_without_flag(adapter, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(scan(40, 48)).save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(["--adapter", adapter, "--input", image, "--output", out, "--quiet"], capsys)
+    assert code == 2 and "--overwrite" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    code, err = run_cli(["--adapter", adapter, "--input", image, "--output", out, "--overwrite", "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "overlays", "run.json", "summary.csv"]
+    # A run that fails part-way leaves neither a half-written output nor its temporary folder.
+    code, _ = run_cli(["--adapter", tmp_path / "nope", "--input", image, "--output", tmp_path / "o3"], capsys)
+    assert code == 2 and not (tmp_path / "o3").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _edited_adapter(adapter: Path, tmp_path: Path, **changes) -> Path:
+    folder = tmp_path / "edited"
+    shutil.copytree(adapter, folder)
+    data = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    data.update(changes)
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": "other-project-adapter"}, "is not an octsam adapter"),
+        ({"format_version": 99}, "newer octsam"),
+        ({"surprise": 1}, "another octsam version"),
+        ({"base_model": "no-such-org/no-such-sam"}, "hf download no-such-org/no-such-sam|huggingface-cli download"),
+    ],
+)
+def test_cli_refuses_bad_adapters_with_reason(adapter, tmp_path, capsys, changes, message):
+    image = tmp_path / "a.png"
+    Image.fromarray(scan(40, 48)).save(image)
+    folder = _edited_adapter(adapter, tmp_path, **changes)
+    code, err = run_cli(["--adapter", folder, "--input", image, "--output", tmp_path / "out"], capsys)
+    assert code == 2 and "Traceback" not in err and err.startswith("error: ")
+    assert any(m in err for m in message.split("|")), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_user_errors_exit_2_without_traceback(adapter, prompted_adapter, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(scan(40, 48)).save(image)
+    no_config = tmp_path / "peft_only"
+    shutil.copytree(adapter, no_config)
+    (no_config / ADAPTER_CONFIG_NAME).unlink()
+    cases = [
+        (["--adapter", no_config, "--input", image], "no octsam_config.json"),
+        (["--adapter", "no-such-org/no-such-adapter", "--input", image], "hf download no-such-org/no-such-adapter"),
+        (["--adapter", prompted_adapter, "--input", image], "trained in prompted mode"),
+        (["--adapter", adapter, "--input", image, "--box", "scar:1,1,5,5"], "1 drusen"),
+        (["--adapter", adapter, "--input", image, "--box", "drusen:1,1,5"], "expected 4 comma-separated"),
+        (["--adapter", adapter, "--input", tmp_path / "missing.png"], "does not exist"),
+        (["--adapter", adapter, "--input", str(tmp_path / "*.tif")], "matches no image files"),
+        (["--adapter", adapter, "--input", image, "--pixel-spacing-mm", "0.01"], "--pixel-spacing-mm"),
+        (["--adapter", adapter, "--input", image, "--prompts", tmp_path / "none.json"], "does not exist"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        code, err = run_cli([*args, "--output", tmp_path / f"out{i}", "--quiet"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / f"out{i}").exists()
+
+
+def test_cli_on_real_duke_bscans(adapter, tmp_path, capsys):
+    """The CLI on a folder of real Duke DME B-scans: masks, overlays and a summary whose areas match the masks."""
+    images = DUKE_DIR / "images"
+    if not images.is_dir():
+        pytest.skip(f"Duke DME B-scans not found at {images}")
+    files = sorted(images.glob("*.png"))[::22]  # 5 B-scans from different patients keep the test fast
+    folder = tmp_path / "duke"
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "pred"
+    code, err = run_cli(["--adapter", adapter, "--input", folder, "--output", out, "--quiet"], capsys)
+    assert code == 0, err
+    rows = read_summary(out / "summary.csv")
+    assert [r["scan"] for r in rows] == [f.stem for f in files]
+    for row, f in zip(rows, files):
+        image = read_scan(f)
+        mask = np.asarray(Image.open(out / "masks" / f"{f.stem}.png"))
+        assert mask.shape == image.shape == (496, 768)
+        areas, components = class_areas(mask, len(TINY_LABELS))
+        assert [int(row[f"{n}_area_px"]) for n in TINY_LABELS[1:]] == areas
+        assert [int(row[f"{n}_components"]) for n in TINY_LABELS[1:]] == components
+        assert sum(areas) + int((mask == 0).sum()) == mask.size
+        drawn = np.asarray(Image.open(out / "overlays" / f"{f.stem}.png").convert("RGB"))
+        assert np.array_equal(drawn[:496, :768], overlay(image, mask, TINY_LABELS))

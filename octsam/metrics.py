@@ -353,6 +353,8 @@ def evaluate_predictions(
     every B-scan is its own patient, which makes CIs too narrow when B-scans of one eye are correlated).
     ``pixel_spacing_mm`` is (Y, X) in mm, one pair for all images or one per image; it adds HD95 in mm and areas
     in mm². A class counts as present in a B-scan (detection table) from ``detection_min_pixels`` pixels.
+    Headline means average the per-class means over classes, skipping a class that is undefined (absent in every
+    truth and prediction).
     """
     labels = _check_labels(labels)
     num_labels = len(labels)

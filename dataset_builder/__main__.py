@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     meta.add_argument("--disease", default="unknown", help="disease name stored with every B-scan, e.g. amd, dme")
     meta.add_argument(
-        "--source", dest="source_name", help="source name stored with every B-scan (default: the input folder's name)"
+        "--source", dest="source_name", help="source name stored with every B-scan (default: the dataset folder name)"
     )
     meta.add_argument("--license", default="unknown", help="licence id for the dataset card, e.g. cc-by-4.0")
     meta.add_argument("--citation", default="", help="citation text for the dataset card")

@@ -104,7 +104,8 @@ def load_oct_dataset(
 
     ``path_or_repo`` is a folder written by ``python -m dataset_builder`` (``DatasetDict.save_to_disk``), a local
     copy of a Hub dataset repo (parquet files + ``id2label.json``), or a Hub dataset repo id ``org/name`` loaded
-    with ``datasets.load_dataset`` at ``revision`` (branch, tag or commit).
+    with ``datasets.load_dataset`` at ``revision`` (branch, tag or commit; ignored for local folders). A path that
+    exists locally always wins over a Hub id of the same spelling.
     """
     text = os.fspath(path_or_repo)
     path = Path(text).expanduser()
@@ -166,8 +167,9 @@ def _load_hub(repo_id: str, revision: str | None) -> tuple[datasets.DatasetDict,
         dsd = datasets.load_dataset(repo_id, revision=revision)
     except Exception as err:  # noqa: BLE001 - network, auth and not-found errors all get the same advice
         raise OctSamError(
-            f"cannot load Hub dataset {repo_id!r} (revision {revision or 'main'}): {err}. Check the name, "
-            "log in with `hf auth login` for a private repo, or pass a local dataset folder."
+            f"cannot load Hub dataset {repo_id!r} (revision {revision or 'main'}; no local folder of that name "
+            f"either): {err}. Check the name, log in with `hf auth login` for a private repo, or pass a local "
+            "dataset folder."
         ) from err
     try:
         labels_path = huggingface_hub.hf_hub_download(repo_id, LABELS_FILE, repo_type="dataset", revision=revision)

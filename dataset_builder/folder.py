@@ -236,7 +236,7 @@ def folder_records(
     stems = pair_files(images, masks, images_dir, masks_dir)
     patients = patient_ids(stems, patient_regex)
     pairs = [(s, images[s], masks[s]) for s in stems]
-    classes = check_pairs(pairs, len(names), functools.partial(_mask_reader, num_labels=len(names), palette=pal))
+    classes = check_pairs(pairs, len(names), functools.partial(read_mask, num_labels=len(names), palette=pal))
     source = source or images_dir.resolve().parent.name or str(images_dir)
     records = [
         ScanRecord(
@@ -250,10 +250,6 @@ def folder_records(
         for stem, image, mask in pairs
     ]
     return records, names
-
-
-def _mask_reader(path: Path, num_labels: int, palette: Palette | None) -> np.ndarray:
-    return read_mask(path, num_labels, palette)
 
 
 def build_folder(

@@ -575,12 +575,8 @@ def _display(p: Patient, refl: np.ndarray, rng: np.random.Generator) -> np.ndarr
     if rng.random() < v.wedge:  # black wedge left by eye-motion registration (top rows only: always vitreous)
         depth = rng.uniform(0.02, 0.06) * H
         ramp = np.linspace(depth, 0, W) if rng.random() < 0.5 else np.linspace(0, depth, W)
-        img[ys_grid(H) < ramp[None, :]] = 0
+        img[np.arange(H)[:, None] < ramp[None, :]] = 0
     return img
-
-
-def ys_grid(height: int) -> np.ndarray:
-    return np.arange(height, dtype=np.float32)[:, None]
 
 
 # ------------------------------------------------------------------------------------------- records

@@ -233,10 +233,10 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 def _gray_if_equal(rgb: np.ndarray, tolerance: int = 2) -> np.ndarray:
     """An RGB array whose channels agree within ``tolerance`` (a gray scan saved as RGB/JPEG) -> (H, W)."""
-    if rgb.ndim == 3 and rgb.shape[2] == 3:
-        r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
-        if max(int(np.abs(r - g).max(initial=0)), int(np.abs(r - b).max(initial=0))) <= tolerance:
-            return np.ascontiguousarray(rgb[..., 1]) if tolerance == 0 else np.rint((r + g + b) / 3).astype(np.uint8)
+    channels = rgb.astype(np.int16)
+    spread = channels.max(axis=2) - channels.min(axis=2)
+    if int(spread.max(initial=0)) <= tolerance:
+        return np.rint(channels.mean(axis=2)).astype(np.uint8)
     return rgb
 
 

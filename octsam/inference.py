@@ -41,6 +41,21 @@ from octsam.errors import OctSamError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LEGEND_FONT_PT = 9
+EPILOG = """examples:
+  python inference.py --adapter ORG/NAME --input scans/ --output predictions/
+  python inference.py --adapter runs/amd/best_adapter --input "scans/**/*.tif" --output out --pixel-spacing-mm 0.0039,0.0114
+  python inference.py --adapter ORG/NAME --dataset ORG/oct-data --split test --output out --save-probabilities
+  python inference.py --adapter ORG/NAME --input a.png --output out --box fluid:120,80,300,160 --point fluid:200,120
+
+prompts: coordinates are native pixels of each B-scan; CLASS is a label name or id. --box and --point apply to every
+input; each box is one object, a point joins the box of its class that contains it, the other points of a class form
+one more object. --prompts FILE.json gives prompts per B-scan (keys: output name, file name or stem):
+  {"scan1.png": [{"class": "fluid", "box": [120, 80, 300, 160], "points": [[200, 120], [150, 90, 0]]}]}
+
+outputs (native size): masks/NAME.png (class ids), overlays/NAME.png (legend below), probabilities/NAME.npz,
+summary.csv (area px / mm2 and 8-connected components per class), run.json. Exit status: 0 all segmented, 1 some
+B-scans failed (listed), 2 a usage or adapter error.
+"""
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -425,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="inference.py",
         description="Segment OCT B-scans with an octsam adapter: masks, overlays, probabilities and biomarker areas.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     p.add_argument("--adapter", required=True, help="Adapter folder or Hub repo id (ORG/NAME).")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the adapter.")
@@ -435,7 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Base SAM to use instead of the adapter's (e.g. a local copy of facebook/sam-vit-base for offline use).",
     )
-    p.add_argument("--input", nargs="+", default=[], help="Image files, folders (recursive) and globs.")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        default=[],
+        help="Image files, folders (recursive; a dataset folder is read as one), globs.",
+    )
     p.add_argument("--dataset", default=None, help="A datasets dataset folder or Hub dataset id to segment.")
     p.add_argument("--split", default="test", help="Split of --dataset (or of a dataset folder in --input).")
     p.add_argument("--dataset-revision", default=None, help="Hub revision of --dataset.")
@@ -443,11 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty output folder.")
     p.add_argument("--box", action="append", default=[], metavar="CLASS:x1,y1,x2,y2", help="Box prompt (repeat).")
     p.add_argument("--point", action="append", default=[], metavar="CLASS:x,y[:neg]", help="Point prompt (repeat).")
-    p.add_argument("--prompts", default=None, metavar="FILE.json", help="Prompts per B-scan (see docs).")
+    p.add_argument("--prompts", default=None, metavar="FILE.json", help="Prompts per B-scan (format below).")
     p.add_argument("--save-probabilities", action="store_true", help="Also write probabilities/NAME.npz.")
     p.add_argument("--pixel-spacing-mm", default=None, metavar="Y,X", help="Pixel size in mm, for areas in mm².")
     p.add_argument("--no-merge", action="store_true", help="Keep LoRA separate (slower; merged is the default).")
-    p.add_argument("--batch-size", type=int, default=4, help="B-scans per forward pass.")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="B-scans per forward pass (default 16 on CUDA, 1 elsewhere)."
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="Where to run.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     return p
@@ -463,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
     from octsam.segmenter import Segmenter
 
     started = time.perf_counter()
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise OctSamError(f"--batch-size must be at least 1, got {args.batch_size}.")
     spacing = _spacing(args.pixel_spacing_mm)
     cli_specs = [parse_box(b) for b in args.box] + [parse_point(p) for p in args.point]
@@ -483,10 +507,11 @@ def run(args: argparse.Namespace) -> int:
             revision=args.revision,
             device=args.device,
             merge=not args.no_merge,
-            batch_size=args.batch_size,
             base_model=args.base_model,
         )
         load_s = time.perf_counter() - t0
+        batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
+        segmenter.batch_size = batch_size
         labels = segmenter.labels
         for spec in cli_specs + [s for specs in prompt_file.values() for s in specs]:
             label_id(spec.label, labels)  # a bad class name stops the run before any work
@@ -500,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
         no_prompts = 0
         timings = {"read_s": 0.0, "predict_s": 0.0, "write_s": 0.0}
         bar = tqdm(total=len(scans), unit="scan", desc="segmenting", disable=args.quiet)
-        for batch in _batches(scans, args.batch_size):
+        for batch in _batches(scans, batch_size):
             t0 = time.perf_counter()
             ready = []
             for scan in batch:
@@ -546,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
             "device": str(segmenter.device),
             "device_name": _device_name(segmenter.device),
             "dtype": str(segmenter.dtype).replace("torch.", ""),
-            "batch_size": args.batch_size,
+            "batch_size": batch_size,
             "pixel_spacing_mm": list(spacing) if spacing else None,
             "inputs": len(scans),
             "segmented": done,

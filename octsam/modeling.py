@@ -278,6 +278,11 @@ class OctSamModel(nn.Module):
                 prompts.weight.copy_(init.expand_as(prompts.weight) + noise)
         sam.requires_grad_(False)
         peft_model = get_peft_model(sam, _lora_config(config))
+        # No loss supervises SAM's IoU-prediction head: keep it frozen (DDP also requires every trained tensor to get
+        # a gradient).
+        for name, param in peft_model.named_parameters():
+            if "iou_prediction_head" in name:
+                param.requires_grad_(False)
         return cls(peft_model, config)
 
     @staticmethod

@@ -393,7 +393,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             logger.info(f"stopping after epoch {epoch} as asked (--stop_after_epochs)")
             accelerator.end_training()
             return {"stopped_after_epoch": epoch}
-        sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # Accelerate's loader passes it to EpochSampler (and keeps its own count)
         epoch_loss = train_one_epoch(
             accelerator,
             model,
@@ -461,6 +461,7 @@ def train_one_epoch(
     total = torch.zeros((), device=accelerator.device)
     count = 0
     first_bad = None
+    epoch_steps = 0
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
     for batch in loader:
         with accelerator.accumulate(model):
@@ -479,8 +480,10 @@ def train_one_epoch(
         if accelerator.sync_gradients:
             scheduler.step()
             state["global_step"] += 1
+            epoch_steps += 1
             bar.update(1)
-            if state["global_step"] % train_args.logging_steps == 0 or bar.n == steps_per_epoch:
+            # every process must take this branch together (it all-reduces): count steps, not the bar (rank 0 only)
+            if state["global_step"] % train_args.logging_steps == 0 or epoch_steps == steps_per_epoch:
                 check_finite(accelerator, first_bad, out)
                 mean = accelerator.reduce(total / max(count, 1), "mean").item()
                 bar.set_postfix(loss=f"{mean:.4f}")
@@ -515,7 +518,7 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
     if accelerator.is_main_process:
         from octsam.plots import plot_training_curves
 
-        plot_training_curves(state["history"], out / "training_curves.png")
+        plot_training_curves(state["history"], out / "training_curves.png", class_names=labels)
         if train_args.evaluate_test:
             from octsam.evaluation import evaluate_model
 

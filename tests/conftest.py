@@ -9,10 +9,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: one thread avoids OpenMP start-up and spin costs that dominate small ops.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DUKE_DIR = REPO_ROOT.parent / "shared" / "data" / "duke_dme_fluid"
@@ -30,18 +35,21 @@ def shape_scan(rng: np.random.Generator, size: tuple[int, int] = (40, 48)) -> tu
     yy, xx = np.mgrid[:h, :w]
     cy, cx = rng.integers(h // 2, h - 8), rng.integers(w // 2 + 6, w - 8)
     image[h // 2 - 2 :, w // 2 :] = 140
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 36
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 49
     image[disc] = 10
     mask[disc] = 2
     return image.astype(np.uint8), mask
 
 
-def write_shape_dataset(path: Path, scans_per_split=(8, 4, 4), seed: int = 0) -> Path:
+def write_shape_dataset(path: Path, scans_per_split=(8, 4, 4), seed: int = 0, same_scans: bool = False) -> Path:
+    """Three splits of shape scans; ``same_scans`` puts the training scans in every split (overfitting tests)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     splits = {}
     for split, n in zip(("train", "validation", "test"), scans_per_split):
+        if same_scans:
+            rng = np.random.default_rng(seed)
         rows = {k: [] for k in ("image", "mask", "patient_id", "scan_id", "disease", "source")}
         for i in range(n):
             image, mask = shape_scan(rng)

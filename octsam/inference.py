@@ -537,8 +537,9 @@ def run(args: argparse.Namespace) -> int:
                         no_prompts += not specs
                         prompts = build_prompts(specs, labels, image.shape[:2], scan.source)
                     ready.append((scan, image, prompts))
-                except (OctSamError, OSError, ValueError) as err:
-                    failures.append({"scan": scan.name, "source": scan.source, "error": str(err)})
+                except Exception as err:  # noqa: BLE001 - any unreadable B-scan is reported and skipped
+                    message = str(err) if isinstance(err, OctSamError) else f"{type(err).__name__}: {err}"
+                    failures.append({"scan": scan.name, "source": scan.source, "error": message})
                     bar.update(1)
             timings["read_s"] += time.perf_counter() - t0
             if not ready:
@@ -589,7 +590,7 @@ def run(args: argparse.Namespace) -> int:
             "octsam_version": __version__,
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": sys.argv,
+            "arguments": {k: v for k, v in vars(args).items()},
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         commit_output(tmp, final)

@@ -368,7 +368,7 @@ def exactness(args, config, device: torch.device) -> str:
         ref = run(None)
         rows = ["| path | dtype | output rel. err | gradient rel. err |", "| --- | --- | ---: | ---: |"]
         cases = [("default", None, None), ("fast auto", "auto", None), ("fast fold", "fold", None)]
-        if device.type == "cuda":
+        if device.type == "cuda" or args.amp == "bf16":
             cases += [("default", None, torch.bfloat16), ("fast auto", "auto", torch.bfloat16)]
             cases += [("fast fold", "fold", torch.bfloat16), ("fast bias", "bias", torch.bfloat16)]
         for name, mode, dtype in cases:
@@ -418,11 +418,11 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
             disable_fast_attention(layer)
             if mode:
                 enable_fast_attention(layer, mode=mode)
-            ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
 
-            def step(ctx=ctx, layer=layer, x=x):
+            def step(backend=backend, layer=layer, x=x):
                 xi = x.detach().requires_grad_(True)
-                with ctx, amp:
+                # sdpa_kernel is a one-shot context manager: a fresh one per call
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext(), amp:
                     out = layer(xi)
                 out.float().sum().backward()
 

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument(
         "--size", type=_size, help="WIDTHxHEIGHT of every B-scan, or a height (default: vendor-like sizes vary)"
     )
+    syn.add_argument(
+        "--lesion-scale", type=float, default=1.0, help="AMD lesion size factor (default 1 = typical sizes; demo: 2)"
+    )
 
     meta = argparse.ArgumentParser(add_help=False)
     meta.add_argument(
@@ -98,7 +101,13 @@ def run(args: argparse.Namespace, command: str = "") -> None:
         from dataset_builder.synthetic import build_synthetic
 
         result = build_synthetic(
-            args.disease, args.num_patients, args.scans_per_patient, output=args.output, size=args.size, **common
+            args.disease,
+            args.num_patients,
+            args.scans_per_patient,
+            output=args.output,
+            size=args.size,
+            lesion_scale=args.lesion_scale,
+            **common,
         )
     elif args.kind == "folder":
         from dataset_builder.folder import build_folder

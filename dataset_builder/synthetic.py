@@ -152,9 +152,18 @@ def _size_of(size: int | Sequence[int] | None) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=256)
 def make_patient(
-    disease: str, seed: int, index: int, scans_per_patient: int, size: tuple[int, int] | None = None
+    disease: str,
+    seed: int,
+    index: int,
+    scans_per_patient: int,
+    size: tuple[int, int] | None = None,
+    lesion_scale: float = 1.0,
 ) -> Patient:
-    """The fixed anatomy and lesions of one synthetic patient (deterministic for its arguments)."""
+    """The fixed anatomy and lesions of one synthetic patient (deterministic for its arguments).
+
+    ``lesion_scale`` multiplies AMD lesion widths and heights (1 = typical clinical sizes; the CPU demo uses larger
+    ones so that a small model trained for minutes can see them).
+    """
     if disease not in LABELS:
         raise OctSamError(f"unknown synthetic disease {disease!r}; choose one of {', '.join(LABELS)}.")
     rng = np.random.default_rng([seed, _DISEASE_CODE[disease], index, 0])
@@ -188,14 +197,14 @@ def make_patient(
         gain=rng.normal(0, 1.0),
     )
     if disease == "amd":
-        _amd_lesions(patient, rng)
+        _amd_lesions(patient, rng, lesion_scale)
     else:
         _macular_hole(patient, rng)
     return patient
 
 
-def _amd_lesions(p: Patient, rng: np.random.Generator) -> None:
-    """Drusen, scar and fluid with typical sizes (reference pixels are ~3.9 um deep; u spans ~6 mm)."""
+def _amd_lesions(p: Patient, rng: np.random.Generator, scale: float = 1.0) -> None:
+    """Drusen, scar and fluid with typical sizes (reference pixels are ~3.9 um deep; u spans ~6 mm) x ``scale``."""
     classes: set[int] = set()
     while not classes:
         classes = {c for c, prob in ((1, 0.8), (2, 0.35), (3, 0.55)) if rng.random() < prob}
@@ -206,15 +215,15 @@ def _amd_lesions(p: Patient, rng: np.random.Generator) -> None:
         scar = Blob(
             p.fovea + rng.normal(0, 0.05),
             anchor[2],
-            rng.uniform(0.06, 0.14),
+            rng.uniform(0.06, 0.14) * scale,
             rng.uniform(0.5, 0.9),
-            rng.uniform(16, 40),
+            rng.uniform(16, 40) * scale,
             rng.uniform(2, 6),
         )
         p.scars.append(scar)
     if 1 in classes:
         for k in range(int(rng.integers(3, 9))):
-            w = rng.uniform(0.02, 0.055)
+            w = rng.uniform(0.02, 0.055) * scale
             u = float(np.clip(p.fovea + rng.normal(0, 0.17), 0.08, 0.92))
             if scar is not None and abs(u - scar.u) < scar.w + w + 0.02:  # drusen beside the scar, not under it
                 side = 1.0 if u >= scar.u else -1.0
@@ -222,7 +231,7 @@ def _amd_lesions(p: Patient, rng: np.random.Generator) -> None:
                 if not 0.06 < u < 0.94:
                     u = scar.u - side * (scar.w + w + 0.02 + rng.uniform(0, 0.1))
             zc = anchor[1] if k == 0 else rng.uniform(-1, 1)
-            height = rng.uniform(12, 32) if k == 0 else rng.uniform(6, 28)
+            height = (rng.uniform(12, 32) if k == 0 else rng.uniform(6, 28)) * scale
             p.drusen.append(Blob(u, zc, w, rng.uniform(0.2, 0.5), height))
     if 3 in classes:
         kinds = ["srf", "irf"] if rng.random() < 0.4 else [str(rng.choice(["srf", "irf"]))]
@@ -231,9 +240,9 @@ def _amd_lesions(p: Patient, rng: np.random.Generator) -> None:
                 Blob(
                     p.fovea + rng.normal(0, 0.06),
                     anchor[3],
-                    rng.uniform(0.07, 0.2),
+                    rng.uniform(0.07, 0.2) * scale,
                     rng.uniform(0.5, 1.0),
-                    rng.uniform(12, 45),
+                    rng.uniform(12, 45) * scale,
                 )
             )
         if "irf" in kinds:
@@ -243,9 +252,9 @@ def _amd_lesions(p: Patient, rng: np.random.Generator) -> None:
                     Blob(
                         float(np.clip(p.fovea + rng.normal(0, 0.09), 0.1, 0.9)),
                         zc,
-                        rng.uniform(0.01, 0.03),
+                        rng.uniform(0.01, 0.03) * scale,
                         rng.uniform(0.15, 0.4),
-                        rng.uniform(8, 24),
+                        rng.uniform(8, 24) * scale,
                         rng.uniform(0.3, 0.75),
                     )
                 )
@@ -331,10 +340,16 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: tuple
 
 
 def render_scan(
-    disease: str, seed: int, patient: int, scan: int, scans_per_patient: int, size: int | Sequence[int] | None = None
+    disease: str,
+    seed: int,
+    patient: int,
+    scan: int,
+    scans_per_patient: int,
+    size: int | Sequence[int] | None = None,
+    lesion_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw B-scan ``scan`` of synthetic ``patient``: (uint8 (H, W) image, uint8 (H, W) class-index mask)."""
-    p = make_patient(disease, seed, patient, scans_per_patient, _size_of(size))
+    p = make_patient(disease, seed, patient, scans_per_patient, _size_of(size), lesion_scale)
     if not 0 <= scan < len(p.z):
         raise OctSamError(f"scan index {scan} out of range for {len(p.z)} B-scans per patient")
     rng = np.random.default_rng([seed, _DISEASE_CODE[disease], patient, 1 + scan])
@@ -583,7 +598,12 @@ def _display(p: Patient, refl: np.ndarray, rng: np.random.Generator) -> np.ndarr
 
 
 def synthetic_records(
-    disease: str, num_patients: int, scans_per_patient: int, seed: int = 0, size: int | Sequence[int] | None = None
+    disease: str,
+    num_patients: int,
+    scans_per_patient: int,
+    seed: int = 0,
+    size: int | Sequence[int] | None = None,
+    lesion_scale: float = 1.0,
 ) -> list[ScanRecord]:
     """One ``ScanRecord`` per synthetic B-scan; nothing is drawn until a record's ``load()`` is called."""
     if disease not in LABELS:
@@ -593,7 +613,7 @@ def synthetic_records(
     fixed = _size_of(size)
     records = []
     for i in range(num_patients):
-        p = make_patient(disease, seed, i, scans_per_patient, fixed)
+        p = make_patient(disease, seed, i, scans_per_patient, fixed, lesion_scale)
         pid = f"{disease}_p{i:04d}"
         for j in range(scans_per_patient):
             bscan = int(round((p.z[j] + 1) / 2 * 48))  # position in a 49-B-scan volume
@@ -601,7 +621,7 @@ def synthetic_records(
                 ScanRecord(
                     scan_id=f"{pid}_s{j:02d}_b{bscan:02d}",
                     patient_id=pid,
-                    load=functools.partial(render_scan, disease, seed, i, j, scans_per_patient, fixed),
+                    load=functools.partial(render_scan, disease, seed, i, j, scans_per_patient, fixed, lesion_scale),
                     disease=disease,
                     source=f"synthetic ({p.vendor.name}, {p.width}x{p.height})",
                     classes=p.classes,
@@ -618,6 +638,7 @@ def build_synthetic(
     output: str | Path | None = None,
     size: int | Sequence[int] | None = None,
     *,
+    lesion_scale: float = 1.0,
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     split_file: str | Path | None = None,
     overwrite: bool = False,
@@ -630,7 +651,9 @@ def build_synthetic(
     ``size`` None keeps vendor-like sizes (496 x 512/768, 1024 x 512, 885 x 512, height x width); an int is the
     height of every B-scan (width = height * 512 / 496, e.g. 128 -> 132 x 128); a pair is (width, height).
     """
-    records = synthetic_records(disease, num_patients, scans_per_patient, seed, size)
+    if not 0.25 <= lesion_scale <= 4:
+        raise OctSamError(f"--lesion-scale {lesion_scale} is outside 0.25..4.")
+    records = synthetic_records(disease, num_patients, scans_per_patient, seed, size, lesion_scale)
     names = {"amd": "age-related macular degeneration", "macular_hole": "macular hole"}
     meta = DatasetMeta(
         pretty_name=f"Synthetic OCT B-scans: {names[disease]}",

@@ -17,6 +17,10 @@ from octsam.transforms import IGNORE_INDEX
 class SegmentationLoss(nn.Module):
     """Loss on class logits (B, K, H, W) against index masks (B, H, W) with 0 = background and 255 = ignore.
 
+    Dice is computed over the batch per class ("batch Dice", as nnU-Net): a per-B-scan Dice would score a class
+    that is absent from a scan as a total miss unless its probability is exactly zero everywhere, which pushes small
+    biomarkers to vanish.
+
     ``softmax``: logits get a zero background channel (see ``octsam.modeling``), soft Dice over foreground classes +
     multi-class CE. ``sigmoid``: per-class soft Dice + binary CE against the one-hot foreground classes.
     """
@@ -26,7 +30,10 @@ class SegmentationLoss(nn.Module):
         self.activation = activation
         self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
         if activation == "softmax":
-            self.dice = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, ignore_index=IGNORE_INDEX)
+            self.dice = DiceLoss(
+                softmax=True, to_onehot_y=True, include_background=False, ignore_index=IGNORE_INDEX, batch=True
+            )
+        self.batch_binary_dice = DiceLoss(sigmoid=True, batch=True)
         self.binary_dice = DiceLoss(sigmoid=True)
 
     def forward(self, class_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -40,14 +47,15 @@ class SegmentationLoss(nn.Module):
             return self.lambda_dice * dice + self.lambda_ce * ce
         num_classes = class_logits.shape[1]
         onehot = F.one_hot(torch.where(valid, target, 0), num_classes + 1)[..., 1:].permute(0, 3, 1, 2).float()
-        return self.binary(class_logits, onehot, valid[:, None].expand_as(onehot))
+        return self.binary(class_logits, onehot, valid[:, None].expand_as(onehot), batch=True)
 
-    def binary(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def binary(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, batch: bool = False):
         """Sigmoid Dice + BCE on (N, C, H, W) logits and 0/1 targets; pixels where ``valid`` is False are excluded
-        (their logit is pushed to -inf and their target to 0, so they add nothing to Dice's sums)."""
+        (their logit is pushed to -inf and their target to 0, so they add nothing to Dice's sums). ``batch``: Dice
+        over the whole batch per class (for classes that may be absent from a B-scan)."""
         logits = logits.float()
         excluded = torch.where(valid, logits, torch.full_like(logits, -1e4))
-        dice = self.binary_dice(excluded, target * valid)
+        dice = (self.batch_binary_dice if batch else self.binary_dice)(excluded, target * valid)
         weight = valid.float()
         bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum().clamp(
             min=1

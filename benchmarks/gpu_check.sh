@@ -4,15 +4,17 @@
 #      (training and merged inference, peak memory, model TFLOP/s)        -> $OUT/gpu_throughput.md
 #   2. exactness of the fast path on the GPU (fp32 and bf16) and one global / one windowed layer per attention
 #      kernel (flash, memory-efficient, cuDNN)                               -> $OUT/gpu_checks.md
-# Logs: $OUT/log_throughput.txt, $OUT/log_checks.txt; versions and card: $OUT/gpu_info.txt.
+#   3. the data loader alone with 4, 8, 16 workers (needs albumentations)   -> $OUT/gpu_loader.md
+# Logs: $OUT/log_*.txt; versions and card: $OUT/gpu_info.txt (8 files at most come back: this writes 7).
 # Wall time: about 4-6 minutes on an H200 (the compile variant takes most); each part has its own timeout, so the
 # whole script ends within ~8 minutes even if a part hangs, and a part cut short keeps the rows it finished.
 #
 # Run from the repository root:  bash benchmarks/gpu_check.sh
-# Optional wheels in .whl/ (transformers, peft, regex: the versions the CPU tests ran) are installed to /tmp/site
-# first; without them, or if they do not import, the machine's own transformers/peft are used.
+# Optional wheels in .whl/ (see benchmarks/RESULTS.md, "Running the GPU check"): the "core" group (transformers, peft,
+# regex: the versions the CPU tests ran) and the "data" group (albumentations and its needs, for part 3) are each
+# installed to /tmp/site_<group> and used only if they import; otherwise the machine's own packages are used.
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -20,21 +22,35 @@ REPO=$PWD
 export PYTHONPATH=$REPO
 T_TABLE=${T_TABLE:-330}
 T_CHECKS=${T_CHECKS:-120}
-# CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast PYTHON=.venv/bin/python OUT=/tmp/o
+T_LOADER=${T_LOADER:-60}
+# CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast LOADER_WORKERS=0,1 LOADER_IMAGES=32 \
+#   PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_check.sh
 MODEL=${MODEL:-vit-base}
 IMAGE=${IMAGE:-1024}
 BATCH=${BATCH:-16}
 VARIANTS=${VARIANTS:-default,fast,fast+compile}
+LOADER_WORKERS=${LOADER_WORKERS:-4,8,16}
+LOADER_IMAGES=${LOADER_IMAGES:-1024}
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-    echo "== installing $(ls .whl | tr '\n' ' ')"
-    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && PYTHONPATH=/tmp/site:$REPO $PY -c "import transformers, peft" 2>/dev/null; then
-        export PYTHONPATH=/tmp/site:$REPO
+# Carried wheels, two independent groups: each is used only if it installs and imports.
+install_group() {  # name, import check, wheel globs...
+    local name=$1 check=$2
+    shift 2
+    local wheels=()
+    for w in "$@"; do [ -e "$w" ] && wheels+=("$w"); done
+    [ ${#wheels[@]} -eq 0 ] && return
+    echo "== installing $name wheels: ${wheels[*]##*/}"
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "/tmp/site_$name" \
+        "${wheels[@]}" && PYTHONPATH="/tmp/site_$name:$PYTHONPATH" $PY -c "$check"; then
+        export PYTHONPATH="/tmp/site_$name:$PYTHONPATH"
     else
-        echo "!! carried wheels did not install or import; using the machine's packages"
+        echo "!! $name wheels did not install or import; using the machine's packages"
     fi
-fi
+}
+install_group core "import transformers, peft" .whl/transformers-*.whl .whl/peft-*.whl .whl/regex-*.whl
+install_group data "import albumentations" .whl/albumentations-*.whl .whl/albucore-*.whl .whl/pydantic-*.whl \
+    .whl/pydantic_core-*.whl .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl \
+    .whl/stringzilla-*.whl .whl/simsimd-*.whl
 
 {
     date -u
@@ -49,17 +65,26 @@ print("peft", peft.__version__)
 EOF
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
-echo "== 1/2 throughput table (timeout ${T_TABLE}s)"
+echo "== 1/3 throughput table (timeout ${T_TABLE}s)"
 timeout -k 10 "$T_TABLE" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
     --variants "$VARIANTS" --warmup 3 --steps 10 --out "$OUT/gpu_throughput.md" \
     2>&1 | tee "$OUT/log_throughput.txt"
 echo "== table exit status ${PIPESTATUS[0]}"
 
-echo "== 2/2 exactness and attention kernels (timeout ${T_CHECKS}s)"
+echo "== 2/3 exactness and attention kernels (timeout ${T_CHECKS}s)"
 timeout -k 10 "$T_CHECKS" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
     --variants none --check-exact --layer-bench --layer-steps 10 --out "$OUT/gpu_checks.md" \
     2>&1 | tee "$OUT/log_checks.txt"
 echo "== checks exit status ${PIPESTATUS[0]}"
+
+echo "== 3/3 data loader alone, workers $LOADER_WORKERS (timeout ${T_LOADER}s)"
+if $PY -c "import albumentations" 2>/dev/null; then
+    timeout -k 10 "$T_LOADER" $PY benchmarks/throughput.py --variants none --dataloader synthetic --workers "$LOADER_WORKERS" \
+        --loader-images "$LOADER_IMAGES" --batch-size "$BATCH" --out "$OUT/gpu_loader.md" 2>&1 | tee "$OUT/log_loader.txt"
+else
+    echo "albumentations is not importable here: data-loader part skipped (carry the data wheels, see RESULTS.md)" \
+        | tee "$OUT/gpu_loader.md"
+fi
 
 echo
 echo "================ $OUT/gpu_throughput.md"
@@ -67,3 +92,6 @@ cat "$OUT/gpu_throughput.md" 2>/dev/null || echo "(missing)"
 echo
 echo "================ $OUT/gpu_checks.md"
 cat "$OUT/gpu_checks.md" 2>/dev/null || echo "(missing)"
+echo
+echo "================ $OUT/gpu_loader.md"
+cat "$OUT/gpu_loader.md" 2>/dev/null || echo "(missing)"

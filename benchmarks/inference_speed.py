@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 plan = [(1, args.cpu_n1), (8, args.cpu_n8)]
             else:
                 plan = [(1, args.gpu_n1), (16, args.gpu_n16)]
+            merged_masks = None
             for merge in (True, False):
                 segmenter = Segmenter.from_pretrained(adapter, device=device, merge=merge)
                 masks_b1 = None
@@ -146,6 +147,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                     )
                     if masks_b1 is None:
                         masks_b1 = masks
+                        if merge:
+                            merged_masks = masks
+                        else:
+                            agree = np.mean([np.mean(a == b) for a, b in zip(merged_masks, masks)])
+                            log(f"  unmerged vs merged (batch 1): {100 * agree:.4f}% of mask pixels equal")
                     else:
                         shared = min(len(masks_b1), len(masks))
                         agree = np.mean([np.mean(a == b) for a, b in zip(masks_b1[:shared], masks[:shared])])

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = run(args)
     print(
-        "\nSAM ViT-B 1024 + LoRA r16 (qkv) through octsam.Segmenter; 768 x 496 B-scans in memory; resize, forward, "
+        f"\n{'SAM ViT-B 1024 (random weights)' if args.base is None else args.base} + LoRA r16 (qkv) through "
+        "octsam.Segmenter; 768 x 496 B-scans in memory; resize, forward, "
         f"upsampling to native size and index mask timed; torch {torch.__version__}.\n"
     )
     print(table(rows))

@@ -312,6 +312,17 @@ def table(rows: list[dict], args, flops: tuple[float, float] | None) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe(args, device: torch.device, config, flops) -> str:
     import peft
     import transformers
@@ -320,7 +331,7 @@ def describe(args, device: torch.device, config, flops) -> str:
     if device.type == "cuda":
         hw = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
-        hw = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        hw = f"CPU {cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
     dtype = "bf16 autocast" if args.amp == "bf16" else "fp32"
     lines = [
         f"{args.model} (hidden {v.hidden_size}, {v.num_hidden_layers} layers, image {v.image_size}), "
@@ -328,6 +339,8 @@ def describe(args, device: torch.device, config, flops) -> str:
         f"{args.warmup} warm-up + {args.steps} timed steps, fast mode {args.fast_mode}",
         f"{hw}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
     ]
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        lines.append(f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
     if flops:
         lines.append(
             f"model FLOPs per image: training step {flops[0] / 1e9:.4g} G, inference {flops[1] / 1e9:.4g} G "

@@ -277,3 +277,27 @@ def test_ddp_single_process(tmp_path, inputs):
         assert all(rel_err(g, r) <= TOL for g, r in zip(grads, ref[1][1:]))
     finally:
         dist.destroy_process_group()
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    """benchmarks/throughput.py runs both paths on the CPU and writes one table (no assertion on speed)."""
+    import importlib.util
+
+    from octsam.fast_attention import __file__ as fast_file
+
+    path = os.path.join(os.path.dirname(os.path.dirname(fast_file)), "benchmarks", "throughput.py")
+    spec = importlib.util.spec_from_file_location("throughput_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "table.md"
+    argv = ["--model", "tiny", "--device", "cpu", "--variants", "default,fast", "--steps", "1", "--warmup", "0"]
+    argv += ["--check-exact", "--dataloader", "synthetic", "--workers", "0", "--loader-images", "4"]
+    argv += ["--loader-size", "64", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = out.read_text()
+    table = text.split("\n\n")[0].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| default", "| fast"]
+    for row in table[2:]:  # train img/s, step ms and infer img/s are numbers
+        cells = row.strip("| ").split(" | ")
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0
+    assert "model FLOPs per image: training step" in text and "Exactness" in text and "Data loader alone" in text

@@ -475,8 +475,8 @@ class _PngSplit:
 
 
 def fake_bscan(rng, height: int = 496, width: int = 768):
-    """A speckled, layered 768 x 496 B-scan and a fluid-like blob mask; its PNG (~250 KB) decodes about as slowly
-    as a real Spectralis one (~205 KB). Needs only numpy and OpenCV (no ``datasets``, no dataset_builder)."""
+    """A speckled, layered 768 x 496 B-scan and a fluid-like blob mask; its PNG (~290 KB) decodes a little slower
+    than a real Duke DME one (~205 KB), so loader figures err low. Needs only numpy, OpenCV and PIL."""
     import cv2
     import numpy as np
 

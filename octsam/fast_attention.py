@@ -219,10 +219,11 @@ def enable_fast_attention(model: nn.Module, mode: str = "auto") -> int:
     _check_mode(mode)
     count = 0
     for module in model.modules():
-        if isinstance(module, SamVisionLayer) and isinstance(module.attn, SamVisionAttention):
-            if type(module) is not FastSamVisionLayer:
-                module._octsam_original_class = type(module)
-                module.__class__ = FastSamVisionLayer
+        # Only transformers' own layer class is swapped (a subclass, e.g. one FSDP2 made, keeps its class and
+        # partitions windows itself; the fast attention then runs on its windows as on a full grid).
+        if type(module) is SamVisionLayer and isinstance(module.attn, SamVisionAttention):
+            module._octsam_original_class = SamVisionLayer
+            module.__class__ = FastSamVisionLayer
         if isinstance(module, SamVisionAttention):
             if type(module) is not FastSamVisionAttention:
                 module._octsam_original_class = type(module)

@@ -301,3 +301,18 @@ def test_throughput_benchmark_smoke(tmp_path):
         cells = row.strip("| ").split(" | ")
         assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0
     assert "model FLOPs per image: training step" in text and "Exactness" in text and "Data loader alone" in text
+
+
+def test_layer_subclass_keeps_its_class_and_stays_exact(inputs):
+    """A layer subclass (e.g. one made by a wrapper) is left alone; its attention still switches, on windows."""
+
+    class WrappedLayer(SamVisionLayer):
+        pass
+
+    model = tiny_sam(window_size=5)
+    for layer in model.vision_encoder.layers:
+        layer.__class__ = WrappedLayer
+    ref = encoder_out_and_grads(model, *inputs)
+    assert enable_fast_attention(model, mode="fold") == 2
+    assert all(type(layer) is WrappedLayer for layer in model.vision_encoder.layers)
+    assert_same(ref, encoder_out_and_grads(model, *inputs))

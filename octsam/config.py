@@ -69,6 +69,8 @@ class TrainArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output_dir."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    dice_weight: float = field(default=1.0, metadata={"help": "Weight of the Dice term of the loss."})
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term of the loss."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of all steps."})
     effective_batch_size: int = field(

@@ -358,7 +358,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.compile:
         model = torch.compile(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    loss_fn = SegmentationLoss(config.class_activation)
+    loss_fn = SegmentationLoss(config.class_activation, train_args.dice_weight, train_args.ce_weight)
 
     state = {"epoch": 0, "global_step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume_path is not None:

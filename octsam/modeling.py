@@ -196,7 +196,7 @@ def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dty
             if os.path.isdir(base_model)
             else (
                 f" It could not be loaded from the Hugging Face cache either: download it once with "
-                f"`huggingface-cli download {base_model}` on a machine with internet (or copy its folder here and pass "
+                f"`hf download {base_model}` on a machine with internet (or copy its folder here and pass "
                 f"the local path as --base_model)."
             )
         )

@@ -531,6 +531,23 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
                 device=accelerator.device,
             )
             results.update({f"test_{k}": v for k, v in test.headline.items()})
+        from octsam.cards import write_adapter_card
+
+        write_adapter_card(
+            out / BEST_ADAPTER_DIR,
+            metrics=test.to_dict() if train_args.evaluate_test else None,
+            training={
+                "train_scans": len(dataset["train"]),
+                "best_epoch": state["best_epoch"],
+                "epochs_trained": state["epoch"],
+                "best_val_mean_dice": state["best_metric"],
+                "learning_rate": train_args.learning_rate,
+                "effective_batch_size": train_args.effective_batch_size,
+                "seed": train_args.seed,
+            },
+            dataset=data_args.dataset,
+            repo_id=train_args.hub_model_id,
+        )
         (out / "all_results.json").write_text(json.dumps(results, indent=2))
         logger.info(f"best adapter: {out / BEST_ADAPTER_DIR}; results: {out / 'all_results.json'}")
         if train_args.push_to_hub:

@@ -6,16 +6,17 @@ import json
 import os
 from pathlib import Path
 
-import datasets
-import numpy as np
-import pytest
-import torch
-
+# Before anything imports huggingface_hub / datasets (they read these once): tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test models are tiny: one thread avoids OpenMP start-up and spin costs that dominate small ops.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import datasets
+import numpy as np
+import pytest
+import torch
 
 torch.set_num_threads(1)
 

@@ -66,19 +66,14 @@ def build_augmentation(cfg: AugmentConfig) -> A.Compose:
 
 
 def to_uint8_image(image) -> np.ndarray:
-    """A PIL image or array -> uint8 (H, W) for grey scans, (H, W, 3) for colour ones."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        array = array.astype(np.float32)
-        lo, hi = float(array.min()), float(array.max())
-        array = ((array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)).astype(np.uint8)
+    """A PIL image or array -> uint8 (H, W) for grey scans, (H, W, 3) for colour ones (same rules as ``read_scan``)."""
+    from octsam.data import _gray_if_equal, to_uint8
+
+    array = to_uint8(np.asarray(image))
     if array.ndim == 3:
         if array.shape[2] == 4:
             array = array[:, :, :3]
-        if array.shape[2] == 1 or (
-            np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 1], array[..., 2])
-        ):
-            array = array[:, :, 0]
+        array = array[:, :, 0] if array.shape[2] == 1 else _gray_if_equal(array)
     return np.ascontiguousarray(array)
 
 

@@ -8,6 +8,7 @@ runs end to end, not what pretrained SAM ViT-B reaches; the zero-shot row uses t
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -62,12 +63,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: bool) -> dict:
+    import torch
+
     from dataset_builder.synthetic import build_synthetic
     from octsam.config import parse_config
     from octsam.evaluate import run_comparison
     from octsam.modeling import save_random_base
     from octsam.training import train
 
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The demo's models are small: one thread is about as fast as two, and stays fast when other processes
+        # compete for the cores (more threads than free cores made each step 20x slower in our measurements).
+        torch.set_num_threads(1)
     start = time.time()
     prepare_output(out, overwrite)
     data = out / "data"

@@ -68,11 +68,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def common_train_args(dataset: Path, out: Path, seed: int) -> list[str]:
+def common_train_args(args: argparse.Namespace, dataset: Path, out: Path) -> list[str]:
+    """Options shared by both models: the same data, splits, augmentation, loss and validation."""
     return [
         "--dataset", str(dataset), "--output_dir", str(out), "--overwrite_output_dir", "true",
-        "--num_workers", "0", "--report_to", "none", "--evaluate_test", "false", "--seed", str(seed),
+        "--num_workers", "0", "--report_to", "none", "--evaluate_test", "false", "--seed", str(args.seed),
         "--early_stopping_patience", "0", "--keep_checkpoints", "0",
+        "--dice_weight", str(args.dice_weight), "--ce_weight", str(args.ce_weight),
     ]  # fmt: skip
 
 
@@ -81,8 +83,8 @@ def unet_args(args: argparse.Namespace, dataset: Path, out: Path) -> list[str]:
         "--model", "unet", "--unet_image_size", str(args.unet_size),
         "--unet_channels", *[str(c) for c in args.unet_channels],
         "--learning_rate", str(args.unet_lr), "--num_train_epochs", str(args.unet_epochs),
-        "--effective_batch_size", "4", "--per_device_train_batch_size", "4",
-        *common_train_args(dataset, out, args.seed),
+        "--effective_batch_size", str(args.unet_batch), "--per_device_train_batch_size", str(args.unet_batch),
+        *common_train_args(args, dataset, out),
     ]  # fmt: skip
 
 
@@ -91,8 +93,8 @@ def sam_args(args: argparse.Namespace, dataset: Path, base: Path, out: Path) -> 
         "--model", "sam", "--base_model", str(base), "--mode", "automatic",
         "--lora_target_modules", "qkv", "proj", "mlp", "--lora_r", "16", "--lora_alpha", "16",
         "--learning_rate", str(args.sam_lr), "--num_train_epochs", str(args.sam_epochs),
-        "--effective_batch_size", "4", "--per_device_train_batch_size", "4",
-        *common_train_args(dataset, out, args.seed),
+        "--effective_batch_size", str(args.sam_batch), "--per_device_train_batch_size", str(args.sam_batch),
+        *common_train_args(args, dataset, out),
     ]  # fmt: skip
 
 
@@ -125,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO / "results" / "duke_dme"), help="comparison results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unet-size", type=int, default=256)
-    parser.add_argument("--unet-channels", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    parser.add_argument("--unet-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-epochs", type=int, default=10)
-    parser.add_argument("--sam-lr", type=float, default=1e-3)
-    parser.add_argument("--sam-epochs", type=int, default=10)
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--unet-lr", type=float, default=3e-3)
+    parser.add_argument("--unet-epochs", type=int, default=100)
+    parser.add_argument("--unet-batch", type=int, default=2)
+    parser.add_argument("--sam-lr", type=float, default=3e-3)
+    parser.add_argument("--sam-epochs", type=int, default=60)
+    parser.add_argument("--sam-batch", type=int, default=2)
+    parser.add_argument("--dice-weight", type=float, default=1.0, help="loss weights, the same for both models")
+    parser.add_argument("--ce-weight", type=float, default=0.1)
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     args = parser.parse_args(argv)
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as ``python benchmarks/duke_dme.py`` from anywhere
     sys.path.insert(0, str(REPO))
+
+from benchmarks.common import cpu_name, log  # noqa: E402
 
 RAW = REPO.parent / "shared" / "data" / "duke_dme_fluid"
 STAGES = ("data", "unet", "sam", "evaluate")
@@ -51,21 +51,6 @@ SAM_BASE = dict(
     decoder_heads=4,
     initializer_range=0.02,
 )
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def common_train_args(args: argparse.Namespace, dataset: Path, out: Path) -> list[str]:

@@ -30,7 +30,6 @@ import contextlib
 import gc
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -44,13 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as ``python benchmarks/throughput.py`` from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import cpu_name, log  # noqa: E402
 from octsam.fast_attention import disable_fast_attention, enable_fast_attention  # noqa: E402
 
 GIB = 1024**3
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------- model and data
@@ -310,17 +306,6 @@ def table(rows: list[dict], args, flops: tuple[float, float] | None) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def describe(args, device: torch.device, config, flops) -> str:

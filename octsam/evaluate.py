@@ -209,6 +209,8 @@ def run_comparison(
 
     # Check every adapter before spending time on any of them.
     methods: list[tuple[str, str, Any]] = []  # (method name, kind, adapter folder or base id)
+    given = dict(training_histories or {})
+    histories: dict[str, list] = {}
     if zero_shot_base is not None:
         methods.append((ZERO_SHOT, "zero-shot", zero_shot_base))
     for name, adapter in adapters.items():
@@ -219,17 +221,14 @@ def run_comparison(
                 f"Adapter {adapter} predicts labels {config.labels} but dataset {dataset} has {labels}; evaluate it "
                 "on a dataset with the same label set (same names, same order)."
             )
+        history = given.get(name) or training_history(folder)
         if config.architecture == "sam" and config.mode == "prompted" and "prompt" not in name.lower():
             name = f"{name} (prompted, GT boxes)"
         if any(name == m[0] for m in methods):
             raise OctSamError(f"Two methods are called {name!r}; name them with --adapter NAME=DIR.")
         methods.append((name, config.architecture if config.mode == "automatic" else "prompted", str(folder)))
-    histories = {name: list(h) for name, h in (training_histories or {}).items() if h}
-    for name, kind, adapter in methods:
-        if kind != "zero-shot" and name not in histories:
-            found = training_history(adapter)
-            if found:
-                histories[name] = found
+        if history:
+            histories[name] = list(history)
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")

@@ -174,6 +174,7 @@ def run_comparison(
     overwrite: bool = False,
     verbose: bool = True,
     figure_dpi: int = 150,
+    rank_by: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate every method on the same ``split`` of ``dataset`` and write tables, figures and ``report.md``.
 
@@ -182,7 +183,9 @@ def run_comparison(
     class instance. ``zero_shot_base`` (a SAM base id or folder) adds the zero-shot row: that base with no adapter, the
     same boxes, best of SAM's 3 masks by predicted IoU. ``training_histories`` maps method names to per-epoch dicts
     (the training loop's ``history``); histories found next to ``RUN/best_adapter`` folders are used otherwise.
-    ``figure_dpi`` sets the resolution of every PNG. Returns the JSON-able summary also written to
+    ``rank_by`` names the method whose per-image Dice picks the best, median and worst B-scans of the qualitative
+    grid (default: the first automatic-mode SAM adapter, else the first adapter). ``figure_dpi`` sets the
+    resolution of every PNG. Returns the JSON-able summary also written to
     ``comparison.json`` (headline and per-class metrics with CIs per method, file and figure names, the CI note and
     the printed table) and, with ``verbose``, prints the comparison table.
     """
@@ -211,6 +214,7 @@ def run_comparison(
     methods: list[tuple[str, str, Any]] = []  # (method name, kind, adapter folder or base id)
     given = dict(training_histories or {})
     histories: dict[str, list] = {}
+    renamed: dict[str, str] = {}
     if zero_shot_base is not None:
         methods.append((ZERO_SHOT, "zero-shot", zero_shot_base))
     for name, adapter in adapters.items():
@@ -223,12 +227,16 @@ def run_comparison(
             )
         history = given.get(name) or training_history(folder)
         if config.architecture == "sam" and config.mode == "prompted" and "prompt" not in name.lower():
-            name = f"{name} (prompted, GT boxes)"
+            renamed[name] = name = f"{name} (prompted, GT boxes)"
         if any(name == m[0] for m in methods):
             raise OctSamError(f"Two methods are called {name!r}; name them with --adapter NAME=DIR.")
         methods.append((name, config.architecture if config.mode == "automatic" else "prompted", str(folder)))
         if history:
             histories[name] = list(history)
+
+    rank_by = renamed.get(rank_by, rank_by) if rank_by is not None else _default_rank_by(methods)
+    if rank_by not in [m[0] for m in methods]:
+        raise OctSamError(f"rank_by={rank_by!r} is not one of the methods {[m[0] for m in methods]}.")
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -237,7 +245,7 @@ def run_comparison(
     try:
         summary = _evaluate_and_write(
             methods, data, labels, tmp, dataset, split, pixel_spacing_mm, n_bootstrap, seed, histories, device,
-            batch_size, figure_dpi,
+            batch_size, figure_dpi, rank_by,
         )  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,7 +263,20 @@ def run_comparison(
 
 
 def _evaluate_and_write(
-    methods, data, labels, out: Path, dataset, split, spacing, n_bootstrap, seed, histories, device, batch_size, dpi
+    methods,
+    data,
+    labels,
+    out: Path,
+    dataset,
+    split,
+    spacing,
+    n_bootstrap,
+    seed,
+    histories,
+    device,
+    batch_size,
+    dpi,
+    rank_by,
 ) -> dict[str, Any]:
     import pandas as pd
 
@@ -298,11 +319,9 @@ def _evaluate_and_write(
     figures["metric_bars"] = plot_metric_bars(
         results,
         out / "metric_bars.png",
-        title=f"Per-class IoU and Dice on the {split} split (error bars: 95% CI, bootstrap over patients)",
+        title=f"IoU and Dice per class, {split} split\n(error bars: 95% CI, bootstrap over patients)",
         dpi=dpi,
     ).name
-    fine_tuned = [n for n, kind, _ in methods if kind != "zero-shot"]
-    rank_by = next((n for n, kind, _ in methods if kind == "sam"), fine_tuned[0] if fine_tuned else methods[0][0])
     figures["qualitative_grid"] = plot_qualitative_grid(
         _LazyColumn(data, "image"),
         _LazyColumn(data, "mask"),
@@ -350,22 +369,22 @@ def _evaluate_and_write(
         entry.update(kind=kind, source=str(source), seconds=seconds[name])
         summary["methods"][name] = entry
     (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["qualitative_grid_ranked_by"] = rank_by
     (out / "report.md").write_text(_report(summary, methods, text_table, class_table, figures, histories))
     return summary
 
 
 def _headline_table(results, labels) -> str:
     header = ["Method", "Mean IoU [95% CI]", "Mean Dice [95% CI]"]
-    header += [f"Dice {name} [95% CI]" for name in labels[1:]] if len(labels) > 2 else []
+    header += [f"Dice {name} [95% CI]" for name in labels[1:]]
     header += ["IoU / Dice incl. background (seed-compatible)", "B-scans / patients"]
     rows = []
     for name, r in results.items():
         row = [name]
         for key in ("mean_iou", "mean_dice"):
             row.append(_fmt_ci(r.headline[key], *r.headline_ci.get(key, (np.nan, np.nan))))
-        if len(labels) > 2:
-            for _, c in r.per_class.iterrows():
-                row.append(_fmt_ci(c["dice_mean"], c["dice_ci_low"], c["dice_ci_high"]))
+        for _, c in r.per_class.iterrows():
+            row.append(_fmt_ci(c["dice_mean"], c["dice_ci_low"], c["dice_ci_high"]))
         row.append(f"{_fmt(r.headline['mean_iou_with_background'])} / {_fmt(r.headline['mean_dice_with_background'])}")
         row.append(f"{r.settings['n_images']} / {r.settings['n_patients']}")
         rows.append(row)
@@ -443,7 +462,7 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
         f"![metric bars]({figures['metric_bars']})",
         "",
         "Best, median and worst B-scan (ranked by the per-image Dice of "
-        f"{_ranked_by(methods)}), ground truth and every method's mask, in the fixed class colours:",
+        f"{summary['qualitative_grid_ranked_by']}), ground truth and every method's mask, in the fixed class colours:",
         "",
         f"![qualitative grid]({figures['qualitative_grid']})",
         "",
@@ -468,7 +487,7 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
     return "\n".join(lines)
 
 
-def _ranked_by(methods) -> str:
+def _default_rank_by(methods) -> str:
     fine_tuned = [n for n, kind, _ in methods if kind != "zero-shot"]
     return next((n for n, kind, _ in methods if kind == "sam"), fine_tuned[0] if fine_tuned else methods[0][0])
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dataset_builder.palettes import Palette, colors_to_index, load_palette
-from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset
+from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
 from octsam.data import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan
 from octsam.errors import OctSamError
 
@@ -274,8 +274,8 @@ def build_folder(
 ) -> BuildResult:
     """Build a dataset from an images folder and a masks folder (see the module docstring)."""
     out = Path(output).expanduser() if output is not None else None
-    if out is not None and out.exists() and not overwrite:  # fail before reading thousands of files
-        raise OctSamError(f"output {out} already exists; pass --overwrite to replace it or choose another --output.")
+    if out is not None:  # fail before reading thousands of files (build_dataset checks again before writing)
+        check_output(out, overwrite)
     records, names = folder_records(images, masks, labels, palette, patient_regex, disease, source)
     src = records[0].source
     meta = DatasetMeta(

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset_builder.folder import check_pairs, index_mask, listing, patient_ids, read_mask
-from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset
+from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
 from octsam.data import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan, to_uint8
 from octsam.errors import OctSamError
 
@@ -223,8 +223,8 @@ def build_nnunet(
 ) -> BuildResult:
     """Build a dataset from an nnU-Net raw dataset folder (see the module docstring)."""
     out = Path(output).expanduser() if output is not None else None
-    if out is not None and out.exists() and not overwrite:
-        raise OctSamError(f"output {out} already exists; pass --overwrite to replace it or choose another --output.")
+    if out is not None:  # fail before reading thousands of files (build_dataset checks again before writing)
+        check_output(out, overwrite)
     records, labels = nnunet_records(input_dir, patient_regex, disease, source)
     meta = DatasetMeta(
         pretty_name=f"OCT B-scans: {disease} ({records[0].source})",

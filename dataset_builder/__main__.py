@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from dataset_builder.splits import parse_fractions
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, cli_main
 
 EPILOG = """examples:
   python -m dataset_builder synthetic --disease amd --num-patients 20 --scans-per-patient 4 --seed 0 --output data/amd_synth
@@ -146,6 +146,7 @@ def run(args: argparse.Namespace, command: str = "") -> None:
         print(f"pushed https://huggingface.co/datasets/{result.repo_id}")
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one message (no traceback) and return exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -153,11 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("datasets").setLevel(logging.WARNING)
-    try:
-        run(args, command="python -m dataset_builder " + shlex.join(argv))
-    except OctSamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run(args, command="python -m dataset_builder " + shlex.join(argv))
     return 0
 
 

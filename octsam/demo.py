@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MARKER = ".octsam-demo"
@@ -46,6 +46,7 @@ def prepare_output(path: Path, overwrite: bool) -> None:
     (path / MARKER).write_text("written by `python -m octsam.demo`; rerunning the demo replaces this folder\n")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
@@ -54,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=20, help="synthetic patients (4 B-scans each)")
     parser.add_argument("--no-unet", action="store_true", help="skip the U-Net baseline")
     args = parser.parse_args(argv)
-    try:
-        run(Path(args.output), args.overwrite, args.epochs, args.patients, not args.no_unet)
-    except OctSamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run(Path(args.output), args.overwrite, args.epochs, args.patients, not args.no_unet)
     return 0
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, cli_main
 
 logger = logging.getLogger("octsam")
 
@@ -537,43 +537,40 @@ def _zero_shot_base(args: argparse.Namespace, adapters: Mapping[str, str]) -> st
     raise OctSamError("--method zero-shot needs a SAM base: pass --base-model ID_OR_DIR (or a SAM --adapter).")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     """``octsam-evaluate`` / ``python -m octsam.evaluate``: 0 done, 2 a usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.n_bootstrap < 1:
-            raise OctSamError(f"--n-bootstrap must be at least 1, got {args.n_bootstrap}.")
-        if args.batch_size < 1:
-            raise OctSamError(f"--batch-size must be at least 1, got {args.batch_size}.")
-        adapters: dict[str, str] = {}
-        for text in args.adapter:
-            name, adapter = parse_adapter_arg(text)
-            if name is None:
-                from octsam.hub import check_adapter_folder, resolve_adapter
+    if args.n_bootstrap < 1:
+        raise OctSamError(f"--n-bootstrap must be at least 1, got {args.n_bootstrap}.")
+    if args.batch_size < 1:
+        raise OctSamError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    adapters: dict[str, str] = {}
+    for text in args.adapter:
+        name, adapter = parse_adapter_arg(text)
+        if name is None:
+            from octsam.hub import check_adapter_folder, resolve_adapter
 
-                name = default_method_name(check_adapter_folder(resolve_adapter(adapter)))
-            if name in adapters:
-                raise OctSamError(f"Two adapters would both be called {name!r}; name them with --adapter NAME=DIR.")
-            adapters[name] = adapter
-        run_comparison(
-            args.dataset,
-            adapters=adapters,
-            zero_shot_base=_zero_shot_base(args, adapters),
-            output_dir=args.output,
-            split=args.split,
-            pixel_spacing_mm=parse_spacing(args.pixel_spacing_mm),
-            n_bootstrap=args.n_bootstrap,
-            seed=args.seed,
-            dataset_revision=args.dataset_revision,
-            device=args.device,
-            batch_size=args.batch_size,
-            overwrite=args.overwrite,
-            figure_dpi=args.dpi,
-        )
-    except OctSamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            name = default_method_name(check_adapter_folder(resolve_adapter(adapter)))
+        if name in adapters:
+            raise OctSamError(f"Two adapters would both be called {name!r}; name them with --adapter NAME=DIR.")
+        adapters[name] = adapter
+    run_comparison(
+        args.dataset,
+        adapters=adapters,
+        zero_shot_base=_zero_shot_base(args, adapters),
+        output_dir=args.output,
+        split=args.split,
+        pixel_spacing_mm=parse_spacing(args.pixel_spacing_mm),
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+        dataset_revision=args.dataset_revision,
+        device=args.device,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        figure_dpi=args.dpi,
+    )
     return 0
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, cli_main
 
 # Never uploaded: training checkpoints, half-written or replaced folders/files, logs, caches.
 HUB_IGNORE_PATTERNS = [
@@ -167,22 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     """``python -m octsam.hub push DIR ORG/NAME`` (also ``octsam-hub``); user errors print without a traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        url = push_adapter(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            token=args.token,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            card=not args.no_card,
-        )
-    except OctSamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    url = push_adapter(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        token=args.token,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        card=not args.no_card,
+    )
     print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id} ({url})")
     return 0
 

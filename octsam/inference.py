@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, cli_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LEGEND_FONT_PT = 9
@@ -674,15 +674,13 @@ def _write_summary(path: Path, rows: list[dict], failures: list[dict], labels: l
             )
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     """Command line entry (``octsam-infer`` / ``python inference.py``): 0 all done, 1 some B-scans failed, 2 a
     usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
     try:
         failed = run(args)
-    except OctSamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output folder.", file=sys.stderr)
         return 130

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from octsam.config import DataArguments, ModelArguments, TrainArguments, parse_config
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, cli_main
 from octsam.losses import SegmentationLoss, prompted_loss
 from octsam.modeling import OctSamConfig, OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.transforms import AugmentConfig, EpochSampler, PromptConfig, SegmentationSamples, collate
@@ -558,13 +558,11 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
     return results
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, train_args = parse_config(argv)
         train(model_args, data_args, train_args)
-    except OctSamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except torch.cuda.OutOfMemoryError as err:
         print(
             f"error: the GPU ran out of memory ({err}). Lower --per_device_train_batch_size (the effective batch is "

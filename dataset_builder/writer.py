@@ -23,13 +23,15 @@ import datasets
 import huggingface_hub
 import numpy as np
 
+import octsam
 from dataset_builder.splits import SplitStats, load_split_file, split_patients, split_table
 from octsam.data import IGNORE_INDEX, LABELS_FILE, SPLITS, dataset_features, labels_description, labels_to_id2label
 from octsam.errors import OctSamError
 
 logger = logging.getLogger("dataset_builder")
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "dataset_card.md"
+# Package data of octsam (pyproject.toml [tool.setuptools.package-data]), next to the adapter card template.
+CARD_TEMPLATE = Path(octsam.__file__).resolve().parent / "model_cards" / "dataset_card.md"
 SPLITS_FILE = "splits.json"
 WRITER_BATCH_SIZE = 32  # rows per Arrow record batch: bounds the memory held while streaming
 
@@ -312,9 +314,12 @@ def _size_category(n: int) -> str:
 
 
 def render_card(labels: list[str], summaries: dict[str, dict], meta: DatasetMeta, repo_id: str | None = None):
-    """The dataset card (``huggingface_hub.DatasetCard``) rendered from ``model_cards/dataset_card.md``."""
+    """The dataset card (``huggingface_hub.DatasetCard``) rendered from ``octsam/model_cards/dataset_card.md``."""
     if not CARD_TEMPLATE.is_file():
-        raise OctSamError(f"dataset card template missing: {CARD_TEMPLATE}; reinstall octsam from its repository.")
+        raise OctSamError(
+            f"dataset card template missing: {CARD_TEMPLATE}; reinstall octsam (the templates ship in "
+            "octsam/model_cards/)."
+        )
     total = sum(s["scans"] for s in summaries.values())
     card_data = huggingface_hub.DatasetCardData(
         license=meta.license,

@@ -1,4 +1,4 @@
-"""Model cards for adapter folders and Hub repos, rendered from ``model_cards/adapter_card.md``.
+"""Model cards for adapter folders and Hub repos, rendered from ``octsam/model_cards/adapter_card.md``.
 
 The card goes through ``huggingface_hub.ModelCard`` / ``ModelCardData``, so its YAML header is the Hub's metadata:
 ``library_name: peft``, ``base_model``, ``pipeline_tag: image-segmentation``, tags, datasets and the test metrics as
@@ -19,7 +19,8 @@ from octsam import __version__
 from octsam.errors import OctSamError
 from octsam.modeling import ADAPTER_CONFIG_NAME, OctSamConfig
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "adapter_card.md"
+# Package data (pyproject.toml [tool.setuptools.package-data]): installed with octsam, wheel or editable.
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "adapter_card.md"
 CARD_MARKER = "octsam-adapter-card"
 # Written where the repo id is not known yet; ``octsam.hub.push_adapter`` replaces it with the real one.
 REPO_PLACEHOLDER = "ORG/NAME"
@@ -170,7 +171,10 @@ def render_adapter_card(
     from huggingface_hub import ModelCard
 
     if not TEMPLATE_PATH.is_file():
-        raise OctSamError(f"Model card template {TEMPLATE_PATH} is missing; reinstall octsam from its repository.")
+        raise OctSamError(
+            f"Model card template {TEMPLATE_PATH} is missing; reinstall octsam (the templates ship in "
+            "octsam/model_cards/)."
+        )
     metrics = metrics or None
     data = card_data(config, metrics, dataset, repo_id, license)
     biomarkers = ", ".join(config.labels[1:])

@@ -291,6 +291,31 @@ def test_card_without_metrics_or_hub_ids_is_still_valid():
     assert "No test-split metrics" in text and "`/local/sam` (a local folder)" in text and REPO_PLACEHOLDER in text
 
 
+def test_card_templates_are_package_data_and_a_missing_one_is_named(monkeypatch, tmp_path):
+    """Both card templates live inside the octsam package and pyproject.toml ships them, so a wheel has them too."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    import octsam
+    import octsam.cards
+    from dataset_builder import writer
+
+    package = Path(octsam.__file__).resolve().parent
+    templates = [octsam.cards.TEMPLATE_PATH, writer.CARD_TEMPLATE]
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["octsam"]
+    for template in templates:
+        assert template.is_file() and template.parent == package / "model_cards", template
+        relative = template.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in globs), (relative, globs)
+    monkeypatch.setattr(octsam.cards, "TEMPLATE_PATH", tmp_path / "adapter_card.md")
+    with pytest.raises(OctSamError, match="adapter_card.md is missing; reinstall octsam"):
+        render_adapter_card(OctSamConfig(labels=list(TINY_LABELS)))
+    monkeypatch.setattr(writer, "CARD_TEMPLATE", tmp_path / "dataset_card.md")
+    with pytest.raises(OctSamError, match="dataset card template missing: .*dataset_card.md; reinstall octsam"):
+        writer.render_card(list(TINY_LABELS), {}, None)
+
+
 def test_our_card_survives_peft_save_pretrained(trained, tmp_path):
     """PEFT writes (or rewrites the metadata of) README.md on save_pretrained; writing our card after keeps ours."""
     model = OctSamModel.from_pretrained(trained[0])

@@ -2,12 +2,14 @@
 # Issue 6 GPU check, one prepared run (H100 or H200): SAM ViT-B at 1024, batch 16, bf16, LoRA r16 on qkv.
 #   1. the throughput table: transformers' default attention, octsam's fast attention, fast + torch.compile
 #      (training and merged inference, peak memory, model TFLOP/s)        -> $OUT/gpu_throughput.md
-#   2. exactness of the fast path on the GPU (fp32 and bf16) and one global / one windowed layer per attention
-#      kernel (flash, memory-efficient, cuDNN)                               -> $OUT/gpu_checks.md
+#   1b. merged inference with FlexAttention (mode flex: the bias added per score at head dim 64), plain and
+#      compiled, beside the default                                          -> $OUT/gpu_flex.md
+#   2. exactness of the fast path on the GPU (fp32 and bf16, flex included) and one global / one windowed layer
+#      per attention kernel (flash, memory-efficient, cuDNN, flex)           -> $OUT/gpu_checks.md
 #   3. the data loader alone with 4, 8, 16 workers (needs albumentations)   -> $OUT/gpu_loader.md
-# Logs: $OUT/log_*.txt; versions and card: $OUT/gpu_info.txt (8 files at most come back: this writes 7).
-# Wall time: about 4-6 minutes on an H200 (the compile variant takes most); each part has its own timeout, so the
-# whole script ends within ~8 minutes even if a part hangs, and a part cut short keeps the rows it finished.
+# Logs: $OUT/log_*.txt; versions and card: $OUT/gpu_info.txt (this writes 9 files).
+# Wall time: about 6-8 minutes on an H200 (the compile variants take most); each part has its own timeout, so the
+# whole script ends within ~10 minutes even if a part hangs, and a part cut short keeps the rows it finished.
 #
 # Run from the repository root:  bash benchmarks/gpu_check.sh
 # Optional wheels in .whl/ (see benchmarks/RESULTS.md, "Running the GPU check"): the "core" group (transformers, peft,
@@ -20,15 +22,18 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 REPO=$PWD
 export PYTHONPATH=$REPO
-T_TABLE=${T_TABLE:-330}
-T_CHECKS=${T_CHECKS:-120}
-T_LOADER=${T_LOADER:-60}
-# CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast LOADER_WORKERS=0,1 LOADER_IMAGES=32 \
+T_TABLE=${T_TABLE:-300}
+T_FLEX=${T_FLEX:-160}
+T_CHECKS=${T_CHECKS:-90}
+T_LOADER=${T_LOADER:-40}
+# CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast FLEX_VARIANTS=default,fast:flex \
+#   LOADER_WORKERS=0,1 LOADER_IMAGES=32 \
 #   PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_check.sh
 MODEL=${MODEL:-vit-base}
 IMAGE=${IMAGE:-1024}
 BATCH=${BATCH:-16}
 VARIANTS=${VARIANTS:-default,fast,fast+compile}
+FLEX_VARIANTS=${FLEX_VARIANTS:-default,fast:flex,fast:flex+compile}
 LOADER_WORKERS=${LOADER_WORKERS:-4,8,16}
 LOADER_IMAGES=${LOADER_IMAGES:-1024}
 
@@ -71,6 +76,12 @@ timeout -k 10 "$T_TABLE" $PY benchmarks/throughput.py --model "$MODEL" --image-s
     2>&1 | tee "$OUT/log_throughput.txt"
 echo "== table exit status ${PIPESTATUS[0]}"
 
+echo "== 1b/3 inference with FlexAttention (timeout ${T_FLEX}s)"
+timeout -k 10 "$T_FLEX" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
+    --variants "$FLEX_VARIANTS" --what infer --warmup 3 --steps 10 --out "$OUT/gpu_flex.md" \
+    2>&1 | tee "$OUT/log_flex.txt"
+echo "== flex exit status ${PIPESTATUS[0]}"
+
 echo "== 2/3 exactness and attention kernels (timeout ${T_CHECKS}s)"
 timeout -k 10 "$T_CHECKS" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
     --variants none --check-exact --layer-bench --layer-steps 10 --out "$OUT/gpu_checks.md" \
@@ -89,6 +100,9 @@ fi
 echo
 echo "================ $OUT/gpu_throughput.md"
 cat "$OUT/gpu_throughput.md" 2>/dev/null || echo "(missing)"
+echo
+echo "================ $OUT/gpu_flex.md"
+cat "$OUT/gpu_flex.md" 2>/dev/null || echo "(missing)"
 echo
 echo "================ $OUT/gpu_checks.md"
 cat "$OUT/gpu_checks.md" 2>/dev/null || echo "(missing)"

@@ -11,8 +11,9 @@ is ONE markdown table (printed last, and written to ``--out``):
   path, attention through the math backend so that every product is counted, bias and padding not) divided by each
   variant's time. The fast path does more arithmetic than that (its q.k product is wider); it is not credited.
 
-Variants: ``default`` (transformers' SDPA attention), ``fast`` (``octsam.fast_attention``), ``+compile`` on either
-(``torch.compile`` of the whole model, compile time excluded: it happens in the warm-up steps).
+Variants: ``default`` (transformers' SDPA attention), ``fast`` (``octsam.fast_attention`` in ``--fast-mode``),
+``fast:MODE`` (that mode, e.g. ``fast:flex``), ``+compile`` on any (``torch.compile`` of the whole model, compile
+time excluded: it happens in the warm-up steps).
 
 Examples::
 
@@ -44,7 +45,8 @@ if str(REPO) not in sys.path:  # run as ``python benchmarks/throughput.py`` from
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_name, log  # noqa: E402
-from octsam.fast_attention import disable_fast_attention, enable_fast_attention  # noqa: E402
+from octsam import fast_attention  # noqa: E402
+from octsam.fast_attention import MODES, disable_fast_attention, enable_fast_attention  # noqa: E402
 
 GIB = 1024**3
 
@@ -212,13 +214,14 @@ def run_variant(args, variant: str, config, device: torch.device, amp, row: dict
 def _run_variant(args, variant: str, config, device: torch.device, amp, row: dict, update) -> None:
     fast = variant.startswith("fast")
     compiled = variant.endswith("+compile")
+    mode = variant.split("+")[0].partition(":")[2] or args.fast_mode
     torch._dynamo.reset()
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = add_lora(build_sam(config, device), args.lora_rank)
     if fast:
-        row["attention_modules"] = enable_fast_attention(model, mode=args.fast_mode)
+        row["attention_modules"] = enable_fast_attention(model, mode=mode)
     batch = make_batch(config, args.batch_size, device)
     if args.what in ("train", "both"):
         model.train()
@@ -327,10 +330,9 @@ def describe(args, device: torch.device, config, flops) -> str:
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         lines.append(f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
     if flops:
-        lines.append(
-            f"model FLOPs per image: training step {flops[0] / 1e9:.4g} G, inference {flops[1] / 1e9:.4g} G "
-            "(FlopCounterMode, transformers' path, math attention)"
-        )
+        parts = [f"{what} {value / 1e9:.4g} G" for what, value in zip(("training step", "inference"), flops)]
+        counted = ", ".join(part for part, value in zip(parts, flops) if not math.isnan(value))
+        lines.append(f"model FLOPs per image: {counted} (FlopCounterMode, transformers' path, math attention)")
     return "\n".join(lines)
 
 
@@ -354,10 +356,12 @@ def exactness(args, config, device: torch.device) -> str:
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
-    def run(dtype):
-        xi = x.clone().requires_grad_(True)
-        with autocast(device, dtype):
+    def run(dtype, grad=True):
+        xi = x.clone().requires_grad_(grad)
+        with autocast(device, dtype), torch.set_grad_enabled(grad):
             out = encoder(xi).last_hidden_state.float()
+        if not grad:  # flex runs only without gradients
+            return out, None
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(device)
         grads = torch.autograd.grad((out * w).sum(), [xi, *watch])
         return out.detach(), torch.cat([g.flatten().float() for g in grads])
@@ -366,17 +370,18 @@ def exactness(args, config, device: torch.device) -> str:
         ref = run(None)
         rows = ["| path | dtype | output rel. err | gradient rel. err |", "| --- | --- | ---: | ---: |"]
         cases = [("default", None, None), ("fast auto", "auto", None), ("fast fold", "fold", None)]
+        cases += [("fast flex (no grad)", "flex", None)]
         if device.type == "cuda" or args.amp == "bf16":
             cases += [("default", None, torch.bfloat16), ("fast auto", "auto", torch.bfloat16)]
             cases += [("fast fold", "fold", torch.bfloat16), ("fast bias", "bias", torch.bfloat16)]
+            cases += [("fast flex (no grad)", "flex", torch.bfloat16)]
         for name, mode, dtype in cases:
             disable_fast_attention(model)
             if mode:
                 enable_fast_attention(model, mode=mode)
-            out, grad = run(dtype)
-            rows.append(
-                f"| {name} | {'bf16' if dtype else 'fp32'} | {rel_err(out, ref[0]):.2e} | {rel_err(grad, ref[1]):.2e} |"
-            )
+            out, grad = run(dtype, grad=mode != "flex")
+            grad_err = "n/a" if grad is None else f"{rel_err(grad, ref[1]):.2e}"
+            rows.append(f"| {name} | {'bf16' if dtype else 'fp32'} | {rel_err(out, ref[0]):.2e} | {grad_err} |")
             log("    " + rows[-1])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -387,54 +392,77 @@ def exactness(args, config, device: torch.device) -> str:
 
 
 def layer_bench(args, config, device: torch.device, amp) -> str:
-    """Forward + backward of one global and one windowed ViT layer at the benchmark batch, per attention path
-    and SDPA backend: which kernel the fold should target."""
+    """One global and one windowed ViT layer at the benchmark batch, per attention path and SDPA backend:
+    forward + backward (training) and forward alone without gradients (inference)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.models.sam.modeling_sam import SamVisionLayer
 
     v = config.vision_config
     grid = v.image_size // v.patch_size
+    # (name, fast-attention mode, SDPA backend, FlexAttention's own backward)
     cases = [
-        ("default", None, None),
-        ("bias", "bias", None),
-        ("fold", "fold", None),
-        ("fold_flash", "fold_flash", None),
+        ("default", None, None, False),
+        ("bias", "bias", None, False),
+        ("fold", "fold", None, False),
+        ("fold_flash", "fold_flash", None, False),
+        ("flex", "flex", None, False),
     ]
     if device.type == "cuda":
         cases += [
-            ("fold (efficient)", "fold", SDPBackend.EFFICIENT_ATTENTION),
-            ("fold (cudnn)", "fold", SDPBackend.CUDNN_ATTENTION),
-            ("fold_flash (cudnn)", "fold_flash", SDPBackend.CUDNN_ATTENTION),
+            ("fold (efficient)", "fold", SDPBackend.EFFICIENT_ATTENTION, False),
+            ("fold (cudnn)", "fold", SDPBackend.CUDNN_ATTENTION, False),
+            ("fold_flash (cudnn)", "fold_flash", SDPBackend.CUDNN_ATTENTION, False),
+            ("flex, flex backward", "flex", None, True),
         ]
-    rows = ["| layer | path | fwd+bwd ms | peak GiB |", "| --- | --- | ---: | ---: |"]
+    rows = [
+        "| layer | path | fwd+bwd ms | peak GiB | fwd ms (no grad) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for window in (0, v.window_size):
+        label = "global" if window == 0 else f"window {window}"
         torch.manual_seed(0)
         with torch.device(device):
             layer = SamVisionLayer(v, window_size=window)
         x = torch.randn(args.batch_size, grid, grid, v.hidden_size, device=device)
-        for name, mode, backend in cases:
+        for name, mode, backend, flex_grad in cases:
             disable_fast_attention(layer)
             if mode:
                 enable_fast_attention(layer, mode=mode)
 
-            def step(backend=backend, layer=layer, x=x):
+            def kernel(backend=backend):  # sdpa_kernel is a one-shot context manager: a fresh one per call
+                return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+
+            def step(kernel=kernel, layer=layer, x=x):
                 xi = x.detach().requires_grad_(True)
-                # sdpa_kernel is a one-shot context manager: a fresh one per call
-                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext(), amp:
+                with kernel(), amp:
                     out = layer(xi)
                 out.float().sum().backward()
 
+            def forward(kernel=kernel, layer=layer, x=x):
+                with torch.no_grad(), kernel(), amp:
+                    layer(x)
+
+            cells = []
+            fast_attention.FLEX_WITH_GRADIENTS = flex_grad
             try:
-                free_memory(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                ms = timed(step, 2, args.layer_steps, device)[0] * 1e3
-                rows.append(
-                    f"| {'global' if window == 0 else f'window {window}'} | {name} | {ms:.1f} "
-                    f"| {fmt(peak_gib(device), '.2f')} |"
-                )
-            except Exception as exc:  # a backend that refuses these shapes
-                rows.append(f"| {'global' if window == 0 else f'window {window}'} | {name} | failed: {exc!s:.60} | |")
+                for fn, warm in ((step, 2), (forward, 3)):
+                    if mode == "flex" and fn is step and not flex_grad:
+                        cells += ["(as auto)", ""]  # flex trains on auto's path
+                        continue
+                    if flex_grad and fn is forward:
+                        cells.append("")
+                        continue
+                    try:
+                        free_memory(device)
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        ms = timed(fn, warm, args.layer_steps, device)[0] * 1e3
+                        cells += [f"{ms:.1f}"] + ([fmt(peak_gib(device), ".2f")] if fn is step else [])
+                    except Exception as exc:  # a backend that refuses these shapes
+                        cells += [f"failed: {exc!s:.60}"] + ([""] if fn is step else [])
+            finally:
+                fast_attention.FLEX_WITH_GRADIENTS = False
+            rows.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
             log("    " + rows[-1])
         del layer, x
         free_memory(device)
@@ -554,7 +582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--what", choices=["train", "infer", "both"], default="both")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--fast-mode", default="auto", help="octsam.fast_attention mode: auto, fold, fold_flash, bias")
+    p.add_argument(
+        "--fast-mode", default="auto", choices=MODES, help="octsam.fast_attention mode of the plain 'fast' variants"
+    )
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--check-exact", action="store_true", help="fast vs transformers, fp32 and bf16, first")
@@ -584,8 +614,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.compile:
         variants += [f"{v}+compile" for v in variants if not v.endswith("+compile")]
     for v in variants:
-        if v.split("+")[0] not in ("default", "fast") or v.count("+") > 1 or ("+" in v and not v.endswith("+compile")):
-            p.error(f"--variants: unknown variant {v!r} (default, fast, default+compile, fast+compile)")
+        base, _, mode = v.split("+")[0].partition(":")
+        if (
+            base not in ("default", "fast")
+            or (mode and (base != "fast" or mode not in MODES))
+            or v.count("+") > 1
+            or ("+" in v and not v.endswith("+compile"))
+        ):
+            p.error(
+                f"--variants: unknown variant {v!r} (default, fast, fast:MODE with MODE one of {', '.join(MODES)}, "
+                "each optionally +compile)"
+            )
     args.variants = variants
     return args
 

@@ -24,12 +24,20 @@ bias is the bottleneck, but not on a CPU, where matrix products are the bottlene
 10.5 s per B-scan). ``mode="auto"`` therefore folds on CUDA and, elsewhere, adds the bias through SDPA's
 ``attn_mask`` exactly as transformers does, without the window copies.
 
+``mode="flex"`` (opt-in, for inference on a GPU) keeps the head dimension at 64: without gradients the bias is
+added to each score inside a fused FlexAttention kernel (``torch.nn.attention.flex_attention`` with a
+``score_mod`` that reads ``q . Rh`` and ``q . Rw``), so the global layers do a third of the folded q.k work and
+build no q'/k'. With gradients (training) it falls back to ``auto``'s choice: FlexAttention's backward would
+scatter the bias gradient with one atomic add per score, and has no CPU implementation.
+
 Parameter names, shapes and state-dict keys do not change (only the module classes are swapped), so PEFT LoRA
 on ``qkv`` keeps wrapping the same ``nn.Linear`` and adapters load into either path. Switch before
 ``torch.compile`` and before wrapping in DDP.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +52,10 @@ __all__ = ["MODES", "FastSamVisionAttention", "disable_fast_attention", "enable_
 #: ``fold``: relative-position bias folded into q/k (value left at its own width: SDPA picks the
 #: memory-efficient or cuDNN kernel). ``fold_flash``: same, with the value zero-padded to the q/k width so
 #: that FlashAttention-2 qualifies (it needs equal head dims, at most 256). ``bias``: the bias is built as in
-#: transformers and passed to SDPA as ``attn_mask``.
-MODES = ("auto", "fold", "fold_flash", "bias")
+#: transformers and passed to SDPA as ``attn_mask``. ``flex``: without gradients, FlexAttention adds the bias
+#: inside the kernel at the model's own head dim (compiled on CUDA; uncompiled, slow but exact, elsewhere unless
+#: the whole model runs under ``torch.compile``); with gradients, as ``auto``.
+MODES = ("auto", "fold", "fold_flash", "bias", "flex")
 
 _FLASH_MAX_HEAD_DIM = 256
 
@@ -69,7 +79,14 @@ def _rel_pos_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
     return rel_pos[index]
 
 
+#: Benchmark switch: let ``flex`` run with gradients too (FlexAttention's own backward, CUDA only), to measure
+#: the atomic-add bias gradient against the fold (``benchmarks/throughput.py --layer-bench``).
+FLEX_WITH_GRADIENTS = False
+
+
 def _resolve_mode(mode: str, qkv: torch.Tensor) -> str:
+    if mode == "flex" and torch.is_grad_enabled() and qkv.requires_grad and not FLEX_WITH_GRADIENTS:
+        mode = "auto"
     if mode != "auto":
         return mode
     if qkv.device.type == "cuda":
@@ -125,6 +142,8 @@ class FastSamVisionAttention(SamVisionAttention):
             out = self._bias_attention(query, key, value, groups, tokens, dropout)
         elif mode in ("fold", "fold_flash"):
             out = self._folded_attention(query, key, value, groups, tokens, dropout, mode == "fold_flash")
+        elif mode == "flex":
+            out = self._flex_attention(query, key, value, groups, tokens)
         else:
             raise OctSamError(f"fast attention mode {mode!r} is unknown; use one of {', '.join(MODES)}")
 
@@ -191,6 +210,41 @@ class FastSamVisionAttention(SamVisionAttention):
         value = value.reshape(groups, heads, tokens, -1)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
         return out[..., :head_dim] if pad_value else out
+
+    def _flex_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int
+    ) -> torch.Tensor:
+        """Attention with the bias added per score inside FlexAttention (no gradients; see the module docstring)."""
+        heads, grid_w = query.shape[3], query.shape[-2]
+        rel_h, rel_w = self._rel_terms(query, 1.0)
+        rel_h = rel_h.reshape(groups, heads, tokens, -1)
+        rel_w = rel_w.reshape(groups, heads, tokens, grid_w)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            # key token kv_idx sits at (row, column) = divmod(kv_idx, grid_w) of its window or grid.
+            return score + rel_h[b, h, q_idx, kv_idx // grid_w] + rel_w[b, h, q_idx, kv_idx % grid_w]
+
+        query, key, value = (t.reshape(groups, heads, tokens, -1) for t in (query, key, value))
+        return _flex(query, key, value, score_mod=score_mod, scale=self.scale)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
+    """FlexAttention: compiled (one fused kernel) on CUDA or inside ``torch.compile``, uncompiled elsewhere."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():  # the enclosing torch.compile fuses it
+        return flex_attention(query, key, value, **kwargs)
+    if query.device.type != "cuda":
+        with warnings.catch_warnings():  # uncompiled flex warns that it is slow; it is exact, which tests need
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(query, key, value, **kwargs)
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX(query, key, value, **kwargs)
 
 
 class FastSamVisionLayer(SamVisionLayer):

@@ -116,6 +116,60 @@ def test_single_layer_matches(layer, inputs):
         assert_same(ref, run())
 
 
+def _count_flex_calls(monkeypatch) -> list[int]:
+    """Spy on the FlexAttention path (it still runs) so a test can tell it ran rather than a fallback."""
+    calls = [0]
+    original = FastSamVisionAttention._flex_attention
+
+    def spy(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastSamVisionAttention, "_flex_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("window_size", [4, 5], ids=["window-divides", "window-pads"])
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_flex_inference_matches_transformers(window_size, lora, inputs, monkeypatch):
+    """``flex`` adds the bias per score inside FlexAttention (no gradients): windowed and global layers, with and
+    without LoRA, batch 2, random non-zero rel-pos tables."""
+    model = lora_sam(window_size) if lora else tiny_sam(window_size)
+    encoder = model.base_model.model.vision_encoder if lora else model.vision_encoder
+    with torch.no_grad():
+        ref = encoder(inputs[0]).last_hidden_state
+    calls = _count_flex_calls(monkeypatch)
+    enable_fast_attention(model, mode="flex")
+    with torch.no_grad():
+        out = encoder(inputs[0]).last_hidden_state
+    assert calls[0] == 2, "both layers must take the FlexAttention path without gradients"
+    assert rel_err(out, ref) <= TOL
+
+
+def test_flex_with_gradients_falls_back_exactly(inputs, monkeypatch):
+    """Training under ``flex`` takes ``auto``'s path (FlexAttention has no CPU backward and would scatter the
+    bias gradient with atomics): outputs and gradients still match transformers."""
+    model = tiny_sam(window_size=5)
+    ref = encoder_out_and_grads(model, *inputs)
+    calls = _count_flex_calls(monkeypatch)
+    enable_fast_attention(model, mode="flex")
+    assert_same(ref, encoder_out_and_grads(model, *inputs))
+    assert calls[0] == 0
+
+
+def test_flex_traces_without_graph_breaks(inputs):
+    """FlexAttention inside a compiled model (fullgraph: a graph break fails), no gradients."""
+    model = tiny_sam(window_size=5)
+    enable_fast_attention(model, mode="flex")
+    torch.manual_seed(5)
+    for block in model.vision_encoder.layers:
+        x = torch.randn(2, IMAGE // 2, IMAGE // 2, 36)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            assert rel_err(compiled(x), block(x)) <= TOL
+
+
 def test_eager_attention_class_is_switched_and_restored(inputs):
     model = tiny_sam(attn_implementation="eager")
     assert type(model.vision_encoder.layers[0].attn) is SamVisionAttention

@@ -247,7 +247,10 @@ def _run_variant(args, variant: str, config, device: torch.device, amp, row: dic
     merged = model.merge_and_unload().eval()  # keeps the fast attention classes
     if args.what in ("infer", "both"):
         free_memory(device)
-        infer_model = torch.compile(merged, dynamic=False) if compiled else merged
+        # On the CPU inductor freezes the weights for inference (constant folding, oneDNN pre-packing), as
+        # octsam.segmenter.Segmenter.compile_encoder does.
+        options = {"freezing": True} if device.type == "cpu" else None
+        infer_model = torch.compile(merged, dynamic=False, options=options) if compiled else merged
         log(f"  {variant}: inference (LoRA merged), batch {args.batch_size}")
         with torch.inference_mode():
             row["infer_s"], row["infer_cpu_s"] = timed(

@@ -39,6 +39,9 @@ import numpy as np
 
 from octsam.errors import OctSamError, cli_main
 
+#: octsam.fast_attention.MODES, repeated so that ``--help`` needs no torch import (a test keeps them equal).
+ATTENTION_MODES = ("auto", "fold", "fold_flash", "bias", "flex")
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LEGEND_FONT_PT = 9
 EPILOG = """examples:
@@ -473,6 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="B-scans per forward pass (default 16 on CUDA, 1 elsewhere)."
     )
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="Where to run.")
+    p.add_argument(
+        "--no-fast-attention",
+        action="store_true",
+        help="Use transformers' own attention instead of octsam's exact fast attention (on by default).",
+    )
+    p.add_argument(
+        "--attention-mode",
+        default="auto",
+        choices=list(ATTENTION_MODES),
+        help="Fast-attention mode (octsam.fast_attention): auto picks per device; flex is FlexAttention (GPU).",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the image encoder (on the CPU with frozen weights): faster for many B-scans, "
+        "about a minute of compilation first.",
+    )
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     return p
 
@@ -508,6 +528,8 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             merge=not args.no_merge,
             base_model=args.base_model,
+            fast_attention=False if args.no_fast_attention else args.attention_mode,
+            compile=args.compile,
         )
         load_s = time.perf_counter() - t0
         batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
@@ -569,6 +591,8 @@ def run(args: argparse.Namespace) -> int:
             "labels": labels,
             "mode": "prompted" if prompted else "automatic",
             "merged": not args.no_merge,
+            "attention": "transformers" if args.no_fast_attention else f"octsam fast ({args.attention_mode})",
+            "compiled": args.compile,
             "device": str(segmenter.device),
             "device_name": _device_name(segmenter.device),
             "dtype": str(segmenter.dtype).replace("torch.", ""),

@@ -64,19 +64,39 @@ class Segmenter:
         revision: str | None = None,
         device: str = "auto",
         merge: bool = True,
-        fast_attention: bool = True,
+        fast_attention: bool | str = True,
         batch_size: int = 8,
         base_model: str | None = None,
+        compile: bool = False,
     ) -> Segmenter:
-        """Load an adapter folder or Hub repo; LoRA is merged into the base weights unless ``merge=False``."""
+        """Load an adapter folder or Hub repo; LoRA is merged into the base weights unless ``merge=False``.
+
+        ``fast_attention``: True (mode ``auto``), False (transformers' attention) or an ``octsam.fast_attention``
+        mode such as ``"flex"``. ``compile``: ``torch.compile`` the image encoder (see ``compile_encoder``).
+        """
         model = load_model(adapter, revision=revision, base_model=base_model)
         if merge:
             model.merge()
         if fast_attention and model.config.architecture == "sam":
             from octsam.fast_attention import enable_fast_attention
 
-            enable_fast_attention(model)
-        return cls(model, device=device, batch_size=batch_size)
+            enable_fast_attention(model, mode="auto" if fast_attention is True else fast_attention)
+        segmenter = cls(model, device=device, batch_size=batch_size)
+        if compile:
+            segmenter.compile_encoder()
+        return segmenter
+
+    def compile_encoder(self) -> None:
+        """``torch.compile`` the image encoder in place (state-dict keys unchanged), for inference only.
+
+        On the CPU inductor also *freezes* the weights (constant-folds them and pre-packs them for oneDNN), which
+        is where most of the CPU gain comes from (benchmarks/RESULTS.md); the first batch of each new batch size
+        compiles (about a minute for ViT-B on 2 cores), so it pays for folders of many B-scans, not for one.
+        """
+        if self.config.architecture != "sam":
+            return  # the U-Net baseline is small; nothing to gain
+        options = {"freezing": True} if self.device.type == "cpu" else None
+        self.model.core.vision_encoder.compile(dynamic=False, options=options)
 
     @property
     def labels(self) -> list[str]:

@@ -378,3 +378,52 @@ def test_cli_on_real_duke_bscans(adapter, tmp_path, capsys):
         assert sum(areas) + int((mask == 0).sum()) == mask.size
         drawn = np.asarray(Image.open(out / "overlays" / f"{f.stem}.png").convert("RGB"))
         assert np.array_equal(drawn[:496, :768], overlay(image, mask, TINY_LABELS))
+
+
+def test_attention_paths_and_compiled_encoder_agree(adapter):
+    """transformers' attention, the fast path (auto and flex) and the inductor-compiled, weight-frozen encoder
+    give the same logits; the ``--help``-cheap list of attention modes matches octsam.fast_attention's."""
+    from octsam.fast_attention import MODES, fast_attention_mode
+    from octsam.inference import ATTENTION_MODES
+
+    assert ATTENTION_MODES == MODES
+    images = [scan(40, 48, seed=i) for i in range(2)]
+    plain = Segmenter.from_pretrained(adapter, device="cpu", fast_attention=False)
+    assert fast_attention_mode(plain.model) is None
+    reference = plain.class_logits(images)
+    assert reference.abs().max() > 0.1
+    for mode in (True, "flex"):
+        segmenter = Segmenter.from_pretrained(adapter, device="cpu", fast_attention=mode)
+        assert fast_attention_mode(segmenter.model) == ("auto" if mode is True else mode)
+        assert torch.allclose(segmenter.class_logits(images), reference, atol=1e-5, rtol=0)
+    torch._dynamo.reset()
+    compiled = Segmenter.from_pretrained(adapter, device="cpu", compile=True)
+    assert compiled.model.core.vision_encoder._compiled_call_impl is not None
+    keys = set(compiled.model.state_dict())
+    assert torch.allclose(compiled.class_logits(images), reference, atol=1e-4, rtol=0)
+    assert set(compiled.model.state_dict()) == keys  # compiled in place: no _orig_mod keys
+
+
+def test_cli_attention_flags_give_the_same_masks(adapter, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(scan(40, 48, seed=i)).save(folder / f"s{i}.png")
+    masks = {}
+    for name, flags in {
+        "default": [],
+        "transformers": ["--no-fast-attention"],
+        "flex": ["--attention-mode", "flex"],
+    }.items():
+        out = tmp_path / name
+        code, err = run_cli(["--adapter", adapter, "--input", folder, "--output", out, "--quiet", *flags], capsys)
+        assert code == 0, err
+        masks[name] = [np.array(Image.open(out / "masks" / f"s{i}.png")) for i in range(2)]
+        record = json.loads((out / "run.json").read_text())
+        assert record["attention"] == (
+            "transformers" if name == "transformers" else f"octsam fast ({'flex' if name == 'flex' else 'auto'})"
+        )
+        assert record["compiled"] is False
+    for name in ("transformers", "flex"):
+        for a, b in zip(masks["default"], masks[name]):
+            np.testing.assert_array_equal(a, b)

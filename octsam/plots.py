@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch
 from scipy import ndimage
 
@@ -148,6 +149,30 @@ def _new_figure(figsize: tuple[float, float], dpi: int) -> Figure:
     return fig
 
 
+def _fit_width(fig: Figure, text: str, fontsize: float, fraction: float = 0.96) -> str:
+    """``text`` with line breaks between words so that no line is wider than ``fraction`` of the figure at
+    ``fontsize`` (a figure-level title is clipped, not shrunk, by the figure edges). Lines that fit are unchanged."""
+    renderer = fig.canvas.get_renderer()
+    prop = FontProperties(size=fontsize)
+    limit = fig.get_figwidth() * fig.dpi * fraction
+
+    def width(line: str) -> float:
+        return renderer.get_text_width_height_descent(line, prop, ismath=False)[0]
+
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and width(candidate) > limit:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +219,8 @@ def plot_metric_bars(
     """Grouped bars of per-class IoU/Dice (per-image means) per method with CI error bars.
 
     ``results`` maps method name -> ``EvaluationResult`` (adds a 'mean (foreground)' group from the headline) or
-    its ``per_class`` DataFrame (columns ``class_name``, ``{metric}_mean``, ``{metric}_ci_low/high``).
+    its ``per_class`` DataFrame (columns ``class_name``, ``{metric}_mean``, ``{metric}_ci_low/high``). The title
+    wraps and the legend takes fewer columns where the figure is too narrow for them (one class, one method).
     """
     if not results:
         raise OctSamError("plot_metric_bars: no results given")
@@ -232,9 +258,19 @@ def plot_metric_bars(
         ax.spines[["top", "right"]].set_visible(False)
         if len(groups) > 1 and groups[-1] == "mean (foreground)":
             ax.axvline(len(groups) - 1.5, color="#888888", linestyle=":", linewidth=1)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(n_methods, 4),
-               frameon=False, fontsize=9)  # fmt: skip
-    fig.suptitle(title or "Per-class segmentation quality (error bars: 95% CI, bootstrap over patients)", fontsize=11)
+    # A narrow figure (one class) gets fewer legend columns and a wrapped title rather than clipped ones.
+    renderer = fig.canvas.get_renderer()
+    for ncols in range(min(n_methods, 4), 0, -1):
+        legend = fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=ncols,
+                            frameon=False, fontsize=9)  # fmt: skip
+        if ncols == 1 or legend.get_window_extent(renderer).width <= fig.get_figwidth() * fig.dpi * 0.96:
+            break
+        legend.remove()
+    if not title:
+        title = "Per-class segmentation quality (error bars: 95% CI, bootstrap over patients)"
+        if "\n" in _fit_width(fig, title, 11):  # too wide for one line: break before the parenthesis
+            title = title.replace(" (", "\n(", 1)
+    fig.suptitle(_fit_width(fig, title, 11), fontsize=11)
     return _save(fig, path)
 
 
@@ -342,12 +378,14 @@ def plot_training_curves(
     best_key: str = "val_mean_dice",
     figsize: tuple[float, float] = (11.0, 4.0),
     dpi: int = 150,
+    title: str | None = None,
 ) -> Path:
     """Losses (left) and validation Dice/IoU (right) per epoch from a list of per-epoch dicts.
 
     Keys containing 'loss' go left; keys containing 'dice' or 'iou' go right (list values, e.g.
     ``val_dice_per_class``, become one dashed line per class named by ``class_names``, foreground classes). The best
-    epoch by ``best_key`` is marked.
+    epoch by ``best_key`` is marked. ``title`` (optional, e.g. the run's name) goes above both panels, wrapped to the
+    figure width; without it the figure has no overall title.
     """
     if not history:
         raise OctSamError("plot_training_curves: the history is empty (no finished epoch)")
@@ -399,6 +437,8 @@ def plot_training_curves(
     if len(epochs) <= 20:
         for ax in (ax_loss, ax_metric):
             ax.set_xticks(epochs)
+    if title:
+        fig.suptitle(_fit_width(fig, title, 11), fontsize=11)
     return _save(fig, path)
 
 

@@ -96,6 +96,66 @@ def test_metric_bars_from_tables_and_results(tmp_path):
         plot_metric_bars({}, tmp_path / "none.png")
 
 
+def _nothing_at_the_edges(path):
+    """Clipped text or legend entries run into the border of the PNG; a figure that fits leaves it white."""
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
+                             image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])  # fmt: skip
+    assert (border >= 250).all(), f"{path.name}: something is drawn at the figure border (clipped)"
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The Figure objects the plotting functions save, drawn, for checks on their texts."""
+    import octsam.plots
+
+    saved, save = [], octsam.plots._save
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        saved.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(octsam.plots, "_save", keep)
+    return saved
+
+
+def _inside(fig, artist):
+    box, frame = artist.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    return frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+@pytest.mark.parametrize(("n_classes", "n_methods"), [(1, 1), (1, 4), (3, 1)])
+def test_metric_bars_title_and_legend_fit_a_narrow_figure(tmp_path, figures, n_classes, n_methods):
+    """One class (or one method) gives the narrowest figure: the title wraps and the legend takes fewer columns."""
+    rng = np.random.default_rng(0)
+    names = ["zero-shot (random base, GT boxes)", "SAM + LoRA (small random base)", "U-Net (MONAI, 128 x 128)",
+             "SAM + LoRA prompted"]  # fmt: skip
+    tables = {name: _per_class(0.2 + 0.15 * i, rng).head(n_classes) for i, name in enumerate(names[:n_methods])}
+    path = plot_metric_bars(tables, tmp_path / "bars.png", dpi=80)
+    _png(path, (440, 592))  # the default size is unchanged: 5.5 x 7.4 inches, the narrowest
+    _nothing_at_the_edges(path)
+    fig = figures[-1]
+    assert fig.get_suptitle() == (
+        "Per-class segmentation quality\n(error bars: 95% CI, bootstrap over patients)"
+    )  # too wide for one line: broken before the parenthesis
+    assert len(fig.legends) == 1 and _inside(fig, fig._suptitle) and _inside(fig, fig.legends[0])
+    long_title = "IoU and Dice per class for a deliberately long custom title on the test split of the Duke DME data"
+    path = plot_metric_bars(tables, tmp_path / "custom.png", title=long_title, dpi=80)
+    _nothing_at_the_edges(path)
+    fig = figures[-1]
+    assert fig.get_suptitle().replace("\n", " ") == long_title and fig.get_suptitle().count("\n") >= 1
+    assert _inside(fig, fig._suptitle)
+
+
+def test_metric_bars_wide_figure_keeps_one_line_title(tmp_path, figures):
+    rng = np.random.default_rng(0)
+    tables = {"zero-shot": _per_class(0.3, rng), "LoRA": _per_class(0.85, rng), "U-Net": _per_class(0.75, rng)}
+    _nothing_at_the_edges(plot_metric_bars(tables, tmp_path / "bars.png", dpi=80))
+    assert figures[-1].get_suptitle() == "Per-class segmentation quality (error bars: 95% CI, bootstrap over patients)"
+    assert figures[-1].legends[0]._ncols == 3
+
+
 def test_choose_cases_skips_nan():
     assert choose_cases([0.5, np.nan, 0.9, 0.1, 0.7]) == {"best": 2, "median": 0, "worst": 3}
     assert choose_cases([np.nan, np.nan]) == {"best": 0, "median": 1, "worst": 1}
@@ -153,6 +213,20 @@ def test_training_curves_accept_the_training_history(tmp_path):
     _png(plot_training_curves(history[:1], tmp_path / "one.png", dpi=60))  # a single epoch still plots
     with pytest.raises(OctSamError, match="empty"):
         plot_training_curves([], tmp_path / "empty.png")
+
+
+def test_training_curves_optional_title(tmp_path, figures):
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_mean_dice": 0.1 * e} for e in (1, 2, 3)]
+    plain = _png(plot_training_curves(history, tmp_path / "plain.png", dpi=60))
+    assert figures[-1].get_suptitle() == ""  # no title by default: the figure is as before
+    titled = _png(plot_training_curves(history, tmp_path / "titled.png", dpi=60, title="SAM + LoRA"))
+    assert figures[-1].get_suptitle() == "SAM + LoRA" and titled.shape == plain.shape
+    assert not np.array_equal(plain, titled)
+    long_title = "SAM + LoRA (small random base) on synthetic AMD data: 20 patients x 4 B-scans, patient-level split"
+    path = plot_training_curves(history, tmp_path / "long.png", figsize=(5, 3.5), dpi=60, title=long_title)
+    _nothing_at_the_edges(path)
+    assert figures[-1].get_suptitle().replace("\n", " ") == long_title and "\n" in figures[-1].get_suptitle()
+    assert _inside(figures[-1], figures[-1]._suptitle)
 
 
 def test_confusion_matrix(tmp_path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6 GPU check, one prepared run (H100 or H200): SAM ViT-B at 1024, batch 16, bf16, LoRA r16 on qkv.
 #   1. the throughput table: transformers' default attention, octsam's fast attention, fast + torch.compile
-#      (training and merged inference, peak memory, model TFLOP/s)        -> $OUT/gpu_throughput.md
+#      (training and merged inference, peak memory, model TFLOP/s), then a profile of one training step of
+#      fast and fast+compile (device time by kernel category and the top kernels)  -> $OUT/gpu_throughput.md
 #   1b. merged inference with FlexAttention (mode flex: the bias added per score at head dim 64), plain and
 #      compiled, beside the default                                          -> $OUT/gpu_flex.md
 #   2. exactness of the fast path on the GPU (fp32 and bf16, flex included) and one global / one windowed layer
@@ -26,7 +27,7 @@ T_TABLE=${T_TABLE:-300}
 T_FLEX=${T_FLEX:-160}
 T_CHECKS=${T_CHECKS:-90}
 T_LOADER=${T_LOADER:-40}
-# CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast FLEX_VARIANTS=default,fast:flex \
+# CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast FLEX_VARIANTS=default,fast:flex PROFILE=fast \
 #   LOADER_WORKERS=0,1 LOADER_IMAGES=32 \
 #   PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_check.sh
 MODEL=${MODEL:-vit-base}
@@ -34,6 +35,7 @@ IMAGE=${IMAGE:-1024}
 BATCH=${BATCH:-16}
 VARIANTS=${VARIANTS:-default,fast,fast+compile}
 FLEX_VARIANTS=${FLEX_VARIANTS:-default,fast:flex,fast:flex+compile}
+PROFILE=${PROFILE:-fast,fast+compile}
 LOADER_WORKERS=${LOADER_WORKERS:-4,8,16}
 LOADER_IMAGES=${LOADER_IMAGES:-1024}
 
@@ -72,7 +74,7 @@ EOF
 
 echo "== 1/3 throughput table (timeout ${T_TABLE}s)"
 timeout -k 10 "$T_TABLE" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
-    --variants "$VARIANTS" --warmup 3 --steps 10 --out "$OUT/gpu_throughput.md" \
+    --variants "$VARIANTS" --warmup 3 --steps 10 --profile "$PROFILE" --out "$OUT/gpu_throughput.md" \
     2>&1 | tee "$OUT/log_throughput.txt"
 echo "== table exit status ${PIPESTATUS[0]}"
 

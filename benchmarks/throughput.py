@@ -169,6 +169,58 @@ def timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[float, flo
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
+#: Kernel-name patterns -> category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, FlashAttention,
+#: cuDNN, inductor's Triton kernels and aten's elementwise/copy kernels).
+_KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "flex", "cudnn_generated", "sdpa", "scaled_dot_product")),
+    ("matrix products", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "addmm", "bmm", "aten::mm", "conv")),
+    ("copies / cat / layout", ("copy", "cat", "memcpy", "memset", "transpose", "permute", "fill")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("normalisation / softmax", ("layer_norm", "layernorm", "softmax", "norm")),
+    ("fused elementwise (triton)", ("triton_",)),
+    ("elementwise", ("elementwise", "vectorized", "gelu", "add", "mul", "reduce")),
+)
+
+
+def profile(fn, device: torch.device, steps: int = 2, top: int = 25) -> str:
+    """Device time per call of ``fn`` by kernel (top ``top``) and by category, from ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    kernels = []
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            t = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+            if event.device_type.name != "CUDA":
+                continue
+        else:
+            t = event.self_cpu_time_total
+            if not event.key.startswith("aten::"):
+                continue
+        if t > 0:
+            kernels.append((event.key, t / 1e3 / steps, event.count // steps))
+    kernels.sort(key=lambda k: -k[1])
+    total = sum(k[1] for k in kernels) or 1.0
+    categories: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        low = name.lower()
+        cat = next((c for c, pats in _KERNEL_CATEGORIES if any(p in low for p in pats)), "other")
+        categories[cat] = categories.get(cat, 0.0) + ms
+    lines = ["| category | ms per step | share |", "| --- | ---: | ---: |"]
+    lines += [f"| {c} | {ms:.1f} | {ms / total:.0%} |" for c, ms in sorted(categories.items(), key=lambda c: -c[1])]
+    lines += ["", "| kernel | calls per step | ms per step | share |", "| --- | ---: | ---: | ---: |"]
+    for name, ms, calls in kernels[:top]:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short.replace('|', '/')}` | {calls} | {ms:.2f} | {ms / total:.1%} |")
+    return "\n".join(lines)
+
+
 def count_flops(fn) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -241,6 +293,11 @@ def _run_variant(args, variant: str, config, device: torch.device, amp, row: dic
         row["step_s"], row["step_cpu_s"] = timed(step, args.warmup, args.steps, device)
         row["train_peak_gib"] = peak_gib(device)
         update()
+        if variant in args.profile:
+            log(f"  {variant}: profiling 2 training steps")
+            row["profile"] = f"Profile of one `{variant}` training step (batch {args.batch_size}):\n\n" + profile(
+                step, device
+            )
         optimizer.state.clear()
         for p in params:
             p.grad = None
@@ -589,6 +646,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fast-mode", default="auto", choices=MODES, help="octsam.fast_attention mode of the plain 'fast' variants"
     )
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated variants whose training step is profiled after timing (device time by kernel)",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--check-exact", action="store_true", help="fast vs transformers, fp32 and bf16, first")
     p.add_argument("--layer-bench", action="store_true", help="one global and one windowed layer per kernel")
@@ -629,6 +691,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "each optionally +compile)"
             )
     args.variants = variants
+    args.profile = [v.strip() for v in args.profile.split(",") if v.strip()]
+    for v in args.profile:
+        if v not in variants:
+            p.error(f"--profile: {v!r} is not one of the variants run ({', '.join(variants) or 'none'})")
     return args
 
 
@@ -684,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             log(traceback.format_exc())
             row["error"] = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
+        if "profile" in row:
+            extras.append(row.pop("profile"))
         log(f"  {variant}: done in {time.perf_counter() - t0:.0f} s: {row}")
         emit()
     if args.layer_bench:

@@ -344,17 +344,21 @@ def test_throughput_benchmark_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "table.md"
-    argv = ["--model", "tiny", "--device", "cpu", "--variants", "default,fast", "--steps", "1", "--warmup", "0"]
-    argv += ["--check-exact", "--dataloader", "synthetic", "--workers", "0", "--loader-images", "4"]
-    argv += ["--loader-size", "64", "--out", str(out)]
+    argv = ["--model", "tiny", "--device", "cpu", "--variants", "default,fast,fast:flex", "--steps", "1"]
+    argv += ["--warmup", "0", "--check-exact", "--dataloader", "synthetic", "--workers", "0", "--loader-images", "4"]
+    argv += ["--loader-size", "64", "--profile", "fast", "--layer-bench", "--layer-steps", "1", "--out", str(out)]
     assert bench.main(argv) == 0
     text = out.read_text()
     table = text.split("\n\n")[0].splitlines()
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| default", "| fast"]
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| default", "| fast", "| fast:flex"]
     for row in table[2:]:  # train img/s, step ms and infer img/s are numbers
         cells = row.strip("| ").split(" | ")
         assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0
     assert "model FLOPs per image: training step" in text and "Exactness" in text and "Data loader alone" in text
+    assert "| fast flex (no grad) | fp32 |" in text and "| global | flex | (as auto) |" in text
+    assert "Profile of one `fast` training step" in text and "| matrix products |" in text
+    with pytest.raises(SystemExit):  # a profile of a variant that does not run is refused up front
+        bench.parse_args(["--variants", "default", "--profile", "fast"])
 
 
 def test_layer_subclass_keeps_its_class_and_stays_exact(inputs):

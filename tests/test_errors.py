@@ -35,7 +35,14 @@ def test_return_value_other_errors_and_metadata_pass_through(capsys):
 
 @pytest.mark.parametrize(
     "module",
-    ["dataset_builder.__main__", "octsam.demo", "octsam.evaluate", "octsam.hub", "octsam.inference", "octsam.training"],
+    [
+        "dataset_builder.__main__",
+        "octsam.demo",
+        "octsam.evaluate",
+        "octsam.hub",
+        "octsam.inference",
+        "octsam.training",
+    ],
 )
 def test_every_command_line_uses_it(module):
     main = importlib.import_module(module).main

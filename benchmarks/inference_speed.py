@@ -5,13 +5,15 @@ base) with a new LoRA adapter (rank 16 on ``qkv``, automatic mode, 1 class) from
 768 x 496 uint8 B-scans already in memory (file decoding and writing are not timed); a timed call covers resize to
 1024, normalisation, the forward pass, bilinear upsampling of the logits to native size and the index mask.
 
-- CPU (fp32): LoRA merged (``merge_and_unload``, the default) vs unmerged (``--no-merge``), batch 1 and 8;
-- CUDA (bf16 autocast), when a GPU is visible: merged vs unmerged, batch 1 and 16.
+Settings, side by side in one run (``--settings``; the first is the yardstick for the speed-up and the masks):
+transformers' default path (PEFT LoRA unmerged, transformers' attention), octsam's default (LoRA merged, fast
+attention) and octsam with ``--compile`` (image encoder compiled; on the CPU with inductor's weight freezing).
+CPU in fp32 at batch 1; CUDA (bf16 autocast), when a GPU is visible, at batch 1 and 16.
 
 Examples::
 
-    python benchmarks/inference_speed.py --quick              # CPU: 2 + 8 B-scans per setting (~4 min on 2 cores)
-    python benchmarks/inference_speed.py                      # CPU: 4 + 16 B-scans per setting; plus CUDA if present
+    python benchmarks/inference_speed.py --quick              # CPU: 2 B-scans per setting (~5 min on 2 cores)
+    python benchmarks/inference_speed.py                      # CPU: 4 B-scans per setting; plus CUDA if present
     python benchmarks/inference_speed.py --devices cuda       # GPU only
     python benchmarks/inference_speed.py --base facebook/sam-vit-base   # real weights (same speed, needs the Hub)
 
@@ -87,6 +89,17 @@ def time_setting(
     return time.perf_counter() - start, time.process_time() - cpu_start, [r.mask for r in results]
 
 
+#: (label, LoRA merged, fast attention, compiled image encoder): transformers' default path first (the yardstick
+#: of issue 6: PEFT LoRA unmerged, transformers' attention, as the seed scripts ran), then octsam's.
+SETTINGS = {
+    "transformers": ("transformers default (LoRA unmerged, its attention)", False, False, False),
+    "transformers-merged": ("transformers attention, LoRA merged", True, False, False),
+    "octsam": ("octsam default (merged, fast attention)", True, True, False),
+    "octsam-unmerged": ("octsam, LoRA unmerged (--no-merge)", False, True, False),
+    "octsam-compile": ("octsam --compile (merged, fast, compiled encoder)", True, True, True),
+}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     from octsam.segmenter import Segmenter
 
@@ -100,47 +113,44 @@ def run(args: argparse.Namespace) -> list[dict]:
         adapter = make_adapter(base, Path(tmp) / "adapter")
         log(f"base {base}, adapter {adapter}")
         for device in devices:
-            if device == "cpu":
-                plan = [(1, args.cpu_n1), (8, args.cpu_n8)]
-            else:
-                plan = [(1, args.gpu_n1), (16, args.gpu_n16)]
-            merged_masks = None
-            for merge in (True, False):
-                segmenter = Segmenter.from_pretrained(adapter, device=device, merge=merge)
-                masks_b1 = None
-                for batch, n in plan:
-                    images = bscans(max(n, batch))
-                    log(f"{device} {'merged' if merge else 'unmerged'} batch {batch}: {len(images)} B-scans ...")
+            batches = args.cpu_batches if device == "cpu" else args.gpu_batches
+            reference: dict[int, list[np.ndarray]] = {}  # masks of the first setting, per batch size
+            baseline: dict[int, float] = {}
+            for key in args.settings:
+                label, merge, fast, compiled = SETTINGS[key]
+                torch._dynamo.reset()
+                segmenter = Segmenter.from_pretrained(
+                    adapter, device=device, merge=merge, fast_attention=fast, compile=compiled
+                )
+                for batch in batches:
+                    images = bscans(max(args.scans, batch))
+                    log(f"{device} {key} batch {batch}: {len(images)} B-scans ...")
                     load_before = os.getloadavg()[0]
                     seconds, cpu_seconds, masks = time_setting(segmenter, images, batch, device)
+                    reference.setdefault(batch, masks)
+                    baseline.setdefault(batch, cpu_seconds if device == "cpu" else seconds)
+                    agree = np.mean([np.mean(a == b) for a, b in zip(reference[batch], masks)])
+                    cost = cpu_seconds if device == "cpu" else seconds
                     rows.append(
                         {
                             "device": device,
                             "hardware": hardware(device),
-                            "lora": "merged" if merge else "unmerged",
+                            "setting": label,
                             "batch": batch,
                             "scans": len(images),
                             "s_per_scan": seconds / len(images),
                             "scans_per_s": len(images) / seconds,
                             "cpu_s_per_scan": cpu_seconds / len(images),
+                            "speedup": baseline[batch] / cost,
+                            "agree": agree,
                             "load": max(load_before, os.getloadavg()[0]),
                         }
                     )
                     log(
-                        f"  {seconds / len(images):.3f} s per B-scan, {len(images) / seconds:.3f} B-scans/s, "
-                        f"{cpu_seconds / len(images):.2f} CPU s per B-scan, load average {os.getloadavg()[0]:.1f}"
+                        f"  {seconds / len(images):.3f} s per B-scan, {cpu_seconds / len(images):.2f} CPU s per "
+                        f"B-scan, {baseline[batch] / cost:.2f}x the first setting, {100 * agree:.4f}% of mask "
+                        f"pixels equal to it, load average {os.getloadavg()[0]:.1f}"
                     )
-                    if masks_b1 is None:
-                        masks_b1 = masks
-                        if merge:
-                            merged_masks = masks
-                        else:
-                            agree = np.mean([np.mean(a == b) for a, b in zip(merged_masks, masks)])
-                            log(f"  unmerged vs merged (batch 1): {100 * agree:.4f}% of mask pixels equal")
-                    else:
-                        shared = min(len(masks_b1), len(masks))
-                        agree = np.mean([np.mean(a == b) for a, b in zip(masks_b1[:shared], masks[:shared])])
-                        log(f"  batch {batch} vs batch 1: {100 * agree:.4f}% of mask pixels equal")
                 del segmenter
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -149,32 +159,42 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| device | hardware | LoRA | batch | B-scans timed | s per B-scan | B-scans/s | CPU s per B-scan | load |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| device | hardware | setting | batch | B-scans timed | s per B-scan | B-scans/s | CPU s per B-scan "
+        "| speed-up | mask pixels equal | load |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['device']} | {r['hardware']} | {r['lora']} | {r['batch']} | {r['scans']} | "
-            f"{r['s_per_scan']:.3f} | {r['scans_per_s']:.3f} | {r['cpu_s_per_scan']:.2f} | {r['load']:.1f} |"
+            f"| {r['device']} | {r['hardware']} | {r['setting']} | {r['batch']} | {r['scans']} | "
+            f"{r['s_per_scan']:.3f} | {r['scans_per_s']:.3f} | {r['cpu_s_per_scan']:.2f} | {r['speedup']:.2f}x | "
+            f"{100 * r['agree']:.3f} % | {r['load']:.1f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Fewer B-scans (CPU 2 + 8, GPU 16 + 32).")
+    parser.add_argument("--quick", action="store_true", help="Fewer B-scans (CPU 2, GPU 32 per setting).")
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None, help="Default: cpu (+cuda).")
     parser.add_argument("--base", default=None, help="Base SAM id or folder (default: random ViT-B weights).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
-    parser.add_argument("--cpu-n1", type=int, default=None, help="B-scans timed at batch 1 on the CPU.")
-    parser.add_argument("--cpu-n8", type=int, default=None, help="B-scans timed at batch 8 on the CPU.")
-    parser.add_argument("--gpu-n1", type=int, default=None, help="B-scans timed at batch 1 on the GPU.")
-    parser.add_argument("--gpu-n16", type=int, default=None, help="B-scans timed at batch 16 on the GPU.")
+    parser.add_argument(
+        "--settings",
+        default="transformers,octsam,octsam-compile",
+        help=f"comma-separated, the first is the yardstick; from {', '.join(SETTINGS)}",
+    )
+    parser.add_argument("--scans", type=int, default=None, help="B-scans timed per setting (default 4, quick 2).")
+    parser.add_argument("--cpu-batches", default="1", help="batch sizes on the CPU (comma-separated)")
+    parser.add_argument("--gpu-batches", default="1,16", help="batch sizes on the GPU (comma-separated)")
     args = parser.parse_args(argv)
-    defaults = {"cpu_n1": (2, 4), "cpu_n8": (8, 16), "gpu_n1": (16, 64), "gpu_n16": (32, 128)}
-    for key, (quick, full) in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else full)
+    args.settings = [k.strip() for k in args.settings.split(",") if k.strip()]
+    for key in args.settings:
+        if key not in SETTINGS:
+            parser.error(f"--settings: unknown {key!r}; use {', '.join(SETTINGS)}")
+    args.cpu_batches = [int(b) for b in args.cpu_batches.split(",")]
+    args.gpu_batches = [int(b) for b in args.gpu_batches.split(",")]
+    if args.scans is None:
+        args.scans = 2 if args.quick else 4
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(rows))
     print(
-        "\nCPU s: process CPU time (all threads) per B-scan. load: the 1-minute load average during the setting; "
-        f"above the {os.cpu_count()} cores, other processes competed and wall-clock figures are inflated."
+        "\nCPU s: process CPU time (all threads) per B-scan. speed-up: the first setting's CPU s (CPU) or wall s "
+        "(GPU) per B-scan over this one's. mask pixels equal: against the first setting's masks. load: the 1-minute "
+        f"load average during the setting; above the {os.cpu_count()} cores, other processes competed and "
+        "wall-clock figures are inflated. A compiled setting's compilation happens in its untimed warm-up."
     )
     return 0
 

@@ -427,3 +427,21 @@ def test_cli_attention_flags_give_the_same_masks(adapter, tmp_path, capsys):
     for name in ("transformers", "flex"):
         for a, b in zip(masks["default"], masks[name]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_inference_speed_benchmark_smoke(tiny_base, capsys):
+    """benchmarks/inference_speed.py runs transformers' default and octsam's path side by side (no speed asserted):
+    same masks, one table row per setting."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_speed.py"
+    spec = importlib.util.spec_from_file_location("inference_speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--base", tiny_base, "--devices", "cpu", "--settings", "transformers,octsam", "--scans", "2"]
+    assert bench.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu |")]
+    assert len(rows) == 2 and "transformers default" in rows[0] and "octsam default" in rows[1]
+    assert all("| 100.000 % |" in row for row in rows)  # the fast merged path gives the default's masks
+    with pytest.raises(SystemExit):
+        bench.main(["--settings", "nonsense"])

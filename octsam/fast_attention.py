@@ -55,7 +55,10 @@ __all__ = ["MODES", "FastSamVisionAttention", "disable_fast_attention", "enable_
 #: transformers and passed to SDPA as ``attn_mask``. ``flex``: without gradients, FlexAttention adds the bias
 #: inside the kernel at the model's own head dim (compiled on CUDA; uncompiled, slow but exact, elsewhere unless
 #: the whole model runs under ``torch.compile``); with gradients, as ``auto``.
-MODES = ("auto", "fold", "fold_flash", "bias", "flex")
+#: ``triton``: global layers whose grid width is a power of two (64 at 1024) run ``octsam.triton_attention``, a
+#: fused kernel that adds the bias per score tile at the model's head dim, with its own backward (CUDA; Triton's
+#: interpreter on the CPU); other layers as ``auto``.
+MODES = ("auto", "fold", "fold_flash", "bias", "flex", "triton")
 
 _FLASH_MAX_HEAD_DIM = 256
 
@@ -144,6 +147,8 @@ class FastSamVisionAttention(SamVisionAttention):
             out = self._folded_attention(query, key, value, groups, tokens, dropout, mode == "fold_flash")
         elif mode == "flex":
             out = self._flex_attention(query, key, value, groups, tokens)
+        elif mode == "triton":
+            out = self._triton_attention(query, key, value, groups, tokens, dropout)
         else:
             raise OctSamError(f"fast attention mode {mode!r} is unknown; use one of {', '.join(MODES)}")
 
@@ -226,6 +231,29 @@ class FastSamVisionAttention(SamVisionAttention):
 
         query, key, value = (t.reshape(groups, heads, tokens, -1) for t in (query, key, value))
         return _flex(query, key, value, score_mod=score_mod, scale=self.scale)
+
+    def _triton_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int, dropout: float
+    ) -> torch.Tensor:
+        """The fused Triton kernel where it qualifies (see ``octsam.triton_attention``), else ``auto``'s path."""
+        from octsam import triton_attention
+
+        heads, grid_h, grid_w = query.shape[3], query.shape[-3], query.shape[-2]
+        if dropout or not triton_attention.qualifies(query, grid_h, grid_w):
+            if _resolve_mode("auto", query) == "bias":
+                return self._bias_attention(query, key, value, groups, tokens, dropout)
+            pad = _resolve_mode("auto", query) == "fold_flash"
+            return self._folded_attention(query, key, value, groups, tokens, dropout, pad)
+        rel_h, rel_w = self._rel_terms(query, 1.0)
+        query, key, value = (t.reshape(groups, heads, tokens, -1) for t in (query, key, value))
+        return triton_attention.relpos_attention(
+            query,
+            key,
+            value,
+            rel_h.reshape(groups, heads, tokens, grid_h),
+            rel_w.reshape(groups, heads, tokens, grid_w),
+            self.scale,
+        )
 
 
 _COMPILED_FLEX = None

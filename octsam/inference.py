@@ -40,7 +40,7 @@ import numpy as np
 from octsam.errors import OctSamError, cli_main
 
 #: octsam.fast_attention.MODES, repeated so that ``--help`` needs no torch import (a test keeps them equal).
-ATTENTION_MODES = ("auto", "fold", "fold_flash", "bias", "flex")
+ATTENTION_MODES = ("auto", "fold", "fold_flash", "bias", "flex", "triton")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LEGEND_FONT_PT = 9

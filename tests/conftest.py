@@ -12,6 +12,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test models are tiny: one thread avoids OpenMP start-up and spin costs that dominate small ops.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# octsam.triton_attention's kernels run under Triton's interpreter (NumPy, CPU tensors); Triton reads this when a
+# kernel is decorated, i.e. when the module is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import datasets
 import numpy as np

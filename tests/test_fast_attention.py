@@ -213,7 +213,7 @@ def test_state_dict_unchanged_and_enable_is_idempotent():
 
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(OctSamError, match="mode"):
-        enable_fast_attention(tiny_sam(), mode="triton")
+        enable_fast_attention(tiny_sam(), mode="cuda-magic")
 
 
 def lora_sam(window_size: int) -> torch.nn.Module:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 6 GPU check, one prepared run (H100 or H200): SAM ViT-B at 1024, batch 16, bf16, LoRA r16 on qkv.
-#   1. the throughput table: transformers' default attention, octsam's fast attention, fast + torch.compile
-#      (training and merged inference, peak memory, model TFLOP/s), then a profile of one training step of
-#      fast and fast+compile (device time by kernel category and the top kernels)  -> $OUT/gpu_throughput.md
+#   1. the throughput table: transformers' default attention, octsam's fast attention (auto: the fold), fast +
+#      torch.compile, the fused Triton kernel (mode triton) plain and compiled (training and merged inference,
+#      peak memory, model TFLOP/s), then a profile of one compiled training step of the fold and of the Triton
+#      kernel (device time by kernel category and the top kernels)           -> $OUT/gpu_throughput.md
 #   1b. merged inference with FlexAttention (mode flex: the bias added per score at head dim 64), plain and
 #      compiled, beside the default                                          -> $OUT/gpu_flex.md
 #   2. exactness of the fast path on the GPU (fp32 and bf16, flex included) and one global / one windowed layer
@@ -23,19 +24,19 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 REPO=$PWD
 export PYTHONPATH=$REPO
-T_TABLE=${T_TABLE:-300}
-T_FLEX=${T_FLEX:-160}
-T_CHECKS=${T_CHECKS:-90}
-T_LOADER=${T_LOADER:-40}
+T_TABLE=${T_TABLE:-320}
+T_FLEX=${T_FLEX:-140}
+T_CHECKS=${T_CHECKS:-80}
+T_LOADER=${T_LOADER:-30}
 # CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast FLEX_VARIANTS=default,fast:flex PROFILE=fast \
 #   LOADER_WORKERS=0,1 LOADER_IMAGES=32 \
 #   PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_check.sh
 MODEL=${MODEL:-vit-base}
 IMAGE=${IMAGE:-1024}
 BATCH=${BATCH:-16}
-VARIANTS=${VARIANTS:-default,fast,fast+compile}
+VARIANTS=${VARIANTS:-default,fast,fast+compile,fast:triton,fast:triton+compile}
 FLEX_VARIANTS=${FLEX_VARIANTS:-default,fast:flex,fast:flex+compile}
-PROFILE=${PROFILE:-fast,fast+compile}
+PROFILE=${PROFILE:-fast+compile,fast:triton+compile}
 LOADER_WORKERS=${LOADER_WORKERS:-4,8,16}
 LOADER_IMAGES=${LOADER_IMAGES:-1024}
 

@@ -435,6 +435,8 @@ def exactness(args, config, device: torch.device) -> str:
             cases += [("default", None, torch.bfloat16), ("fast auto", "auto", torch.bfloat16)]
             cases += [("fast fold", "fold", torch.bfloat16), ("fast bias", "bias", torch.bfloat16)]
             cases += [("fast flex (no grad)", "flex", torch.bfloat16)]
+        if device.type == "cuda":
+            cases += [("fast triton", "triton", None), ("fast triton", "triton", torch.bfloat16)]
         for name, mode, dtype in cases:
             disable_fast_attention(model)
             if mode:
@@ -473,6 +475,7 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
             ("fold (cudnn)", "fold", SDPBackend.CUDNN_ATTENTION, False),
             ("fold_flash (cudnn)", "fold_flash", SDPBackend.CUDNN_ATTENTION, False),
             ("flex, flex backward", "flex", None, True),
+            ("triton", "triton", None, False),
         ]
     rows = [
         "| layer | path | fwd+bwd ms | peak GiB | fwd ms (no grad) |",

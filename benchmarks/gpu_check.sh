@@ -13,7 +13,7 @@
 # Wall time: about 6-8 minutes on an H200 (the compile variants take most); each part has its own timeout, so the
 # whole script ends within ~10 minutes even if a part hangs, and a part cut short keeps the rows it finished.
 #
-# Run from the repository root:  bash benchmarks/gpu_check.sh
+# Run from the repository root:  bash benchmarks/gpu_check.sh   (PARTS="table checks" ... runs a subset)
 # Optional wheels in .whl/ (see benchmarks/RESULTS.md, "Running the GPU check"): the "core" group (transformers, peft,
 # regex: the versions the CPU tests ran) and the "data" group (albumentations and its needs, for part 3) are each
 # installed to /tmp/site_<group> and used only if they import; otherwise the machine's own packages are used.
@@ -37,6 +37,8 @@ BATCH=${BATCH:-16}
 VARIANTS=${VARIANTS:-default,fast,fast+compile,fast:triton,fast:triton+compile}
 FLEX_VARIANTS=${FLEX_VARIANTS:-default,fast:flex,fast:flex+compile}
 PROFILE=${PROFILE:-fast+compile,fast:triton+compile}
+PARTS=${PARTS:-table flex checks loader}  # a subset runs only those parts
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 LOADER_WORKERS=${LOADER_WORKERS:-4,8,16}
 LOADER_IMAGES=${LOADER_IMAGES:-1024}
 
@@ -73,24 +75,31 @@ print("peft", peft.__version__)
 EOF
 } 2>&1 | tee "$OUT/gpu_info.txt"
 
+if want table; then
 echo "== 1/3 throughput table (timeout ${T_TABLE}s)"
 timeout -k 10 "$T_TABLE" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
     --variants "$VARIANTS" --warmup 3 --steps 10 --profile "$PROFILE" --out "$OUT/gpu_throughput.md" \
     2>&1 | tee "$OUT/log_throughput.txt"
 echo "== table exit status ${PIPESTATUS[0]}"
+fi
 
+if want flex; then
 echo "== 1b/3 inference with FlexAttention (timeout ${T_FLEX}s)"
 timeout -k 10 "$T_FLEX" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
     --variants "$FLEX_VARIANTS" --what infer --warmup 3 --steps 10 --out "$OUT/gpu_flex.md" \
     2>&1 | tee "$OUT/log_flex.txt"
 echo "== flex exit status ${PIPESTATUS[0]}"
+fi
 
+if want checks; then
 echo "== 2/3 exactness and attention kernels (timeout ${T_CHECKS}s)"
 timeout -k 10 "$T_CHECKS" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
     --variants none --check-exact --layer-bench --layer-steps 10 --out "$OUT/gpu_checks.md" \
     2>&1 | tee "$OUT/log_checks.txt"
 echo "== checks exit status ${PIPESTATUS[0]}"
+fi
 
+if want loader; then
 echo "== 3/3 data loader alone, workers $LOADER_WORKERS (timeout ${T_LOADER}s)"
 if $PY -c "import albumentations" 2>/dev/null; then
     timeout -k 10 "$T_LOADER" $PY benchmarks/throughput.py --variants none --dataloader synthetic --workers "$LOADER_WORKERS" \
@@ -98,6 +107,7 @@ if $PY -c "import albumentations" 2>/dev/null; then
 else
     echo "albumentations is not importable here: data-loader part skipped (carry the data wheels, see RESULTS.md)" \
         | tee "$OUT/gpu_loader.md"
+fi
 fi
 
 echo

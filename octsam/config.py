@@ -39,6 +39,13 @@ class ModelArguments:
     fast_attention: bool = field(
         default=True, metadata={"help": "Exact fast attention for the image encoder (octsam.fast_attention)."}
     )
+    attention_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "Fast-attention mode: auto (fold on CUDA, bias elsewhere), fold, fold_flash, bias, flex "
+            "(FlexAttention at inference, auto when training) or triton (fused Triton kernel for global layers)."
+        },
+    )
     unet_channels: list[int] = field(
         default_factory=lambda: [32, 64, 128, 256, 512], metadata={"help": "U-Net channels per level."}
     )
@@ -148,6 +155,12 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         raise OctSamError("No dataset given: set `dataset:` in the config or pass --dataset DIR_OR_REPO.")
     if model_args.model not in ("sam", "unet"):
         raise OctSamError(f"--model must be sam or unet, got {model_args.model!r}.")
+    from octsam.inference import ATTENTION_MODES
+
+    if model_args.attention_mode not in ATTENTION_MODES:
+        raise OctSamError(
+            f"--attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {model_args.attention_mode!r}."
+        )
     if train_args.report_to not in ("tensorboard", "trackio", "wandb", "none"):
         raise OctSamError(f"--report_to must be tensorboard, trackio, wandb or none, got {train_args.report_to!r}.")
     bad = [t for t in data_args.prompt_types if t not in ("box", "point", "box+point")]

@@ -81,7 +81,7 @@ def build_model(model_args: ModelArguments, labels: list[str], seed: int):
     if model_args.fast_attention:
         from octsam.fast_attention import enable_fast_attention
 
-        enable_fast_attention(model)
+        enable_fast_attention(model, mode=model_args.attention_mode)
     return model
 
 

@@ -168,6 +168,16 @@ def test_unknown_config_key(tmp_path):
         parse_config(["--config", str(config)])
 
 
+def test_attention_mode_reaches_the_model_and_a_bad_one_is_refused(tmp_path, shape_dataset, tiny_base):
+    from octsam.fast_attention import fast_attention_mode
+    from octsam.training import build_model
+
+    model_args, _, _ = parse_config(run_args(shape_dataset, tiny_base, tmp_path / "o", "--attention_mode", "triton"))
+    assert fast_attention_mode(build_model(model_args, list(TINY_LABELS), seed=0)) == "triton"
+    with pytest.raises(OctSamError, match="attention_mode"):
+        train(*parse_config(run_args(shape_dataset, tiny_base, tmp_path / "o2", "--attention_mode", "fastest")))
+
+
 def test_missing_split(tmp_path, shape_dataset, tiny_base):
     import datasets
 

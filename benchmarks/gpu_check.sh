@@ -24,9 +24,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 REPO=$PWD
 export PYTHONPATH=$REPO
-T_TABLE=${T_TABLE:-320}
+T_TABLE=${T_TABLE:-300}
 T_FLEX=${T_FLEX:-140}
-T_CHECKS=${T_CHECKS:-80}
+T_CHECKS=${T_CHECKS:-100}
 T_LOADER=${T_LOADER:-30}
 # CPU dry run of this script: MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast FLEX_VARIANTS=default,fast:flex PROFILE=fast \
 #   LOADER_WORKERS=0,1 LOADER_IMAGES=32 \

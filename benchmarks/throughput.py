@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:  # run as ``python benchmarks/throughput.py`` from
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_name, log  # noqa: E402
-from octsam import fast_attention  # noqa: E402
+from octsam import fast_attention, triton_attention  # noqa: E402
 from octsam.fast_attention import MODES, disable_fast_attention, enable_fast_attention  # noqa: E402
 
 GIB = 1024**3
@@ -477,6 +477,8 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
             ("flex, flex backward", "flex", None, True),
             ("triton", "triton", None, False),
         ]
+        # untuned launch configurations of the Triton kernel: (query rows, warps, forward stages, backward stages)
+        cases += [(f"triton {cfg}", "triton", cfg, False) for cfg in ((128, 8, 3, 2), (64, 8, 3, 2), (64, 4, 2, 1))]
     rows = [
         "| layer | path | fwd+bwd ms | peak GiB | fwd ms (no grad) |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -491,6 +493,10 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
             disable_fast_attention(layer)
             if mode:
                 enable_fast_attention(layer, mode=mode)
+            launch = backend if isinstance(backend, tuple) else None  # a Triton launch configuration
+            backend = None if launch else backend
+            if launch and window:
+                continue  # windowed layers do not run the kernel
 
             def kernel(backend=backend):  # sdpa_kernel is a one-shot context manager: a fresh one per call
                 return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
@@ -507,6 +513,9 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
 
             cells = []
             fast_attention.FLEX_WITH_GRADIENTS = flex_grad
+            saved_launch = dict(triton_attention.LAUNCH)
+            if launch:
+                triton_attention.LAUNCH.update(zip(("block_m", "num_warps", "fwd_stages", "bwd_stages"), launch))
             try:
                 for fn, warm in ((step, 2), (forward, 3)):
                     if mode == "flex" and fn is step and not flex_grad:
@@ -525,6 +534,7 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
                         cells += [f"failed: {exc!s:.60}"] + ([""] if fn is step else [])
             finally:
                 fast_attention.FLEX_WITH_GRADIENTS = False
+                triton_attention.LAUNCH.update(saved_launch)
             rows.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
             log("    " + rows[-1])
         del layer, x

@@ -194,8 +194,18 @@ def _precision(q: torch.Tensor) -> str:
     return "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+#: Launch configuration on CUDA (not tuned yet: ``benchmarks/throughput.py --layer-bench`` times a few others by
+#: changing this dict). ``block_m``: query rows per program (the interpreter uses it too: fewer, larger NumPy
+#: blocks are what makes it bearable there).
+LAUNCH = {"block_m": 64, "num_warps": 4, "fwd_stages": 3, "bwd_stages": 2}
+
+
 def _block_m(device: torch.device) -> int:
-    return 64  # on the CPU (interpreter) too: fewer, larger NumPy blocks are what makes it fast there
+    return LAUNCH["block_m"]
+
+
+def _launch(device: torch.device, stages: str) -> dict:
+    return {"num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH[stages]} if device.type == "cuda" else {}
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -222,7 +232,7 @@ def _relpos_fwd(
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(rh), *_strides(rw),
         h, n, gh, scale * _LOG2E,
         BLOCK_M=block_m, GW=gw, D=d, PRECISION=_precision(q),
-        **({"num_warps": 4, "num_stages": 3} if q.device.type == "cuda" else {}),
+        **_launch(q.device, "fwd_stages"),
     )  # fmt: skip
     return out, lse
 
@@ -255,7 +265,7 @@ def _relpos_bwd(
     drh = torch.empty((z, h, n, gh), device=q.device, dtype=rh.dtype)
     drw = torch.empty((z, h, n, gw), device=q.device, dtype=rw.dtype)
     block_m = _block_m(q.device)
-    launch = {"num_warps": 4, "num_stages": 2} if q.device.type == "cuda" else {}
+    launch = _launch(q.device, "bwd_stages")
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(rh), *_strides(rw))
     _bwd_dkdv_kernel[(gh, z * h)](
         q, k, v, rh, rw, grad_out, lse, delta, dk, dv, *common, h, n, scale,

@@ -87,3 +87,50 @@ def tiny_base(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def shape_dataset(tmp_path_factory) -> str:
     return str(write_shape_dataset(tmp_path_factory.mktemp("data") / "shapes"))
+
+
+def random_rel_pos_sam(
+    image: int = 24,
+    window_size: int = 4,
+    hidden: int = 36,
+    heads: int = 4,
+    mlp_dim: int = 72,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+):
+    """A 2-layer SAM (windowed layer, then global layer; patch 2) with random, non-zero relative-position tables,
+    so that a wrong attention bias shows (a new SAM's tables are zero)."""
+    from transformers import SamConfig, SamModel, SamVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SamVisionConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        image_size=image,
+        patch_size=2,
+        output_channels=32,
+        global_attn_indexes=[1],
+        window_size=window_size,
+        mlp_dim=mlp_dim,
+        num_pos_feats=16,
+        initializer_range=0.02,
+    )
+    config = SamConfig(
+        vision_config=vision.to_dict(),
+        prompt_encoder_config={"hidden_size": 32, "image_size": image, "patch_size": 2, "mask_input_channels": 8},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 4, "iou_head_hidden_dim": 32},
+    )
+    config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    model = SamModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "rel_pos" in name:
+                param.normal_()
+    return model.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against ``b``, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()

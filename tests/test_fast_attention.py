@@ -7,9 +7,10 @@ import os
 
 import pytest
 import torch
+from conftest import random_rel_pos_sam, rel_err
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from transformers import SamConfig, SamModel, SamVisionConfig
+from transformers import SamModel
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer, SamVisionSdpaAttention
 
 from octsam.errors import OctSamError
@@ -27,37 +28,7 @@ IMAGE = 24  # patch 2 -> a 12 x 12 token grid; window 4 divides it, window 5 pad
 
 def tiny_sam(window_size: int = 4, attn_implementation: str = "sdpa", seed: int = 0) -> SamModel:
     """The team's tiny SAM, with random (non-zero) relative-position tables so that a wrong bias shows."""
-    torch.manual_seed(seed)
-    vision = SamVisionConfig(
-        hidden_size=36,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE,
-        patch_size=2,
-        output_channels=32,
-        global_attn_indexes=[1],
-        window_size=window_size,
-        mlp_dim=72,
-        num_pos_feats=16,
-        initializer_range=0.02,
-    )
-    config = SamConfig(
-        vision_config=vision.to_dict(),
-        prompt_encoder_config={"hidden_size": 32, "image_size": IMAGE, "patch_size": 2, "mask_input_channels": 8},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 4, "iou_head_hidden_dim": 32},
-    )
-    config._attn_implementation = attn_implementation
-    config.vision_config._attn_implementation = attn_implementation
-    model = SamModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "rel_pos" in name:
-                param.normal_()
-    return model.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    return random_rel_pos_sam(IMAGE, window_size, attn_implementation=attn_implementation, seed=seed)
 
 
 def encoder_out_and_grads(model: SamModel, pixels: torch.Tensor, weight: torch.Tensor):

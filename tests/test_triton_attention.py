@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
+from conftest import random_rel_pos_sam, rel_err
 from peft import LoraConfig, get_peft_model
-from transformers import SamConfig, SamModel, SamVisionConfig
 
 pytest.importorskip("triton")
 
@@ -20,10 +20,6 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
     reason="needs a CUDA GPU or TRITON_INTERPRET=1 before octsam.triton_attention is imported",
 )
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def reference(q, k, v, rh, rw, scale):
@@ -64,34 +60,10 @@ def test_op_takes_strided_views():
     assert rel_err(out, reference(q, k, v, rh, rw, 0.25)) <= TOL
 
 
-def small_sam(seed: int = 0) -> SamModel:
+def small_sam(seed: int = 0):
     """A SAM whose global layer qualifies (16 x 16 grid, head dim 16) and whose windowed layer does not (window 5
     pads the grid to 20 x 20), with random non-zero relative-position tables."""
-    torch.manual_seed(seed)
-    vision = SamVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=2,
-        output_channels=32,
-        global_attn_indexes=[1],
-        window_size=5,
-        mlp_dim=64,
-        num_pos_feats=16,
-        initializer_range=0.02,
-    )
-    config = SamConfig(
-        vision_config=vision.to_dict(),
-        prompt_encoder_config={"hidden_size": 32, "image_size": 32, "patch_size": 2, "mask_input_channels": 8},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 4, "iou_head_hidden_dim": 32},
-    )
-    model = SamModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "rel_pos" in name:
-                param.normal_()
-    return model.eval()
+    return random_rel_pos_sam(image=32, window_size=5, hidden=32, heads=2, mlp_dim=64, seed=seed)
 
 
 def out_and_grads(encoder, pixels, weight):

@@ -409,22 +409,22 @@ def test_cli_attention_flags_give_the_same_masks(adapter, tmp_path, capsys):
     folder.mkdir()
     for i in range(2):
         Image.fromarray(scan(40, 48, seed=i)).save(folder / f"s{i}.png")
+    runs = {
+        "default": ([], "octsam fast (auto)", False),
+        "transformers": (["--no-fast-attention"], "transformers", False),
+        "flex": (["--attention-mode", "flex"], "octsam fast (flex)", False),
+        "compiled": (["--compile"], "octsam fast (auto)", True),
+    }
     masks = {}
-    for name, flags in {
-        "default": [],
-        "transformers": ["--no-fast-attention"],
-        "flex": ["--attention-mode", "flex"],
-    }.items():
+    torch._dynamo.reset()
+    for name, (flags, attention, compiled) in runs.items():
         out = tmp_path / name
         code, err = run_cli(["--adapter", adapter, "--input", folder, "--output", out, "--quiet", *flags], capsys)
         assert code == 0, err
         masks[name] = [np.array(Image.open(out / "masks" / f"s{i}.png")) for i in range(2)]
         record = json.loads((out / "run.json").read_text())
-        assert record["attention"] == (
-            "transformers" if name == "transformers" else f"octsam fast ({'flex' if name == 'flex' else 'auto'})"
-        )
-        assert record["compiled"] is False
-    for name in ("transformers", "flex"):
+        assert (record["attention"], record["compiled"]) == (attention, compiled)
+    for name in runs:
         for a, b in zip(masks["default"], masks[name]):
             np.testing.assert_array_equal(a, b)
 

@@ -57,7 +57,7 @@ def inputs():
 
 
 @pytest.mark.parametrize("window_size", [4, 5], ids=["window-divides", "window-pads"])
-@pytest.mark.parametrize("mode", ["auto", "fold", "fold_flash", "bias"])
+@pytest.mark.parametrize("mode", ["auto", "fold", "fold_flash", "bias", "triton"])  # triton: no layer qualifies here
 def test_outputs_and_gradients_match_transformers(window_size, mode, inputs):
     model = tiny_sam(window_size)
     ref = encoder_out_and_grads(model, *inputs)

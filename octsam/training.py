@@ -46,8 +46,11 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int):
     mixed = args.mixed_precision
     if mixed == "auto":
         mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if torch.cuda.is_available() else "no")
-    # Only LoRA, decoder and class-prompt gradients exist: no unused parameters, the same graph every step.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, static_graph=True, bucket_cap_mb=25)
+    # Only LoRA, decoder and class-prompt gradients exist: no unused parameters, the same graph every step; all
+    # 18.6 MB of them fit one 25 MB bucket, and the gradients live in it (no copy). benchmarks/RESULTS.md.
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=False, static_graph=True, bucket_cap_mb=25, gradient_as_bucket_view=True
+    )
     return Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=gradient_accumulation_steps,

@@ -104,11 +104,13 @@ def build_sam(config, device: torch.device, seed: int = 0):
     return model
 
 
-def add_lora(model, rank: int):
+def add_lora(model, rank: int, dropout: float = 0.0):
     """LoRA r on the image encoder's ``qkv``, the mask decoder fully trained, everything else frozen."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv"], modules_to_save=["mask_decoder"])
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=["qkv"], modules_to_save=["mask_decoder"]
+    )
     return get_peft_model(model, config)
 
 
@@ -232,7 +234,7 @@ def count_flops(fn) -> int:
 
 def model_flops(args, config, device: torch.device, amp) -> tuple[float, float]:
     """FLOPs per image of one training step and of one inference forward, on transformers' path at batch 1."""
-    model = add_lora(build_sam(config, device), args.lora_rank)
+    model = add_lora(build_sam(config, device), args.lora_rank, args.lora_dropout)
     batch = make_batch(config, 1, device)
     train = inference = math.nan
     if args.what in ("train", "both"):
@@ -271,7 +273,7 @@ def _run_variant(args, variant: str, config, device: torch.device, amp, row: dic
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = add_lora(build_sam(config, device), args.lora_rank)
+    model = add_lora(build_sam(config, device), args.lora_rank, args.lora_dropout)
     if fast:
         row["attention_modules"] = enable_fast_attention(model, mode=mode)
     batch = make_batch(config, args.batch_size, device)
@@ -383,7 +385,7 @@ def describe(args, device: torch.device, config, flops) -> str:
     dtype = "bf16 autocast" if args.amp == "bf16" else "fp32"
     lines = [
         f"{args.model} (hidden {v.hidden_size}, {v.num_hidden_layers} layers, image {v.image_size}), "
-        f"batch {args.batch_size}, {dtype}, LoRA r{args.lora_rank} on qkv + decoder trained, "
+        f"batch {args.batch_size}, {dtype}, LoRA r{args.lora_rank} on qkv (dropout {args.lora_dropout:g}) + decoder trained, "
         f"{args.warmup} warm-up + {args.steps} timed steps, fast mode {args.fast_mode}",
         f"{hw}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
     ]
@@ -659,6 +661,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fast-mode", default="auto", choices=MODES, help="octsam.fast_attention mode of the plain 'fast' variants"
     )
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        help="LoRA dropout (0: PEFT's default and version 1's tables; train.py's AMD/DME/MH configs use 0.1)",
+    )
     p.add_argument(
         "--profile",
         default="",

@@ -64,7 +64,7 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr, GW: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)
-        zh = tl.program_id(1)
+        zh = tl.program_id(1).to(tl.int64)  # batch x head offsets pass 2**31 at large batches
         z = zh // H
         h = zh % H
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,7 +107,7 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr, GW: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)  # one key tile = one grid row
-        zh = tl.program_id(1)
+        zh = tl.program_id(1).to(tl.int64)  # batch x head offsets pass 2**31 at large batches
         z = zh // H
         h = zh % H
         offs_n = tl.arange(0, GW)
@@ -154,7 +154,7 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr, GW: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)
-        zh = tl.program_id(1)
+        zh = tl.program_id(1).to(tl.int64)  # batch x head offsets pass 2**31 at large batches
         z = zh // H
         h = zh % H
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -20,6 +20,7 @@ interpreter (``TRITON_INTERPRET=1``, set before import), which is how CPU tests 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,7 +51,12 @@ def qualifies(query: torch.Tensor, grid_h: int, grid_w: int) -> bool:
     def pow2(x: int, lo: int, hi: int) -> bool:
         return lo <= x <= hi and x & (x - 1) == 0
 
-    return pow2(grid_w, 16, 128) and pow2(head_dim, 16, 128) and grid_h >= 1
+    return (
+        query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and pow2(grid_w, 16, 128)
+        and pow2(head_dim, 16, 128)
+        and grid_h >= 1
+    )
 
 
 if AVAILABLE:
@@ -197,7 +203,9 @@ def _precision(q: torch.Tensor) -> str:
 #: Launch configuration on CUDA (not tuned yet: ``benchmarks/throughput.py --layer-bench`` times a few others by
 #: changing this dict). ``block_m``: query rows per program (the interpreter uses it too: fewer, larger NumPy
 #: blocks are what makes it bearable there).
-LAUNCH = {"block_m": 64, "num_warps": 4, "fwd_stages": 3, "bwd_stages": 2}
+#: One backward pipeline stage: with two, ptxas reports its Hopper tensor-core (wgmma) instructions serialized in
+#: both backward kernels (warning C7515, found compiling for sm_90a without a GPU).
+LAUNCH = {"block_m": 64, "num_warps": 4, "fwd_stages": 3, "bwd_stages": 1}
 
 
 def _block_m(device: torch.device) -> int:
@@ -216,6 +224,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("octsam::relpos_attention_fwd", mutates_args=())
 def _relpos_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, scale: float
@@ -227,13 +240,14 @@ def _relpos_fwd(
     lse = torch.empty((z, h, n), device=q.device, dtype=torch.float32)
     block_m = _block_m(q.device)
     grid = (triton.cdiv(n, block_m), z * h)
-    _fwd_kernel[grid](
-        q, k, v, rh, rw, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(rh), *_strides(rw),
-        h, n, gh, scale * _LOG2E,
-        BLOCK_M=block_m, GW=gw, D=d, PRECISION=_precision(q),
-        **_launch(q.device, "fwd_stages"),
-    )  # fmt: skip
+    with _device_guard(q):
+        _fwd_kernel[grid](
+            q, k, v, rh, rw, out, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(rh), *_strides(rw),
+            h, n, gh, scale * _LOG2E,
+            BLOCK_M=block_m, GW=gw, D=d, PRECISION=_precision(q),
+            **_launch(q.device, "fwd_stages"),
+        )  # fmt: skip
     return out, lse
 
 
@@ -256,6 +270,7 @@ def _relpos_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, rh, rw, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, rh, rw, grad_out))
+    lse = lse.contiguous()  # the kernels index it as (z * h, n)
     z, h, n, d = q.shape
     gh, gw = rh.shape[-1], rw.shape[-1]
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (z, h, n)
@@ -267,14 +282,15 @@ def _relpos_bwd(
     block_m = _block_m(q.device)
     launch = _launch(q.device, "bwd_stages")
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(rh), *_strides(rw))
-    _bwd_dkdv_kernel[(gh, z * h)](
-        q, k, v, rh, rw, grad_out, lse, delta, dk, dv, *common, h, n, scale,
-        BLOCK_M=block_m, GW=gw, D=d, PRECISION=_precision(q), **launch,
-    )  # fmt: skip
-    _bwd_dq_kernel[(triton.cdiv(n, block_m), z * h)](
-        q, k, v, rh, rw, grad_out, lse, delta, dq, drh, drw, *common, h, n, gh, scale,
-        BLOCK_M=block_m, GW=gw, D=d, PRECISION=_precision(q), **launch,
-    )  # fmt: skip
+    with _device_guard(q):
+        _bwd_dkdv_kernel[(gh, z * h)](
+            q, k, v, rh, rw, grad_out, lse, delta, dk, dv, *common, h, n, scale,
+            BLOCK_M=block_m, GW=gw, D=d, PRECISION=_precision(q), **launch,
+        )  # fmt: skip
+        _bwd_dq_kernel[(triton.cdiv(n, block_m), z * h)](
+            q, k, v, rh, rw, grad_out, lse, delta, dq, drh, drw, *common, h, n, gh, scale,
+            BLOCK_M=block_m, GW=gw, D=d, PRECISION=_precision(q), **launch,
+        )  # fmt: skip
     return dq, dk, dv, drh, drw
 
 
@@ -312,4 +328,17 @@ def relpos_attention(
     ``N = grid_h * grid_w`` row-major tokens, ``rel_h`` (Z, H, N, grid_h), ``rel_w`` (Z, H, N, grid_w)."""
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    z, h, n, _ = query.shape
+    if not (
+        query.dtype == key.dtype == value.dtype
+        and query.shape == key.shape == value.shape
+        and rel_h.shape[:3] == rel_w.shape[:3] == (z, h, n)
+        and rel_h.shape[-1] * rel_w.shape[-1] == n
+        and query.device == key.device == value.device == rel_h.device == rel_w.device
+    ):  # a mismatch would read out of bounds on the GPU, which can poison the CUDA context
+        raise ValueError(
+            "relpos_attention: query, key and value must share dtype, shape and device, and rel_h (Z, H, N, grid_h) "
+            f"and rel_w (Z, H, N, grid_w) need grid_h * grid_w == N; got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}, {tuple(rel_h.shape)}, {tuple(rel_w.shape)}"
+        )
     return _relpos_fwd(query, key, value, rel_h, rel_w, float(scale))[0]

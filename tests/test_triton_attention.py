@@ -151,8 +151,17 @@ def test_compiles_as_one_opaque_op():
         assert rel_err(a, b) <= TOL
 
 
+def test_mismatched_inputs_are_refused_before_any_kernel():
+    q = torch.zeros(1, 2, 48, 16)
+    with pytest.raises(ValueError, match="grid_h \\* grid_w"):
+        triton_attention.relpos_attention(q, q, q, torch.zeros(1, 2, 48, 3), torch.zeros(1, 2, 48, 15), 0.25)
+    with pytest.raises(ValueError, match="dtype, shape and device"):
+        triton_attention.relpos_attention(q, q.half(), q, torch.zeros(1, 2, 48, 3), torch.zeros(1, 2, 48, 16), 0.25)
+
+
 def test_qualifies():
     q = torch.zeros(1, 1, 4, 64)
     assert triton_attention.qualifies(q, 64, 64)
+    assert not triton_attention.qualifies(q.double(), 64, 64)  # fp64 has no tensor-core dot
     assert not triton_attention.qualifies(q, 14, 14)  # windowed layers keep the fold
     assert not triton_attention.qualifies(torch.zeros(1, 1, 4, 80), 64, 64)  # ViT-H's head dim 80

@@ -469,24 +469,25 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
     torch._dynamo.reset()  # compiled FlexAttention caches one entry per shape and dtype: start empty
     v = config.vision_config
     grid = v.image_size // v.patch_size
-    # (name, fast-attention mode, SDPA backend, FlexAttention's own backward)
+    # (name, fast-attention mode, SDPA backend, FlexAttention's own backward, Triton launch configuration)
     cases = [
-        ("default", None, None, False),
-        ("bias", "bias", None, False),
-        ("fold", "fold", None, False),
-        ("fold_flash", "fold_flash", None, False),
-        ("flex", "flex", None, False),
+        ("default", None, None, False, None),
+        ("bias", "bias", None, False, None),
+        ("fold", "fold", None, False, None),
+        ("fold_flash", "fold_flash", None, False, None),
+        ("flex", "flex", None, False, None),
     ]
     if device.type == "cuda":
         cases += [
-            ("fold (efficient)", "fold", SDPBackend.EFFICIENT_ATTENTION, False),
-            ("fold (cudnn)", "fold", SDPBackend.CUDNN_ATTENTION, False),
-            ("fold_flash (cudnn)", "fold_flash", SDPBackend.CUDNN_ATTENTION, False),
-            ("flex, flex backward", "flex", None, True),
-            ("triton", "triton", None, False),
+            ("fold (efficient)", "fold", SDPBackend.EFFICIENT_ATTENTION, False, None),
+            ("fold (cudnn)", "fold", SDPBackend.CUDNN_ATTENTION, False, None),
+            ("fold_flash (cudnn)", "fold_flash", SDPBackend.CUDNN_ATTENTION, False, None),
+            ("flex, flex backward", "flex", None, True, None),
+            ("triton", "triton", None, False, None),
         ]
         # untuned launch configurations of the Triton kernel: (query rows, warps, forward stages, backward stages)
-        cases += [(f"triton {cfg}", "triton", cfg, False) for cfg in ((128, 8, 3, 1), (64, 8, 3, 1), (64, 4, 3, 2))]
+        configs = ((128, 8, 3, 1), (64, 8, 3, 1), (64, 4, 3, 2))
+        cases += [(f"triton {cfg}", "triton", None, False, cfg) for cfg in configs]
     rows = [
         "| layer | path | fwd+bwd ms | peak GiB | fwd ms (no grad) |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -497,12 +498,10 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
         with torch.device(device):
             layer = SamVisionLayer(v, window_size=window)
         x = torch.randn(args.batch_size, grid, grid, v.hidden_size, device=device)
-        for name, mode, backend, flex_grad in cases:
+        for name, mode, backend, flex_grad, launch in cases:
             disable_fast_attention(layer)
             if mode:
                 enable_fast_attention(layer, mode=mode)
-            launch = backend if isinstance(backend, tuple) else None  # a Triton launch configuration
-            backend = None if launch else backend
             if launch and window:
                 continue  # windowed layers do not run the kernel
 

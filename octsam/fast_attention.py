@@ -140,6 +140,11 @@ class FastSamVisionAttention(SamVisionAttention):
         qkv = qkv.view(batch, n_h, grid_h, n_w, grid_w, 3, heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
         query, key, value = qkv.unbind(0)
         dropout = self.dropout if self.training else 0.0
+        if mode == "triton":
+            from octsam import triton_attention
+
+            if dropout or not triton_attention.qualifies(query, grid_h, grid_w):
+                mode = _resolve_mode("auto", query)  # e.g. windowed layers: the kernel needs a power-of-two grid
 
         if mode == "bias" or not self.use_rel_pos:
             out = self._bias_attention(query, key, value, groups, tokens, dropout)
@@ -148,7 +153,7 @@ class FastSamVisionAttention(SamVisionAttention):
         elif mode == "flex":
             out = self._flex_attention(query, key, value, groups, tokens)
         elif mode == "triton":
-            out = self._triton_attention(query, key, value, groups, tokens, dropout)
+            out = self._triton_attention(query, key, value, groups, tokens)
         else:
             raise OctSamError(f"fast attention mode {mode!r} is unknown; use one of {', '.join(MODES)}")
 
@@ -216,14 +221,19 @@ class FastSamVisionAttention(SamVisionAttention):
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
         return out[..., :head_dim] if pad_value else out
 
+    def _flat_rel_terms(self, query: torch.Tensor, groups: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q . Rh`` (groups, heads, tokens, grid_h) and ``q . Rw`` (groups, heads, tokens, grid_w), unscaled: the
+        bias terms a kernel adds to each score itself."""
+        heads, grid_h, grid_w = query.shape[3], query.shape[-3], query.shape[-2]
+        rel_h, rel_w = self._rel_terms(query, 1.0)
+        return rel_h.reshape(groups, heads, tokens, grid_h), rel_w.reshape(groups, heads, tokens, grid_w)
+
     def _flex_attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int
     ) -> torch.Tensor:
         """Attention with the bias added per score inside FlexAttention (no gradients; see the module docstring)."""
         heads, grid_w = query.shape[3], query.shape[-2]
-        rel_h, rel_w = self._rel_terms(query, 1.0)
-        rel_h = rel_h.reshape(groups, heads, tokens, -1)
-        rel_w = rel_w.reshape(groups, heads, tokens, grid_w)
+        rel_h, rel_w = self._flat_rel_terms(query, groups, tokens)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             # key token kv_idx sits at (row, column) = divmod(kv_idx, grid_w) of its window or grid.
@@ -233,27 +243,15 @@ class FastSamVisionAttention(SamVisionAttention):
         return _flex(query, key, value, score_mod=score_mod, scale=self.scale)
 
     def _triton_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int, dropout: float
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int
     ) -> torch.Tensor:
-        """The fused Triton kernel where it qualifies (see ``octsam.triton_attention``), else ``auto``'s path."""
+        """The fused Triton kernel (``octsam.triton_attention``; ``forward`` checked that the layer qualifies)."""
         from octsam import triton_attention
 
-        heads, grid_h, grid_w = query.shape[3], query.shape[-3], query.shape[-2]
-        if dropout or not triton_attention.qualifies(query, grid_h, grid_w):
-            if _resolve_mode("auto", query) == "bias":
-                return self._bias_attention(query, key, value, groups, tokens, dropout)
-            pad = _resolve_mode("auto", query) == "fold_flash"
-            return self._folded_attention(query, key, value, groups, tokens, dropout, pad)
-        rel_h, rel_w = self._rel_terms(query, 1.0)
+        heads = query.shape[3]
+        rel_h, rel_w = self._flat_rel_terms(query, groups, tokens)
         query, key, value = (t.reshape(groups, heads, tokens, -1) for t in (query, key, value))
-        return triton_attention.relpos_attention(
-            query,
-            key,
-            value,
-            rel_h.reshape(groups, heads, tokens, grid_h),
-            rel_w.reshape(groups, heads, tokens, grid_w),
-            self.scale,
-        )
+        return triton_attention.relpos_attention(query, key, value, rel_h, rel_w, self.scale)
 
 
 _COMPILED_FLEX = None

@@ -89,9 +89,9 @@ class Segmenter:
     def compile_encoder(self) -> None:
         """``torch.compile`` the image encoder in place (state-dict keys unchanged), for inference only.
 
-        On the CPU inductor also *freezes* the weights (constant-folds them and pre-packs them for oneDNN), which
-        is where most of the CPU gain comes from (benchmarks/RESULTS.md); the first batch of each new batch size
-        compiles (about a minute for ViT-B on 2 cores), so it pays for folders of many B-scans, not for one.
+        On the CPU inductor also *freezes* the weights (constant-folds them and pre-packs them for oneDNN): SAM
+        ViT-B took 12.2 instead of 12.7 s per B-scan on 2 cores (benchmarks/RESULTS.md). The first batch of each
+        new batch size compiles (about a minute for ViT-B on 2 cores), so it pays for many B-scans, not for one.
         """
         if self.config.architecture != "sam":
             return  # the U-Net baseline is small; nothing to gain

@@ -6,7 +6,7 @@ accelerate launch --config_file accelerate_config.yaml train.py --config configs
 
 import sys
 
-from octsam.training import main
+from octsam.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,10 +3,10 @@
 Stages (all by default, each can be run alone with ``--stage``):
 
 1. ``data``: ``python -m dataset_builder folder ...`` -> ``data/duke_dme`` (skipped when it exists);
-2. ``unet``: the MONAI U-Net baseline through ``octsam.training`` (``--model unet``);
-3. ``sam``: a tiny *randomly initialised* SAM (``octsam.modeling.save_random_base``; no pretrained SAM can be loaded
-   here) with LoRA in automatic mode, through ``octsam.training``;
-4. ``evaluate``: ``octsam.evaluate.run_comparison`` on the test split: zero-shot (the same random base with
+2. ``unet``: the MONAI U-Net baseline through ``octsam.training.loop`` (``--model unet``);
+3. ``sam``: a tiny *randomly initialised* SAM (``octsam.models.sam.save_random_base``; no pretrained SAM can be loaded
+   here) with LoRA in automatic mode, through ``octsam.training.loop``;
+4. ``evaluate``: ``octsam.evaluation.compare.run_comparison`` on the test split: zero-shot (the same random base with
    ground-truth boxes - meaningless as a baseline, reported because the protocol asks for the row), SAM + LoRA and
    the U-Net, per-class CSVs with patient-bootstrap CIs, the seed-format CSV, figures and ``report.md``.
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     args = parser.parse_args(argv)
 
-    from octsam.training import main as train_main
+    from octsam.cli.train import main as train_main
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dataset, work = Path(args.dataset), Path(args.work)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if "unet" in stages:
         timed("train U-Net", timings, train_main, unet_args(args, dataset, work / "unet"))
     if "sam" in stages:
-        from octsam.modeling import save_random_base
+        from octsam.models.sam import save_random_base
 
         base = work / "tiny_sam_base"
         save_random_base(base, seed=args.seed, **SAM_BASE)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
     if "evaluate" in stages:
-        from octsam.evaluate import run_comparison
+        from octsam.evaluation.compare import run_comparison
 
         start, cpu_start = time.perf_counter(), time.process_time()
         summary = run_comparison(

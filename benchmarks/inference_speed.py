@@ -55,7 +55,8 @@ def make_base(folder: Path) -> str:
 
 
 def make_adapter(base: str, folder: Path) -> str:
-    from octsam.modeling import OctSamConfig, OctSamModel
+    from octsam.adapter import OctSamConfig
+    from octsam.models.sam import OctSamModel
 
     config = OctSamConfig(labels=["background", "fluid"], base_model=base)
     model = OctSamModel.from_base(config, seed=0)

@@ -11,7 +11,7 @@ is ONE markdown table (printed last, and written to ``--out``):
   path, attention through the math backend so that every product is counted, bias and padding not) divided by each
   variant's time. The fast path does more arithmetic than that (its q.k product is wider); it is not credited.
 
-Variants: ``default`` (transformers' SDPA attention), ``fast`` (``octsam.fast_attention`` in ``--fast-mode``),
+Variants: ``default`` (transformers' SDPA attention), ``fast`` (``octsam.models.fast_attention`` in ``--fast-mode``),
 ``fast:MODE`` (that mode, e.g. ``fast:flex``), ``+compile`` on any (``torch.compile`` of the whole model, compile
 time excluded: it happens in the warm-up steps).
 
@@ -45,8 +45,8 @@ if str(REPO) not in sys.path:  # run as ``python benchmarks/throughput.py`` from
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_name, log  # noqa: E402
-from octsam import fast_attention, triton_attention  # noqa: E402
-from octsam.fast_attention import MODES, disable_fast_attention, enable_fast_attention  # noqa: E402
+from octsam.models import fast_attention, triton_attention  # noqa: E402
+from octsam.models.fast_attention import MODES, disable_fast_attention, enable_fast_attention  # noqa: E402
 
 GIB = 1024**3
 
@@ -593,7 +593,8 @@ def dataloader_bench(args) -> str:
     from PIL import Image
     from torch.utils.data import DataLoader
 
-    from octsam.transforms import AugmentConfig, SegmentationSamples, collate
+    from octsam.data.augment import AugmentConfig
+    from octsam.data.samples import SegmentationSamples, collate
 
     def png(array) -> bytes:
         buf = io.BytesIO()
@@ -610,7 +611,7 @@ def dataloader_bench(args) -> str:
         split = _PngSplit([(f.read_bytes(), (Path(source) / "masks" / f.name).read_bytes()) for f in files])
         what = f"{len(split)} PNG B-scans from {source}"
     else:
-        from octsam.data import load_oct_dataset
+        from octsam.data.dataset import load_oct_dataset
 
         split = load_oct_dataset(source)[0]["train"]
         what = f"train split of {source} ({len(split)} scans)"
@@ -663,7 +664,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument(
-        "--fast-mode", default="auto", choices=MODES, help="octsam.fast_attention mode of the plain 'fast' variants"
+        "--fast-mode",
+        default="auto",
+        choices=MODES,
+        help="octsam.models.fast_attention mode of the plain 'fast' variants",
     )
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument(

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dataset_builder.palettes import Palette, colors_to_index, load_palette
 from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
-from octsam.data import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan
+from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan
 from octsam.errors import OctSamError
 
 logger = logging.getLogger("dataset_builder")

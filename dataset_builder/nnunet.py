@@ -21,7 +21,7 @@ import numpy as np
 
 from dataset_builder.folder import check_pairs, index_mask, listing, patient_ids, read_mask
 from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
-from octsam.data import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan, to_uint8
+from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan, to_uint8
 from octsam.errors import OctSamError
 
 logger = logging.getLogger("dataset_builder")

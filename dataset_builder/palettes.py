@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from octsam.data import IGNORE_INDEX
+from octsam.data.dataset import IGNORE_INDEX
 from octsam.errors import OctSamError
 
 # The seed's mask colours (DESIGN.md).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from octsam.data import SPLITS
+from octsam.data.dataset import SPLITS
 from octsam.errors import OctSamError
 
 logger = logging.getLogger("dataset_builder")

@@ -23,15 +23,22 @@ import datasets
 import huggingface_hub
 import numpy as np
 
-import octsam
 from dataset_builder.splits import SplitStats, load_split_file, split_patients, split_table
-from octsam.data import IGNORE_INDEX, LABELS_FILE, SPLITS, dataset_features, labels_description, labels_to_id2label
+from octsam.cards import template_path
+from octsam.data.dataset import (
+    IGNORE_INDEX,
+    LABELS_FILE,
+    SPLITS,
+    dataset_features,
+    labels_description,
+    labels_to_id2label,
+)
 from octsam.errors import OctSamError
+from octsam.folders import remove_stale_staging, swap_into_place
 
 logger = logging.getLogger("dataset_builder")
 
 # Package data of octsam (pyproject.toml [tool.setuptools.package-data]), next to the adapter card template.
-CARD_TEMPLATE = Path(octsam.__file__).resolve().parent / "model_cards" / "dataset_card.md"
 SPLITS_FILE = "splits.json"
 WRITER_BATCH_SIZE = 32  # rows per Arrow record batch: bounds the memory held while streaming
 
@@ -194,7 +201,8 @@ def build_dataset(
     created = _missing_ancestors(parent)
     parent.mkdir(parents=True, exist_ok=True)
     name = out.name if out is not None else "dataset"
-    tmp = parent / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    remove_stale_staging(parent, name)
+    tmp = parent / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         final_dir = tmp / "dataset"
@@ -204,7 +212,7 @@ def build_dataset(
         (final_dir / "README.md").write_text(str(card))
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         if out is not None:
-            _move_into_place(final_dir, out, tmp)
+            swap_into_place(final_dir, out)  # an existing out only with --overwrite (check_output)
         if push_to_hub is not None:
             push_dataset(out if out is not None else final_dir, push_to_hub, private=private, token=token)
     except BaseException as err:
@@ -290,19 +298,6 @@ def _rmdir_if_empty(path: Path) -> None:
         pass
 
 
-def _move_into_place(new: Path, out: Path, tmp: Path) -> None:
-    if out.exists():  # check_output allowed it: a dataset folder and --overwrite
-        old = tmp / "old"
-        os.replace(out, old)
-        try:
-            os.replace(new, out)
-        except OSError:
-            os.replace(old, out)
-            raise
-    else:
-        os.replace(new, out)
-
-
 # ------------------------------------------------------------------------------------------------ card
 
 
@@ -314,12 +309,8 @@ def _size_category(n: int) -> str:
 
 
 def render_card(labels: list[str], summaries: dict[str, dict], meta: DatasetMeta, repo_id: str | None = None):
-    """The dataset card (``huggingface_hub.DatasetCard``) rendered from ``octsam/model_cards/dataset_card.md``."""
-    if not CARD_TEMPLATE.is_file():
-        raise OctSamError(
-            f"dataset card template missing: {CARD_TEMPLATE}; reinstall octsam (the templates ship in "
-            "octsam/model_cards/)."
-        )
+    """The dataset card (``huggingface_hub.DatasetCard``) rendered from ``model_cards/dataset_card.md``."""
+    template = template_path("dataset_card.md")
     total = sum(s["scans"] for s in summaries.values())
     card_data = huggingface_hub.DatasetCardData(
         license=meta.license,
@@ -330,7 +321,7 @@ def render_card(labels: list[str], summaries: dict[str, dict], meta: DatasetMeta
     )
     return huggingface_hub.DatasetCard.from_template(
         card_data,
-        template_path=str(CARD_TEMPLATE),
+        template_path=str(template),
         labels=list(enumerate(labels)),
         summaries=summaries,
         table=split_table(summaries, labels),

@@ -1,4 +1,4 @@
-"""Model cards for adapter folders and Hub repos, rendered from ``octsam/model_cards/adapter_card.md``.
+"""Model cards for adapter folders and Hub repos, rendered from ``model_cards/adapter_card.md``.
 
 The card goes through ``huggingface_hub.ModelCard`` / ``ModelCardData``, so its YAML header is the Hub's metadata:
 ``library_name: peft``, ``base_model``, ``pipeline_tag: image-segmentation``, tags, datasets and the test metrics as
@@ -16,11 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from octsam import __version__
+from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
 from octsam.errors import OctSamError
-from octsam.modeling import ADAPTER_CONFIG_NAME, OctSamConfig
+
 
 # Package data (pyproject.toml [tool.setuptools.package-data]): installed with octsam, wheel or editable.
-TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "adapter_card.md"
+def template_path(name: str) -> Path:
+    """A card template: ``model_cards/NAME`` at the repository root in a checkout, ``octsam/model_cards/NAME`` in an
+    installed wheel (pyproject.toml maps the root folder into the package)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "model_cards", here.parent / "model_cards"):
+        if (folder / name).is_file():
+            return folder / name
+    raise OctSamError(
+        f"Card template {name} is missing (looked in {here / 'model_cards'} and {here.parent / 'model_cards'}); "
+        "reinstall octsam."
+    )
+
+
 CARD_MARKER = "octsam-adapter-card"
 # Written where the repo id is not known yet; ``octsam.hub.push_adapter`` replaces it with the real one.
 REPO_PLACEHOLDER = "ORG/NAME"
@@ -67,7 +80,7 @@ def _finite(value: Any) -> bool:
 
 
 def _colour(index: int) -> str:
-    from octsam.plots import class_color
+    from octsam.evaluation.plots import class_color
 
     r, g, b = class_color(index)
     return f"`#{r:02x}{g:02x}{b:02x}` (RGB {r}, {g}, {b})"
@@ -164,17 +177,12 @@ def render_adapter_card(
 ) -> str:
     """The adapter's model card (README.md text).
 
-    ``metrics`` is ``octsam.metrics.EvaluationResult.to_dict()`` on the test split (or the ``*_summary.json`` that
+    ``metrics`` is ``octsam.evaluation.metrics.EvaluationResult.to_dict()`` on the test split (or the ``*_summary.json`` that
     ``write_results`` writes); ``training`` a flat dict of training settings/results; ``dataset`` a Hub dataset id
     or a description; ``repo_id`` the Hub repo the card is for (``ORG/NAME`` is shown while unknown).
     """
     from huggingface_hub import ModelCard
 
-    if not TEMPLATE_PATH.is_file():
-        raise OctSamError(
-            f"Model card template {TEMPLATE_PATH} is missing; reinstall octsam (the templates ship in "
-            "octsam/model_cards/)."
-        )
     metrics = metrics or None
     data = card_data(config, metrics, dataset, repo_id, license)
     biomarkers = ", ".join(config.labels[1:])
@@ -258,7 +266,7 @@ def render_adapter_card(
     n_train = training.get("train_scans") or training.get("n_train")
     content = ModelCard.from_template(
         data,
-        template_path=str(TEMPLATE_PATH),
+        template_path=str(template_path("adapter_card.md")),
         marker=CARD_MARKER,
         title=f"octsam: SAM + LoRA for {biomarkers} in OCT" + (f" ({repo_id})" if repo_id else ""),
         base_model_link=base_model_link,

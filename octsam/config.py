@@ -13,31 +13,46 @@ from pathlib import Path
 
 import yaml
 
+from octsam.adapter import OctSamConfig
+from octsam.data.augment import AugmentConfig
+from octsam.data.prompts import PromptConfig
 from octsam.errors import OctSamError
+
+
+def _copy_field(source, name: str, help: str):
+    """A field with the name and default of ``source``'s field ``name`` (defaults written once, in ``source``)."""
+    original = {f.name: f for f in dataclasses.fields(source)}[name]
+    if original.default_factory is not dataclasses.MISSING:
+        return field(default_factory=original.default_factory, metadata={"help": help})
+    return field(default=original.default, metadata={"help": help})
+
+
+def _adapter_field(name: str, help: str):
+    return _copy_field(OctSamConfig, name, help)
 
 
 @dataclass
 class ModelArguments:
     model: str = field(default="sam", metadata={"help": "sam (SAM + LoRA) or unet (MONAI U-Net baseline)."})
-    base_model: str = field(
-        default="facebook/sam-vit-base", metadata={"help": "SamModel Hub id or local folder (any SAM size)."}
+    # The adapter's own settings: names and defaults are OctSamConfig's (one source of truth), see adapter_config().
+    base_model: str = _adapter_field("base_model", "SamModel Hub id or local folder (any SAM size).")
+    base_model_revision: str | None = _adapter_field("base_model_revision", "Hub revision of the base model.")
+    mode: str = _adapter_field("mode", "automatic (no prompts) or prompted (boxes/points).")
+    class_activation: str = _adapter_field(
+        "class_activation", "softmax: classes compete (one per pixel); sigmoid: overlapping."
     )
-    base_model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
-    mode: str = field(default="automatic", metadata={"help": "automatic (no prompts) or prompted (boxes/points)."})
-    class_activation: str = field(
-        default="softmax", metadata={"help": "softmax: classes compete (one per pixel); sigmoid: overlapping."}
+    tokens_per_class: int = _adapter_field("tokens_per_class", "Learned prompt tokens per class (automatic).")
+    lora_r: int = _adapter_field("lora_r", "LoRA rank.")
+    lora_alpha: int = _adapter_field("lora_alpha", "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _adapter_field("lora_dropout", "Dropout on the LoRA path.")
+    lora_target_modules: list[str] = _adapter_field(
+        "lora_target_modules", "Any of qkv, proj, mlp (image encoder) and decoder_attention."
     )
-    tokens_per_class: int = field(default=2, metadata={"help": "Learned prompt tokens per class (automatic)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["qkv"],
-        metadata={"help": "Any of qkv, proj, mlp (image encoder) and decoder_attention."},
+    train_mask_decoder: bool = _adapter_field(
+        "train_mask_decoder", "Train the whole mask decoder (--no_train_mask_decoder: keep it frozen)."
     )
-    train_mask_decoder: bool = field(default=True, metadata={"help": "Train the whole mask decoder."})
     fast_attention: bool = field(
-        default=True, metadata={"help": "Exact fast attention for the image encoder (octsam.fast_attention)."}
+        default=True, metadata={"help": "Exact fast attention for the image encoder (octsam.models.fast_attention)."}
     )
     attention_mode: str = field(
         default="auto",
@@ -56,16 +71,28 @@ class ModelArguments:
 class DataArguments:
     dataset: str = field(default="", metadata={"help": "Dataset folder (save_to_disk) or Hub dataset repo id."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Hub revision of the dataset."})
-    max_prompts: int = field(default=8, metadata={"help": "Prompted mode: prompts (components) per B-scan."})
-    box_jitter: float = field(default=0.1, metadata={"help": "Prompted mode: box jitter as a fraction of its size."})
-    positive_points: int = field(default=1, metadata={"help": "Prompted mode: points inside each component."})
-    negative_points: int = field(default=1, metadata={"help": "Prompted mode: points in the box, outside it."})
+    # Prompted mode (names and defaults are PromptConfig's).
+    max_prompts: int = _copy_field(PromptConfig, "max_prompts", "Prompted mode: prompts (components) per B-scan.")
+    box_jitter: float = _copy_field(PromptConfig, "box_jitter", "Prompted mode: box jitter as a fraction of its size.")
+    min_box_jitter_px: float = _copy_field(PromptConfig, "min_box_jitter_px", "Prompted mode: least box jitter (px).")
+    positive_points: int = _copy_field(PromptConfig, "positive_points", "Prompted mode: points inside each component.")
+    negative_points: int = _copy_field(
+        PromptConfig, "negative_points", "Prompted mode: points in the box, outside it."
+    )
     prompt_types: list[str] = field(
         default_factory=lambda: ["box", "point", "box+point"],
         metadata={"help": "Prompted mode: prompt kinds drawn per step."},
     )
-    augment: bool = field(default=True, metadata={"help": "Flips, rotations, brightness/contrast on training."})
-    rotate_limit: float = field(default=10.0, metadata={"help": "Largest rotation in degrees."})
+    # Augmentation (names and defaults are AugmentConfig's).
+    augment: bool = field(default=True, metadata={"help": "Augment training B-scans (--no_augment: off)."})
+    hflip_p: float = _copy_field(AugmentConfig, "hflip_p", "Probability of a horizontal flip.")
+    rotate_limit: float = _copy_field(AugmentConfig, "rotate_limit", "Largest rotation in degrees.")
+    rotate_p: float = _copy_field(AugmentConfig, "rotate_p", "Probability of a rotation.")
+    brightness_limit: float = _copy_field(AugmentConfig, "brightness_limit", "Largest brightness change.")
+    contrast_limit: float = _copy_field(AugmentConfig, "contrast_limit", "Largest contrast change.")
+    brightness_contrast_p: float = _copy_field(
+        AugmentConfig, "brightness_contrast_p", "Probability of a brightness/contrast change."
+    )
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training scans."})
 
@@ -155,7 +182,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         raise OctSamError("No dataset given: set `dataset:` in the config or pass --dataset DIR_OR_REPO.")
     if model_args.model not in ("sam", "unet"):
         raise OctSamError(f"--model must be sam or unet, got {model_args.model!r}.")
-    from octsam.inference import ATTENTION_MODES
+    from octsam.models import ATTENTION_MODES
 
     if model_args.attention_mode not in ATTENTION_MODES:
         raise OctSamError(
@@ -171,3 +198,31 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     for name in ("effective_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(train_args, name) < 1:
             raise OctSamError(f"--{name} must be at least 1.")
+
+
+def _subset(target, source):
+    """``target`` (a dataclass) built from the same-named fields of ``source``."""
+    return target(**{f.name: getattr(source, f.name) for f in dataclasses.fields(target) if hasattr(source, f.name)})
+
+
+def adapter_config(model_args: ModelArguments, labels: list[str]) -> OctSamConfig:
+    """The one place an experiment's options become the adapter's ``OctSamConfig``."""
+    config = _subset(OctSamConfig, _WithLabels(model_args, labels))
+    config.lora_target_modules = list(config.lora_target_modules)
+    return config
+
+
+def augment_config(data_args: DataArguments) -> AugmentConfig | None:
+    return _subset(AugmentConfig, data_args) if data_args.augment else None
+
+
+def prompt_config(data_args: DataArguments) -> PromptConfig:
+    return _subset(PromptConfig, data_args)
+
+
+class _WithLabels:
+    def __init__(self, args, labels: list[str]):
+        self._args, self.labels = args, labels
+
+    def __getattr__(self, name: str):
+        return getattr(self._args, name)

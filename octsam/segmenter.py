@@ -8,25 +8,18 @@ results = segmenter(["scan1.png", "scan2.tif"])               # results[0].mask:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from octsam.data.prompts import Prompt
+from octsam.data.samples import image_tensor, resize_image, to_uint8_image
 from octsam.errors import OctSamError
-from octsam.modeling import class_logits_from_prompts, class_probabilities, load_model, predict_index_mask
-from octsam.transforms import image_tensor, resize_image, to_uint8_image
-
-
-@dataclass
-class Prompt:
-    """One object to segment: class id, an optional box (x1, y1, x2, y2) and points (x, y, 1 inside / 0 outside), in
-    native pixel coordinates of the B-scan."""
-
-    label: int
-    box: tuple[float, float, float, float] | None = None
-    points: list[tuple[float, float, int]] = field(default_factory=list)
+from octsam.models import load_model
+from octsam.models.sam import class_logits_from_prompts, class_probabilities, predict_index_mask
 
 
 @dataclass
@@ -71,14 +64,14 @@ class Segmenter:
     ) -> Segmenter:
         """Load an adapter folder or Hub repo; LoRA is merged into the base weights unless ``merge=False``.
 
-        ``fast_attention``: True (mode ``auto``), False (transformers' attention) or an ``octsam.fast_attention``
+        ``fast_attention``: True (mode ``auto``), False (transformers' attention) or an ``octsam.models.fast_attention``
         mode such as ``"flex"``. ``compile``: ``torch.compile`` the image encoder (see ``compile_encoder``).
         """
         model = load_model(adapter, revision=revision, base_model=base_model)
         if merge:
             model.merge()
         if fast_attention and model.config.architecture == "sam":
-            from octsam.fast_attention import enable_fast_attention
+            from octsam.models.fast_attention import enable_fast_attention
 
             enable_fast_attention(model, mode="auto" if fast_attention is True else fast_attention)
         segmenter = cls(model, device=device, batch_size=batch_size)
@@ -111,7 +104,7 @@ class Segmenter:
     ) -> list[SegmentationResult]:
         """Segment ``images`` (paths, PIL images or arrays). ``prompts`` gives a list of ``Prompt`` per image
         (prompted mode); ``multimask`` picks the best of SAM's 3 masks by predicted IoU (zero-shot protocol)."""
-        from octsam.data import read_scan
+        from octsam.data.dataset import read_scan
 
         arrays = [to_uint8_image(read_scan(i) if isinstance(i, (str, os.PathLike)) else i) for i in images]
         if prompts is None and self.config.mode == "prompted":
@@ -195,3 +188,20 @@ class Segmenter:
                 probs = class_probabilities(native, self.config.class_activation)[0].half().cpu().numpy()
             results.append(SegmentationResult(mask=mask, probabilities=probs))
         return results
+
+
+def device_name(device) -> str:
+    """GPU name, or the CPU model as lscpu shows it."""
+    import platform
+
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test models are tiny: one thread avoids OpenMP start-up and spin costs that dominate small ops.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# octsam.triton_attention's kernels run under Triton's interpreter (NumPy, CPU tensors); Triton reads this when a
+# octsam.models.triton_attention's kernels run under Triton's interpreter (NumPy, CPU tensors); Triton reads this when a
 # kernel is decorated, i.e. when the module is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -79,7 +79,7 @@ def write_shape_dataset(path: Path, scans_per_split=(8, 4, 4), seed: int = 0, sa
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:
     """A randomly initialised tiny SAM saved as a local base model (DESIGN.md's tiny config, input 24)."""
-    from octsam.modeling import save_random_base
+    from octsam.models.sam import save_random_base
 
     return save_random_base(tmp_path_factory.mktemp("base") / "tiny-sam", seed=0)
 

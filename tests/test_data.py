@@ -1,4 +1,4 @@
-"""octsam.data: reading scans of any format and loading datasets (local folder, Hub snapshot, Hub repo id)."""
+"""octsam.data.dataset: reading scans of any format and loading datasets (local folder, Hub snapshot, Hub repo id)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octsam import data as octdata
-from octsam.data import LABELS_FILE, labels_description, load_oct_dataset, read_scan, to_uint8
+from octsam.data import dataset as octdata
+from octsam.data.dataset import LABELS_FILE, labels_description, load_oct_dataset, read_scan, to_uint8
 from octsam.errors import OctSamError
 
 

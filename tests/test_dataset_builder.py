@@ -22,7 +22,7 @@ from dataset_builder.nnunet import build_nnunet
 from dataset_builder.palettes import PRESETS, load_palette
 from dataset_builder.splits import load_split_file, split_patients
 from dataset_builder.synthetic import LABELS, build_synthetic, make_patient, render_scan
-from octsam.data import SPLITS, load_oct_dataset
+from octsam.data.dataset import SPLITS, load_oct_dataset
 from octsam.errors import OctSamError
 
 DUKE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_dme_fluid"

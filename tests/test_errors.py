@@ -37,11 +37,11 @@ def test_return_value_other_errors_and_metadata_pass_through(capsys):
     "module",
     [
         "dataset_builder.__main__",
-        "octsam.demo",
-        "octsam.evaluate",
-        "octsam.hub",
-        "octsam.inference",
-        "octsam.training",
+        "octsam.cli.demo",
+        "octsam.cli.evaluate",
+        "octsam.cli.hub",
+        "octsam.cli.infer",
+        "octsam.cli.train",
     ],
 )
 def test_every_command_line_uses_it(module):

@@ -1,4 +1,4 @@
-"""octsam.evaluate: the comparison command end to end (tiny SAM + LoRA, tiny U-Net, zero-shot), prompts, errors."""
+"""octsam.evaluation.compare: the comparison command end to end (tiny SAM + LoRA, tiny U-Net, zero-shot), prompts, errors."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import pytest
 from conftest import TINY_LABELS
 from PIL import Image
 
+from octsam.adapter import OctSamConfig
+from octsam.cli.common import parse_pixel_spacing as parse_spacing
+from octsam.cli.evaluate import main, parse_adapter_arg
+from octsam.cli.train import main as train_main
 from octsam.errors import OctSamError
-from octsam.evaluate import ci_note, main, parse_adapter_arg, parse_spacing, run_comparison
-from octsam.evaluation import ground_truth_prompts
-from octsam.modeling import OctSamConfig, OctSamModel
-from octsam.training import main as train_main
+from octsam.evaluation.compare import ci_note, run_comparison
+from octsam.evaluation.predict import ground_truth_prompts
+from octsam.models.sam import OctSamModel
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +139,7 @@ def test_cli_compares_zero_shot_lora_prompted_and_unet(runs, shape_dataset, tmp_
         assert method in report and method in printed
     for figure in ("metric_bars.png", "qualitative_grid.png", "confusion_u-net.png", "training_curves_lora.png"):
         assert f"]({figure})" in report
-    assert "bootstrap" in report and "seed-compatible" in report
+    assert "bootstrap" in report and "publication-compatible" in report
     assert not list(tmp_path.glob(".results.tmp-*"))
 
 

@@ -14,7 +14,7 @@ from transformers import SamModel
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer, SamVisionSdpaAttention
 
 from octsam.errors import OctSamError
-from octsam.fast_attention import (
+from octsam.models.fast_attention import (
     FastSamVisionAttention,
     FastSamVisionLayer,
     disable_fast_attention,
@@ -308,9 +308,9 @@ def test_throughput_benchmark_smoke(tmp_path):
     """benchmarks/throughput.py runs both paths on the CPU and writes one table (no assertion on speed)."""
     import importlib.util
 
-    from octsam.fast_attention import __file__ as fast_file
+    from conftest import REPO_ROOT
 
-    path = os.path.join(os.path.dirname(os.path.dirname(fast_file)), "benchmarks", "throughput.py")
+    path = str(REPO_ROOT / "benchmarks" / "throughput.py")
     spec = importlib.util.spec_from_file_location("throughput_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

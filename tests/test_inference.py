@@ -1,4 +1,4 @@
-"""inference.py / octsam.inference: outputs at native size, prompts, merged == unmerged, odd inputs, every error."""
+"""inference.py / octsam.infer.run: outputs at native size, prompts, merged == unmerged, odd inputs, every error."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ import torch
 from conftest import DUKE_DIR, TINY_LABELS
 from PIL import Image
 
-from octsam.data import read_scan
+from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
+from octsam.cli.infer import main
+from octsam.data.dataset import read_scan
+from octsam.data.prompts import build_prompts, parse_box, parse_point
 from octsam.errors import OctSamError
-from octsam.inference import build_prompts, class_areas, main, parse_box, parse_point
-from octsam.modeling import ADAPTER_CONFIG_NAME, OctSamConfig, OctSamModel
-from octsam.plots import overlay
+from octsam.evaluation.plots import overlay
+from octsam.infer.outputs import class_areas
+from octsam.models.sam import OctSamModel
 from octsam.segmenter import Prompt, Segmenter
 
 
@@ -382,11 +385,9 @@ def test_cli_on_real_duke_bscans(adapter, tmp_path, capsys):
 
 def test_attention_paths_and_compiled_encoder_agree(adapter):
     """transformers' attention, the fast path (auto and flex) and the inductor-compiled, weight-frozen encoder
-    give the same logits; the ``--help``-cheap list of attention modes matches octsam.fast_attention's."""
-    from octsam.fast_attention import MODES, fast_attention_mode
-    from octsam.inference import ATTENTION_MODES
+    give the same logits."""
+    from octsam.models.fast_attention import fast_attention_mode
 
-    assert ATTENTION_MODES == MODES
     images = [scan(40, 48, seed=i) for i in range(2)]
     plain = Segmenter.from_pretrained(adapter, device="cpu", fast_attention=False)
     assert fast_attention_mode(plain.model) is None

@@ -1,4 +1,4 @@
-"""octsam.metrics against hand-computed values, MONAI, the evaluate module, and bootstrap properties."""
+"""octsam.evaluation.metrics against hand-computed values, MONAI, the evaluate module, and bootstrap properties."""
 
 import json
 import math
@@ -12,17 +12,15 @@ import torch
 from monai.metrics import get_confusion_matrix
 
 from octsam.errors import OctSamError
-from octsam.metrics import (
+from octsam.evaluation.metrics import (
     bootstrap_ci,
-    comparison_table,
     confusion_counts,
     dice_from_stats,
     evaluate_predictions,
     iou_from_stats,
     segmentation_stats,
-    write_results,
-    write_seed_csv,
 )
+from octsam.evaluation.report import comparison_table, write_publication_csv, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["background", "a", "b"]
@@ -254,7 +252,7 @@ def test_input_errors_name_the_scan():
         evaluate_predictions([pred], [ref], LABELS, pixel_spacing_mm=(0.0, 1.0))
 
 
-def test_write_results_and_seed_csv(tmp_path):
+def test_write_results_and_publication_csv(tmp_path):
     preds, refs, patients = _synthetic(3)
     result = evaluate_predictions(preds, refs, ["background", "fluid"], patient_ids=patients, n_bootstrap=50)
     paths = write_results(result, tmp_path / "out", "SAM + LoRA")
@@ -270,13 +268,16 @@ def test_write_results_and_seed_csv(tmp_path):
     assert len(pd.read_csv(paths["per_image"])) == len(preds)
     summary = json.loads(paths["summary"].read_text())
     assert summary["mean_dice"] == pytest.approx(result.headline["mean_dice"])
-    assert "seed-compatible" in summary["note"]
+    assert "publication-compatible" in summary["note"]
     table = comparison_table({"LoRA": result})
     assert "mean_dice_with_background_seed_compatible" in table.columns
-    seed_csv = write_seed_csv(
+    publication_csv = write_publication_csv(
         {"Zero-shot SAM": (0.27571, 0.28869), "SAM + LoRA": (0.86294, 0.9096)}, tmp_path / "s.csv"
     )
-    assert seed_csv.read_text() == "Method,Mean_IoU,Mean_Dice\nZero-shot SAM,0.2757,0.2887\nSAM + LoRA,0.8629,0.9096\n"
+    assert (
+        publication_csv.read_text()
+        == "Method,Mean_IoU,Mean_Dice\nZero-shot SAM,0.2757,0.2887\nSAM + LoRA,0.8629,0.9096\n"
+    )
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""octsam.plots: fixed colours, overlays, and every figure written as a non-empty PNG of the expected size."""
+"""octsam.evaluation.plots: fixed colours, overlays, and every figure written as a non-empty PNG of the expected size."""
 
 import numpy as np
 import pandas as pd
@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from octsam.errors import OctSamError
-from octsam.metrics import evaluate_predictions
-from octsam.plots import (
+from octsam.evaluation.metrics import evaluate_predictions
+from octsam.evaluation.plots import (
     choose_cases,
     class_color,
     legend_handles,
@@ -107,16 +107,16 @@ def _nothing_at_the_edges(path):
 @pytest.fixture
 def figures(monkeypatch):
     """The Figure objects the plotting functions save, drawn, for checks on their texts."""
-    import octsam.plots
+    import octsam.evaluation.plots
 
-    saved, save = [], octsam.plots._save
+    saved, save = [], octsam.evaluation.plots._save
 
     def keep(fig, path):
         fig.canvas.draw()
         saved.append(fig)
         return save(fig, path)
 
-    monkeypatch.setattr(octsam.plots, "_save", keep)
+    monkeypatch.setattr(octsam.evaluation.plots, "_save", keep)
     return saved
 
 

@@ -13,11 +13,13 @@ import torch
 from conftest import REPO_ROOT, TINY_LABELS, write_shape_dataset
 from safetensors.torch import load_file
 
+from octsam.adapter import OctSamConfig
+from octsam.cli.train import main
 from octsam.config import parse_config
 from octsam.errors import OctSamError
-from octsam.losses import SegmentationLoss
-from octsam.modeling import OctSamConfig, OctSamModel, make_sam_config
-from octsam.training import main, train
+from octsam.models.sam import OctSamModel, make_sam_config
+from octsam.training.loop import train
+from octsam.training.losses import SegmentationLoss
 
 
 def free_port() -> int:
@@ -169,8 +171,8 @@ def test_unknown_config_key(tmp_path):
 
 
 def test_attention_mode_reaches_the_model_and_a_bad_one_is_refused(tmp_path, shape_dataset, tiny_base):
-    from octsam.fast_attention import fast_attention_mode
-    from octsam.training import build_model
+    from octsam.models.fast_attention import fast_attention_mode
+    from octsam.training.loop import build_model
 
     model_args, _, _ = parse_config(run_args(shape_dataset, tiny_base, tmp_path / "o", "--attention_mode", "triton"))
     assert fast_attention_mode(build_model(model_args, list(TINY_LABELS), seed=0)) == "triton"
@@ -221,8 +223,8 @@ def test_out_of_memory_message(monkeypatch, capsys):
     def oom(*_):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("octsam.training.train", oom)
-    monkeypatch.setattr("octsam.training.parse_config", lambda argv: (None, None, None))
+    monkeypatch.setattr("octsam.training.loop.train", oom)
+    monkeypatch.setattr("octsam.cli.train.parse_config", lambda argv: (None, None, None))
     assert main([]) == 3
     err = capsys.readouterr().err
     assert "per_device_train_batch_size" in err and "gradient_checkpointing" in err

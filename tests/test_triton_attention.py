@@ -1,4 +1,4 @@
-"""octsam.triton_attention: the fused kernel with SAM's decomposed relative-position bias, forward and backward,
+"""octsam.models.triton_attention: the fused kernel with SAM's decomposed relative-position bias, forward and backward,
 against plain PyTorch and against transformers' SAM layers (run by Triton's interpreter on the CPU; see conftest)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from peft import LoraConfig, get_peft_model
 
 pytest.importorskip("triton")
 
-from octsam import triton_attention  # noqa: E402
-from octsam.fast_attention import enable_fast_attention  # noqa: E402
+from octsam.models import triton_attention  # noqa: E402
+from octsam.models.fast_attention import enable_fast_attention  # noqa: E402
 
 TOL = 1e-5
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs a CUDA GPU or TRITON_INTERPRET=1 before octsam.triton_attention is imported",
+    reason="needs a CUDA GPU or TRITON_INTERPRET=1 before octsam.models.triton_attention is imported",
 )
 
 

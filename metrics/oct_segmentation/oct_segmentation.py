@@ -1,14 +1,14 @@
-"""OCT segmentation metric for Hugging Face ``evaluate``: a thin wrapper over ``octsam.metrics``.
+"""OCT segmentation metric for Hugging Face ``evaluate``: a thin wrapper over ``octsam.evaluation.metrics``.
 
 Load it offline from this folder: ``evaluate.load("/abs/path/to/metrics/oct_segmentation")``. The numbers come from
-``octsam.metrics.evaluate_predictions`` (one implementation), so ``octsam`` must be installed.
+``octsam.evaluation.metrics.evaluate_predictions`` (one implementation), so ``octsam`` must be installed.
 """
 
 import datasets
 import evaluate
 import numpy as np
 
-from octsam.metrics import IGNORE_INDEX, evaluate_predictions
+from octsam.evaluation.metrics import IGNORE_INDEX, evaluate_predictions
 
 _DESCRIPTION = """
 Per-class segmentation metrics for retinal OCT B-scans, following the octsam evaluation protocol: Dice and IoU per

@@ -45,6 +45,7 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer
 
 from octsam.errors import OctSamError
+from octsam.models import ATTENTION_MODES
 
 __all__ = ["MODES", "FastSamVisionAttention", "disable_fast_attention", "enable_fast_attention", "fast_attention_mode"]
 
@@ -55,10 +56,10 @@ __all__ = ["MODES", "FastSamVisionAttention", "disable_fast_attention", "enable_
 #: transformers and passed to SDPA as ``attn_mask``. ``flex``: without gradients, FlexAttention adds the bias
 #: inside the kernel at the model's own head dim (compiled on CUDA; uncompiled, slow but exact, elsewhere unless
 #: the whole model runs under ``torch.compile``); with gradients, as ``auto``.
-#: ``triton``: global layers whose grid width is a power of two (64 at 1024) run ``octsam.triton_attention``, a
+#: ``triton``: global layers whose grid width is a power of two (64 at 1024) run ``octsam.models.triton_attention``, a
 #: fused kernel that adds the bias per score tile at the model's head dim, with its own backward (CUDA; Triton's
 #: interpreter on the CPU); other layers as ``auto``.
-MODES = ("auto", "fold", "fold_flash", "bias", "flex", "triton")
+MODES = ATTENTION_MODES
 
 _FLASH_MAX_HEAD_DIM = 256
 
@@ -141,7 +142,7 @@ class FastSamVisionAttention(SamVisionAttention):
         query, key, value = qkv.unbind(0)
         dropout = self.dropout if self.training else 0.0
         if mode == "triton":
-            from octsam import triton_attention
+            from octsam.models import triton_attention
 
             if dropout or not triton_attention.qualifies(query, grid_h, grid_w):
                 mode = _resolve_mode("auto", query)  # e.g. windowed layers: the kernel needs a power-of-two grid
@@ -245,8 +246,8 @@ class FastSamVisionAttention(SamVisionAttention):
     def _triton_attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int
     ) -> torch.Tensor:
-        """The fused Triton kernel (``octsam.triton_attention``; ``forward`` checked that the layer qualifies)."""
-        from octsam import triton_attention
+        """The fused Triton kernel (``octsam.models.triton_attention``; ``forward`` checked that the layer qualifies)."""
+        from octsam.models import triton_attention
 
         heads = query.shape[3]
         rel_h, rel_w = self._flat_rel_terms(query, groups, tokens)

@@ -11,63 +11,18 @@ The training sampler encodes the epoch in the index it yields (``e * n + i``) so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import albumentations as A
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from octsam.prompts import instance_prompts
-
-IGNORE_INDEX = 255
-
-
-@dataclass
-class AugmentConfig:
-    hflip_p: float = 0.5
-    rotate_limit: float = 10.0
-    rotate_p: float = 0.5
-    brightness_limit: float = 0.2
-    contrast_limit: float = 0.2
-    brightness_contrast_p: float = 0.5
-
-
-@dataclass
-class PromptConfig:
-    max_prompts: int = 8
-    jitter: float = 0.1
-    min_jitter_px: float = 3.0
-    positive_points: int = 1
-    negative_points: int = 1
-
-
-def build_augmentation(cfg: AugmentConfig) -> A.Compose:
-    """Flips, small rotations (image bilinear, mask nearest, borders filled with ignore) and brightness/contrast."""
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=cfg.hflip_p),
-            A.Rotate(
-                limit=cfg.rotate_limit,
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=IGNORE_INDEX,
-                p=cfg.rotate_p,
-            ),
-            A.RandomBrightnessContrast(
-                brightness_limit=cfg.brightness_limit, contrast_limit=cfg.contrast_limit, p=cfg.brightness_contrast_p
-            ),
-        ],
-        seed=0,
-    )
+from octsam.data.augment import AugmentConfig, build_augmentation
+from octsam.data.prompts import PromptConfig, instance_prompts
 
 
 def to_uint8_image(image) -> np.ndarray:
     """A PIL image or array -> uint8 (H, W) for grey scans, (H, W, 3) for colour ones (same rules as ``read_scan``)."""
-    from octsam.data import _gray_if_equal, to_uint8
+    from octsam.data.dataset import _gray_if_equal, to_uint8
 
     array = to_uint8(np.asarray(image))
     if array.ndim == 3:
@@ -139,8 +94,8 @@ class SegmentationSamples(Dataset):
                 self.num_labels,
                 cfg.max_prompts,
                 rng=rng if self.augment is not None else None,
-                jitter=cfg.jitter,
-                min_jitter_px=cfg.min_jitter_px,
+                jitter=cfg.box_jitter,
+                min_jitter_px=cfg.min_box_jitter_px,
                 positive_points=cfg.positive_points,
                 negative_points=cfg.negative_points,
             )

@@ -22,9 +22,9 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch
 from scipy import ndimage
 
+from octsam.data.contract import IGNORE_INDEX
 from octsam.errors import OctSamError
 
-IGNORE_INDEX = 255
 _FIXED_COLORS = {
     0: (0, 0, 0),
     1: (255, 0, 0),

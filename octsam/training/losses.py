@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from octsam.transforms import IGNORE_INDEX
+from octsam.data.contract import IGNORE_INDEX
 
 
 class SegmentationLoss(nn.Module):
@@ -21,7 +21,7 @@ class SegmentationLoss(nn.Module):
     that is absent from a scan as a total miss unless its probability is exactly zero everywhere, which pushes small
     biomarkers to vanish.
 
-    ``softmax``: logits get a zero background channel (see ``octsam.modeling``), soft Dice over foreground classes +
+    ``softmax``: logits get a zero background channel (see ``octsam.models.sam``), soft Dice over foreground classes +
     multi-class CE. ``sigmoid``: per-class soft Dice + binary CE against the one-hot foreground classes.
     """
 

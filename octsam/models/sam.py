@@ -22,10 +22,8 @@ base model, mode, labels, input size and normalisation, so loading needs only th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,99 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from octsam import __version__
+from octsam.adapter import (
+    ADAPTER_CONFIG_NAME,
+    CLASS_PROMPTS_MODULE,
+    LORA_TARGETS,
+    OctSamConfig,
+    check_adapter_folder,
+    resolve_adapter,
+)
 from octsam.errors import OctSamError
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_CONFIG_NAME = "octsam_config.json"
-ADAPTER_FORMAT = "octsam-adapter"
-ADAPTER_FORMAT_VERSION = 1
-# SAM's normalisation (ImageNet mean/std on the 0-255 scale), as in transformers' SamImageProcessor.
-SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
-SAM_IMAGE_STD = (58.395, 57.12, 57.375)
-CLASS_PROMPTS_MODULE = "octsam_class_prompts"
-# Names accepted in ``lora_target_modules`` and the module-name patterns they stand for.
-LORA_TARGETS = {
-    "qkv": r"vision_encoder\.layers\.\d+\.attn\.qkv",
-    "proj": r"vision_encoder\.layers\.\d+\.attn\.proj",
-    "mlp": r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
-    "decoder_attention": r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
-}
-
-
-@dataclass
-class OctSamConfig:
-    """Everything needed to rebuild a trained model from its folder (saved as ``octsam_config.json``)."""
-
-    labels: list[str]
-    base_model: str = "facebook/sam-vit-base"
-    base_model_revision: str | None = None
-    architecture: str = "sam"
-    mode: str = "automatic"
-    class_activation: str = "softmax"
-    image_size: int = 1024
-    image_mean: tuple[float, ...] = SAM_IMAGE_MEAN
-    image_std: tuple[float, ...] = SAM_IMAGE_STD
-    tokens_per_class: int = 2
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    lora_target_modules: list[str] = field(default_factory=lambda: ["qkv"])
-    train_mask_decoder: bool = True
-    format: str = ADAPTER_FORMAT
-    format_version: int = ADAPTER_FORMAT_VERSION
-    octsam_version: str = __version__
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if len(self.labels) < 2 or self.labels[0] != "background":
-            raise OctSamError(
-                f"labels must start with 'background' and name at least one biomarker, got {self.labels}."
-            )
-        if self.mode not in ("automatic", "prompted"):
-            raise OctSamError(f"mode must be 'automatic' or 'prompted', got {self.mode!r}.")
-        if self.class_activation not in ("softmax", "sigmoid"):
-            raise OctSamError(f"class_activation must be 'softmax' or 'sigmoid', got {self.class_activation!r}.")
-        unknown = [t for t in self.lora_target_modules if t not in LORA_TARGETS]
-        if unknown:
-            raise OctSamError(f"Unknown lora_target_modules {unknown}; choose from {sorted(LORA_TARGETS)}.")
-        if self.train_mask_decoder and "decoder_attention" in self.lora_target_modules:
-            raise OctSamError(
-                "lora_target_modules 'decoder_attention' and train_mask_decoder=true both train the mask decoder; "
-                "set train_mask_decoder false to use LoRA on the decoder instead."
-            )
-        self.image_mean = tuple(self.image_mean)
-        self.image_std = tuple(self.image_std)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels)
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> OctSamConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise OctSamError(f"Cannot read adapter config {path}: {err}") from err
-        if data.get("format") != ADAPTER_FORMAT:
-            raise OctSamError(
-                f"{path} is not an octsam adapter (format={data.get('format')!r}); "
-                "pass a folder written by octsam's train.py or `python -m octsam.hub push`."
-            )
-        if int(data.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
-            raise OctSamError(
-                f"{path} was written by a newer octsam (format_version {data['format_version']} > "
-                f"{ADAPTER_FORMAT_VERSION}); upgrade octsam to load it."
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise OctSamError(f"{path} has unknown keys {unknown}; it was written by another octsam version.")
-        return cls(**data)
 
 
 def make_sam_config(
@@ -300,15 +216,15 @@ class OctSamModel(nn.Module):
         is_trainable: bool = False,
         dtype: torch.dtype | None = None,
     ) -> OctSamModel:
-        """Load an adapter folder (or Hub repo id, via ``octsam.hub.resolve_adapter``) onto its base model."""
+        """Load an adapter folder (or Hub repo id, via ``octsam.adapter.resolve_adapter``) onto its base model."""
         from peft import PeftModel
 
-        from octsam.hub import resolve_adapter
-
-        folder = resolve_adapter(str(adapter), revision=revision)
-        config = OctSamConfig.from_json_file(folder / ADAPTER_CONFIG_NAME)
+        folder = resolve_adapter(adapter, revision=revision)
+        config = check_adapter_folder(folder)
         if config.architecture != "sam":
-            raise OctSamError(f"{folder} holds a {config.architecture!r} model; load it with octsam.load_model().")
+            raise OctSamError(
+                f"{folder} holds a {config.architecture!r} model; load it with octsam.models.load_model()."
+            )
         if base_model is not None:
             config.base_model = base_model
         sam = load_base_sam(config.base_model, config.base_model_revision, dtype=dtype)
@@ -359,7 +275,7 @@ class OctSamModel(nn.Module):
         if pixels.shape[-1] != self.config.image_size or pixels.shape[-2] != self.config.image_size:
             raise OctSamError(
                 f"Input of size {tuple(pixels.shape[-2:])} given to a model that takes "
-                f"{self.config.image_size}x{self.config.image_size}; resize first (octsam.transforms)."
+                f"{self.config.image_size}x{self.config.image_size}; resize first (octsam.data.samples)."
             )
         pixels = pixels.to(self.pixel_mean.device, non_blocking=True).float()
         if pixels.shape[1] == 1:
@@ -478,30 +394,6 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
-def load_model(
-    adapter: str | os.PathLike,
-    revision: str | None = None,
-    base_model: str | None = None,
-    is_trainable: bool = False,
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Load any octsam model folder or Hub repo: a SAM adapter (``OctSamModel``) or the U-Net baseline."""
-    from octsam.hub import resolve_adapter
-
-    folder = resolve_adapter(str(adapter), revision=revision)
-    if not (folder / ADAPTER_CONFIG_NAME).is_file():
-        raise OctSamError(
-            f"{adapter} has no {ADAPTER_CONFIG_NAME}: it is not an octsam adapter folder (a plain PEFT or "
-            "transformers checkpoint cannot be used without the labels and input size that file records)."
-        )
-    config = OctSamConfig.from_json_file(folder / ADAPTER_CONFIG_NAME)
-    if config.architecture == "unet":
-        from octsam.unet import UNetSegmenter
-
-        return UNetSegmenter.from_folder(folder, config)
-    return OctSamModel.from_pretrained(folder, base_model=base_model, is_trainable=is_trainable, dtype=dtype)
 
 
 def zero_shot_model(base_model: str, labels: list[str], revision: str | None = None) -> OctSamModel:

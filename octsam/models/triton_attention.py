@@ -1,7 +1,7 @@
 """Fused attention with SAM's decomposed relative-position bias added on the fly, in Triton (forward and backward).
 
 SAM's global attention scores are ``s[i, j] = scale * q_i . k_j + rh[i, row(j)] + rw[i, col(j)]`` with
-``rh = q . Rh`` and ``rw = q . Rw`` (``octsam.fast_attention``). The fold there makes the bias part of a wider dot
+``rh = q . Rh`` and ``rw = q . Rw`` (``octsam.models.fast_attention``). The fold there makes the bias part of a wider dot
 product (head dim 64 -> 192 at ViT-B 1024), which a flash kernel runs but at three times the q.k (and, padded, p.v)
 work. This kernel keeps head dim 64 and adds the two bias terms to each score tile, FlashAttention-2 style:
 

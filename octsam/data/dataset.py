@@ -23,14 +23,10 @@ import huggingface_hub
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from octsam.data.contract import COLUMNS, IGNORE_INDEX, IMAGE_SUFFIXES, LABELS_FILE, LABELS_MARKER, SPLITS
 from octsam.errors import OctSamError
 
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-COLUMNS: tuple[str, ...] = ("image", "mask", "patient_id", "scan_id", "disease", "source")
-LABELS_FILE = "id2label.json"
-LABELS_MARKER = "octsam-id2label:"
-IGNORE_INDEX = 255
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+__all__ = ["COLUMNS", "IGNORE_INDEX", "IMAGE_SUFFIXES", "LABELS_FILE", "LABELS_MARKER", "SPLITS"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from octsam.adapter import ADAPTER_CONFIG_NAME, UNET_WEIGHTS_NAME, OctSamConfig
 from octsam.errors import OctSamError
-from octsam.modeling import ADAPTER_CONFIG_NAME, OctSamConfig
 
-UNET_WEIGHTS = "model.safetensors"
 # Grey B-scans scaled to about [-2, 2]; repeated over the 3 input channels like SAM's input.
 UNET_MEAN = (127.5, 127.5, 127.5)
 UNET_STD = (63.75, 63.75, 63.75)
@@ -80,7 +79,7 @@ class UNetSegmenter(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike, card: str | None = None) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / UNET_WEIGHTS))
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / UNET_WEIGHTS_NAME))
         self.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
         if card is not None:
             (folder / "README.md").write_text(card)
@@ -90,7 +89,7 @@ class UNetSegmenter(nn.Module):
     def from_folder(cls, folder: Path, config: OctSamConfig) -> UNetSegmenter:
         model = cls(config)
         try:
-            model.net.load_state_dict(load_file(str(folder / UNET_WEIGHTS)))
+            model.net.load_state_dict(load_file(str(folder / UNET_WEIGHTS_NAME)))
         except (OSError, RuntimeError) as err:
-            raise OctSamError(f"Cannot load U-Net weights from {folder / UNET_WEIGHTS}: {err}") from err
+            raise OctSamError(f"Cannot load U-Net weights from {folder / UNET_WEIGHTS_NAME}: {err}") from err
         return model.eval()

@@ -17,24 +17,30 @@ import logging
 import math
 import os
 import random
-import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from octsam.config import DataArguments, ModelArguments, TrainArguments, parse_config
-from octsam.errors import OctSamError, cli_main
-from octsam.losses import SegmentationLoss, prompted_loss
-from octsam.modeling import OctSamConfig, OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
-from octsam.transforms import AugmentConfig, EpochSampler, PromptConfig, SegmentationSamples, collate
+from octsam.adapter import OctSamConfig
+from octsam.config import DataArguments, ModelArguments, TrainArguments, adapter_config, augment_config, prompt_config
+from octsam.data.samples import EpochSampler, SegmentationSamples, collate
+from octsam.errors import OctSamError
+from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
+from octsam.training.checkpoint import (
+    CHECKPOINT_DIR,
+    find_checkpoint,
+    list_checkpoints,
+    load_trainable_state,
+    save_checkpoint,
+    set_rng_state,
+    write_atomic_folder,
+)
+from octsam.training.losses import SegmentationLoss, prompted_loss
 
 logger = logging.getLogger("octsam")
-CHECKPOINT_DIR = "checkpoints"
 BEST_ADAPTER_DIR = "best_adapter"
 
 
@@ -64,25 +70,13 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int):
 def build_model(model_args: ModelArguments, labels: list[str], seed: int):
     """A new SAM + LoRA model or U-Net baseline for ``labels``."""
     if model_args.model == "unet":
-        from octsam.unet import UNetSegmenter
+        from octsam.models.unet import UNetSegmenter
 
         return UNetSegmenter.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
-    config = OctSamConfig(
-        labels=labels,
-        base_model=model_args.base_model,
-        base_model_revision=model_args.base_model_revision,
-        mode=model_args.mode,
-        class_activation=model_args.class_activation,
-        tokens_per_class=model_args.tokens_per_class,
-        lora_r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        lora_target_modules=list(model_args.lora_target_modules),
-        train_mask_decoder=model_args.train_mask_decoder,
-    )
+    config = adapter_config(model_args, labels)
     model = OctSamModel.from_base(config, seed=seed)
     if model_args.fast_attention:
-        from octsam.fast_attention import enable_fast_attention
+        from octsam.models.fast_attention import enable_fast_attention
 
         enable_fast_attention(model, mode=model_args.attention_mode)
     return model
@@ -101,110 +95,6 @@ def prepare_output_dir(args: TrainArguments) -> Path:
 def effective_accumulation(args: TrainArguments, num_processes: int) -> int:
     per_step = args.per_device_train_batch_size * num_processes
     return max(1, round(args.effective_batch_size / per_step))
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model, state: dict[str, torch.Tensor], source: str) -> None:
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise OctSamError(
-            f"Checkpoint {source} does not match this model (missing {missing}, unexpected {extra}); it was written "
-            "with another model, mode or label set."
-        )
-    with torch.no_grad():
-        for name, value in state.items():
-            if params[name].shape != value.shape:
-                raise OctSamError(
-                    f"Checkpoint {source}: {name} has shape {tuple(value.shape)}, the model expects "
-                    f"{tuple(params[name].shape)} (different label count or LoRA rank)."
-                )
-            params[name].copy_(value)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(accelerator, model, optimizer, scheduler, trainer_state: dict, out: Path, keep: int) -> Path:
-    """Write ``checkpoints/epoch-NNNN`` atomically; every process stores its RNG state, the main one the rest."""
-    from safetensors.torch import save_file
-
-    ckpt_root = out / CHECKPOINT_DIR
-    final = ckpt_root / f"epoch-{trainer_state['epoch']:04d}"
-    tmp = ckpt_root / f"{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        unwrapped.config.to_json_file(tmp / "octsam_config.json")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        prune_checkpoints(ckpt_root, best_epoch=trainer_state["best_epoch"], keep=keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("epoch-[0-9][0-9][0-9][0-9]") if (p / "trainer_state.json").is_file())
-
-
-def prune_checkpoints(root: Path, best_epoch: int, keep: int) -> None:
-    """Keep the latest, the best and ``keep`` more recent ones."""
-    ckpts = list_checkpoints(root)
-    protected = {ckpts[-1].name, f"epoch-{best_epoch:04d}"} if ckpts else set()
-    others = [p for p in ckpts if p.name not in protected]
-    for path in others[: max(0, len(others) - keep)]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def find_checkpoint(args: TrainArguments) -> Path:
-    if args.resume_from_checkpoint == "latest":
-        ckpts = list_checkpoints(Path(args.output_dir) / CHECKPOINT_DIR)
-        if not ckpts:
-            raise OctSamError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}/{CHECKPOINT_DIR}.")
-        return ckpts[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise OctSamError(f"{path} is not an octsam checkpoint folder (no trainer_state.json).")
-    return path
-
-
-def write_atomic_folder(save, final: Path) -> None:
-    """Call ``save(tmp_folder)`` then move it over ``final`` (a reader never sees a half-written adapter)."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -248,7 +138,7 @@ def pick_prompt_kind(data_args: DataArguments, seed: int, epoch: int, step: int)
 
 def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) -> dict:
     """Mean foreground Dice per class over validation scans (each scan counted once across processes)."""
-    from octsam.metrics import dice_from_stats, segmentation_stats
+    from octsam.evaluation.metrics import dice_from_stats, segmentation_stats
 
     model.eval()
     stats, losses = [], []
@@ -275,7 +165,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from octsam.data import load_oct_dataset
+    from octsam.data.dataset import load_oct_dataset
 
     out = prepare_output_dir(train_args)
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -319,13 +209,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     prompts = None
     if config.mode == "prompted" and config.architecture == "sam":
-        prompts = PromptConfig(
-            max_prompts=data_args.max_prompts,
-            jitter=data_args.box_jitter,
-            positive_points=data_args.positive_points,
-            negative_points=data_args.negative_points,
-        )
-    augment = AugmentConfig(rotate_limit=data_args.rotate_limit) if data_args.augment else None
+        prompts = prompt_config(data_args)
+    augment = augment_config(data_args)
     train_data = SegmentationSamples(
         train_split, config.image_size, config.num_labels, augment, prompts, seed=train_args.seed
     )
@@ -519,11 +404,11 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
         "labels": labels,
     }
     if accelerator.is_main_process:
-        from octsam.plots import plot_training_curves
+        from octsam.evaluation.plots import plot_training_curves
 
         plot_training_curves(state["history"], out / "training_curves.png", class_names=labels)
         if train_args.evaluate_test:
-            from octsam.evaluation import evaluate_model
+            from octsam.evaluation.predict import evaluate_model
 
             test = evaluate_model(
                 str(out / BEST_ADAPTER_DIR),
@@ -559,18 +444,3 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
             push_adapter(out / BEST_ADAPTER_DIR, train_args.hub_model_id, private=train_args.hub_private)
     accelerator.wait_for_everyone()
     return results
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    try:
-        model_args, data_args, train_args = parse_config(argv)
-        train(model_args, data_args, train_args)
-    except torch.cuda.OutOfMemoryError as err:
-        print(
-            f"error: the GPU ran out of memory ({err}). Lower --per_device_train_batch_size (the effective batch is "
-            "kept by gradient accumulation) or add --gradient_checkpointing.",
-            file=sys.stderr,
-        )
-        return 3
-    return 0

@@ -43,7 +43,7 @@ def prepare_output(path: Path, overwrite: bool) -> None:
             raise OctSamError(f"{path} exists and was not written by the demo; pass --overwrite or another --output.")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text("written by `python -m octsam.demo`; rerunning the demo replaces this folder\n")
+    (path / MARKER).write_text("written by `python -m octsam.cli.demo`; rerunning the demo replaces this folder\n")
 
 
 @cli_main
@@ -64,9 +64,9 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
 
     from dataset_builder.synthetic import build_synthetic
     from octsam.config import parse_config
-    from octsam.evaluate import run_comparison
-    from octsam.modeling import save_random_base
-    from octsam.training import train
+    from octsam.evaluation.compare import run_comparison
+    from octsam.models.sam import save_random_base
+    from octsam.training.loop import train
 
     if "OMP_NUM_THREADS" not in os.environ:
         # The demo's models are small: one thread is about as fast as two, and stays fast when other processes
@@ -115,7 +115,7 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
 def _history(run_dir: Path) -> list[dict]:
     import json
 
-    from octsam.training import CHECKPOINT_DIR, list_checkpoints
+    from octsam.training.loop import CHECKPOINT_DIR, list_checkpoints
 
     ckpts = list_checkpoints(run_dir / CHECKPOINT_DIR)
     return json.loads((ckpts[-1] / "trainer_state.json").read_text())["history"] if ckpts else []

@@ -6,7 +6,7 @@ The protocol (DESIGN.md, "Evaluation protocol"):
 - Ignore label 255: those pixels count neither in the prediction nor in the truth.
 - Empty rule: a class absent in both truth and prediction of a B-scan is excluded from that class's per-image mean
   (NaN) and counted as a true negative in the detection table; absent in truth but predicted gives Dice 0 / IoU 0.
-- The headline averages foreground classes only; a seed-compatible mean that includes background is reported
+- The headline averages foreground classes only; a publication-compatible mean that includes background is reported
   beside it and labelled as such.
 - 95% confidence intervals: percentile bootstrap resampling patients (all B-scans of a patient together).
 
@@ -16,13 +16,10 @@ gatherable with ``accelerator.gather_for_metrics``) and ``evaluate_predictions``
 
 from __future__ import annotations
 
-import json
-import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,25 +28,22 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 
+from octsam.data.contract import IGNORE_INDEX
 from octsam.errors import OctSamError
 
-IGNORE_INDEX = 255
 HEADLINE_KEYS = ("mean_iou", "mean_dice", "mean_iou_with_background", "mean_dice_with_background")
-SEED_COLUMNS = ("Method", "Mean_IoU", "Mean_Dice")
+PUBLICATION_COLUMNS = ("Method", "Mean_IoU", "Mean_Dice")
 
 __all__ = [
     "IGNORE_INDEX",
     "EvaluationResult",
     "bootstrap_ci",
-    "comparison_table",
     "confusion_counts",
     "dice_from_stats",
     "evaluate_predictions",
     "iou_from_stats",
     "patient_bootstrap_weights",
     "segmentation_stats",
-    "write_results",
-    "write_seed_csv",
 ]
 
 
@@ -192,7 +186,7 @@ class EvaluationResult:
     per_class: pd.DataFrame  # one row per foreground class: per-image means, pooled values, CIs, areas
     detection: pd.DataFrame  # one row per foreground class: B-scan-level presence TP/FP/FN/TN
     confusion: np.ndarray  # (K+1, K+1) pixel counts, rows truth, columns prediction, ignored pixels excluded
-    headline: dict[str, float]  # HEADLINE_KEYS; "*_with_background" is the seed-compatible figure
+    headline: dict[str, float]  # HEADLINE_KEYS; "*_with_background" is the publication-compatible figure
     headline_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -464,7 +458,7 @@ def evaluate_predictions(
     per_class["n_images"] = n_images
     per_class["n_patients"] = n_patients
 
-    # Headline: mean over classes of per-class per-image means (foreground only; seed-compatible with background).
+    # Headline: mean over classes of per-class per-image means (foreground only; publication-compatible with background).
     headline: dict[str, float] = {}
     headline_ci: dict[str, tuple[float, float]] = {}
     with warnings.catch_warnings():
@@ -548,70 +542,3 @@ def evaluate_predictions(
 # ----------------------------------------------------------------------------------------------------------------
 # Writing results
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _slug(method_name: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", method_name.strip()).strip("_").lower()
-    if not slug:
-        raise OctSamError(f"method_name {method_name!r} has no usable characters; use e.g. 'lora' or 'zero-shot'")
-    return slug
-
-
-def comparison_table(results: Mapping[str, EvaluationResult]) -> pd.DataFrame:
-    """One row per method: headline means with CIs, and the seed-compatible means that include background."""
-    rows = []
-    for method, result in results.items():
-        row: dict[str, Any] = {"method": method}
-        for key in ("mean_iou", "mean_dice"):
-            row[key] = result.headline[key]
-            row[f"{key}_ci_low"], row[f"{key}_ci_high"] = result.headline_ci.get(key, (np.nan, np.nan))
-        for key in ("mean_iou", "mean_dice"):
-            row[f"{key}_with_background_seed_compatible"] = result.headline[f"{key}_with_background"]
-        row["n_images"] = result.settings.get("n_images")
-        row["n_patients"] = result.settings.get("n_patients")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def write_results(result: EvaluationResult, output_dir: str | Path, method_name: str) -> dict[str, Path]:
-    """Write ``{method}_per_class.csv`` (with CIs), per-image, detection, confusion CSVs and ``{method}_summary.json``.
-
-    Returns the written paths by kind. Several methods can share one ``output_dir``.
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    slug = _slug(method_name)
-    paths = {
-        "per_class": output_dir / f"{slug}_per_class.csv",
-        "per_image": output_dir / f"{slug}_per_image.csv",
-        "detection": output_dir / f"{slug}_detection.csv",
-        "confusion": output_dir / f"{slug}_confusion.csv",
-        "summary": output_dir / f"{slug}_summary.json",
-    }
-    result.per_class.to_csv(paths["per_class"], index=False, float_format="%.6g")
-    result.per_image.to_csv(paths["per_image"], index=False, float_format="%.6g")
-    result.detection.to_csv(paths["detection"], index=False, float_format="%.6g")
-    confusion = pd.DataFrame(result.confusion, index=result.labels, columns=result.labels)
-    confusion.index.name = "truth \\ prediction"
-    confusion.to_csv(paths["confusion"])
-    summary = {"method": method_name, **result.to_dict()}
-    summary["note"] = (
-        "mean_iou / mean_dice average per-image values over B-scans, then over foreground classes; "
-        "*_with_background also averages the background class (seed-compatible only, not the headline). "
-        "A class absent in both truth and prediction of a B-scan is excluded from that class's mean. "
-        f"CIs: {result.settings.get('confidence', 0.95):.0%} percentile bootstrap over "
-        f"{result.settings.get('bootstrap_unit', 'patient')}s."
-    )
-    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
-    return paths
-
-
-def write_seed_csv(rows: Mapping[str, tuple[float, float]], path: str | Path) -> Path:
-    """Write ``Method,Mean_IoU,Mean_Dice`` (the seed's ``sam_lora_performance.csv`` format), 4 decimals."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(
-        [(method, float(iou), float(dice)) for method, (iou, dice) in rows.items()], columns=list(SEED_COLUMNS)
-    )
-    table.to_csv(path, index=False, float_format="%.4f")
-    return path

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from octsam.prompts import instance_prompts
+from octsam.data.prompts import instance_prompts
+from octsam.data.samples import to_uint8_image
 from octsam.segmenter import Prompt, Segmenter
-from octsam.transforms import to_uint8_image
 
 logger = logging.getLogger("octsam")
 MAX_EVAL_PROMPTS = 64
@@ -63,7 +63,8 @@ def evaluate_segmenter(
     seed: int = 0,
 ):
     """Predict ``split`` and compute every metric; write the tables to ``output_dir`` when given."""
-    from octsam.metrics import evaluate_predictions, write_results
+    from octsam.evaluation.metrics import evaluate_predictions
+    from octsam.evaluation.report import write_results
 
     preds, refs, patients, scans = predict_split(segmenter, split, prompted, multimask, desc=method)
     result = evaluate_predictions(
@@ -116,8 +117,8 @@ def evaluate_zero_shot(
     **kwargs,
 ):
     """The zero-shot baseline: base SAM, one ground-truth box per instance, best of 3 masks by predicted IoU."""
-    from octsam.fast_attention import enable_fast_attention
-    from octsam.modeling import zero_shot_model
+    from octsam.models.fast_attention import enable_fast_attention
+    from octsam.models.sam import zero_shot_model
 
     model = zero_shot_model(base_model, labels, revision=revision)
     enable_fast_attention(model)

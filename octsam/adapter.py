@@ -1,0 +1,204 @@
+"""The adapter folder format: what a trained octsam model folder (or Hub repo) holds, and finding one.
+
+An adapter folder is self-describing: ``octsam_config.json`` (``OctSamConfig``: base model, mode, labels, input size,
+normalisation, format version) plus the weights of its kind - PEFT's ``adapter_config.json`` and
+``adapter_model.safetensors`` for SAM + LoRA, ``model.safetensors`` for the U-Net baseline - and a ``README.md`` model
+card. This module imports no torch: checking and resolving a folder is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from octsam import __version__
+from octsam.errors import OctSamError
+
+ADAPTER_CONFIG_NAME = "octsam_config.json"
+ADAPTER_FORMAT = "octsam-adapter"
+ADAPTER_FORMAT_VERSION = 1
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+UNET_WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+RUN_RECORD_NAME = "run.json"
+# What a model kind needs in its folder, and what a Hub download fetches (nothing else: no checkpoints).
+WEIGHT_FILES = {"sam": (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME), "unet": (UNET_WEIGHTS_NAME,)}
+ADAPTER_FILES = (
+    ADAPTER_CONFIG_NAME,
+    CARD_NAME,
+    RUN_RECORD_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    UNET_WEIGHTS_NAME,
+)
+
+# SAM's normalisation (ImageNet mean/std on the 0-255 scale), as in transformers' SamImageProcessor.
+SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
+SAM_IMAGE_STD = (58.395, 57.12, 57.375)
+CLASS_PROMPTS_MODULE = "octsam_class_prompts"
+# Names accepted in ``lora_target_modules`` and the module-name patterns they stand for.
+LORA_TARGETS = {
+    "qkv": r"vision_encoder\.layers\.\d+\.attn\.qkv",
+    "proj": r"vision_encoder\.layers\.\d+\.attn\.proj",
+    "mlp": r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
+    "decoder_attention": r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
+}
+
+
+@dataclass
+class OctSamConfig:
+    """Everything needed to rebuild a trained model from its folder (saved as ``octsam_config.json``)."""
+
+    labels: list[str]
+    base_model: str = "facebook/sam-vit-base"
+    base_model_revision: str | None = None
+    architecture: str = "sam"
+    mode: str = "automatic"
+    class_activation: str = "softmax"
+    image_size: int = 1024
+    image_mean: tuple[float, ...] = SAM_IMAGE_MEAN
+    image_std: tuple[float, ...] = SAM_IMAGE_STD
+    tokens_per_class: int = 2
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: ["qkv"])
+    train_mask_decoder: bool = True
+    format: str = ADAPTER_FORMAT
+    format_version: int = ADAPTER_FORMAT_VERSION
+    octsam_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2 or self.labels[0] != "background":
+            raise OctSamError(
+                f"labels must start with 'background' and name at least one biomarker, got {self.labels}."
+            )
+        if self.mode not in ("automatic", "prompted"):
+            raise OctSamError(f"mode must be 'automatic' or 'prompted', got {self.mode!r}.")
+        if self.class_activation not in ("softmax", "sigmoid"):
+            raise OctSamError(f"class_activation must be 'softmax' or 'sigmoid', got {self.class_activation!r}.")
+        unknown = [t for t in self.lora_target_modules if t not in LORA_TARGETS]
+        if unknown:
+            raise OctSamError(f"Unknown lora_target_modules {unknown}; choose from {sorted(LORA_TARGETS)}.")
+        if self.train_mask_decoder and "decoder_attention" in self.lora_target_modules:
+            raise OctSamError(
+                "lora_target_modules 'decoder_attention' and train_mask_decoder=true both train the mask decoder; "
+                "set train_mask_decoder false to use LoRA on the decoder instead."
+            )
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> OctSamConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise OctSamError(f"Cannot read adapter config {path}: {err}") from err
+        if data.get("format") != ADAPTER_FORMAT:
+            raise OctSamError(
+                f"{path} is not an octsam adapter (format={data.get('format')!r}); "
+                "pass a folder written by octsam's train.py or `python -m octsam.cli.hub push`."
+            )
+        if int(data.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+            raise OctSamError(
+                f"{path} was written by a newer octsam (format_version {data['format_version']} > "
+                f"{ADAPTER_FORMAT_VERSION}); upgrade octsam to load it."
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OctSamError(f"{path} has unknown keys {unknown}; it was written by another octsam version.")
+        return cls(**data)
+
+
+def hub_unreachable() -> bool:
+    """True when the Hub cannot be used now: offline mode is set, or its host name does not resolve (no network).
+
+    huggingface_hub retries an unresolvable host for about 20 s per file before failing; callers use this to go
+    straight to the local cache (``local_files_only``) and to say how to work offline.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return True
+    return False
+
+
+OFFLINE_HINT = (
+    "download it once where there is internet with `hf download {name}` and set HF_HUB_OFFLINE=1 here, "
+    "or pass the downloaded folder"
+)
+
+
+def resolve_adapter(adapter: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local adapter folder as it is, or a Hub repo id downloaded once through huggingface_hub's cache (HF_HOME,
+    HF_HUB_OFFLINE and ``revision`` are honoured; only the files an adapter uses are fetched)."""
+    adapter = str(adapter)
+    if os.path.isdir(adapter):
+        return Path(adapter)
+    if os.path.exists(adapter):
+        raise OctSamError(f"Adapter {adapter} is a file; pass the adapter folder that holds {ADAPTER_CONFIG_NAME}.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    offline = hub_unreachable()
+    try:
+        return Path(
+            snapshot_download(
+                adapter,
+                revision=revision,
+                repo_type="model",
+                allow_patterns=list(ADAPTER_FILES),
+                local_files_only=offline,
+            )
+        )
+    except HFValidationError as err:
+        raise OctSamError(
+            f"Adapter {adapter!r} is neither an existing local folder nor a valid Hub repo id (ORG/NAME)."
+        ) from err
+    except Exception as err:  # offline and not cached, missing repo, no access
+        at = f" --revision {revision}" if revision else ""
+        where = "in the local Hugging Face cache (the Hub cannot be reached from here)" if offline else "on the Hub"
+        raise OctSamError(
+            f"Cannot find adapter {adapter!r}{' at revision ' + revision if revision else ''} as a local folder or "
+            f"{where} ({type(err).__name__}). Check the path or repo id; for a private repo log in with "
+            f"`hf auth login`; to use it offline, " + OFFLINE_HINT.format(name=f"{adapter}{at}") + "."
+        ) from err
+
+
+def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
+    """The folder's ``OctSamConfig`` after checking it holds everything the loader needs."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OctSamError(f"Adapter folder {folder} does not exist.")
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        raise OctSamError(
+            f"{folder} has no {ADAPTER_CONFIG_NAME}: it is not an octsam adapter folder (a plain PEFT or transformers "
+            "checkpoint cannot be used without the labels and input size that file records). Pass the best_adapter "
+            "folder that train.py writes."
+        )
+    config = OctSamConfig.from_json_file(folder / ADAPTER_CONFIG_NAME)
+    missing = [name for name in WEIGHT_FILES.get(config.architecture, ()) if not (folder / name).is_file()]
+    if missing:
+        raise OctSamError(f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.")
+    return config

@@ -1,0 +1,108 @@
+"""``octsam-evaluate`` (``python -m octsam.cli.evaluate``): compare adapters, the U-Net baseline and zero-shot SAM on
+one split - per-class tables with patient-bootstrap intervals, the publication-format CSV, figures and report.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping
+
+from octsam.adapter import check_adapter_folder, resolve_adapter
+from octsam.cli.common import parse_pixel_spacing
+from octsam.errors import OctSamError, cli_main
+from octsam.evaluation.compare import ZERO_SHOT, default_method_name, run_comparison
+
+
+def parse_adapter_arg(text: str) -> tuple[str | None, str]:
+    """``NAME=DIR_OR_REPO`` or ``DIR_OR_REPO`` -> (name or None, adapter). An existing path is never split."""
+    if "=" in text and not os.path.exists(text):
+        name, adapter = text.split("=", 1)
+        if not name.strip() or not adapter.strip():
+            raise OctSamError(f"--adapter {text!r}: use NAME=DIR_OR_REPO or DIR_OR_REPO.")
+        return name.strip(), adapter.strip()
+    return None, text
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="octsam-evaluate",
+        description="Evaluate adapters (SAM + LoRA, U-Net baseline) and the zero-shot SAM baseline on one split, "
+        "with per-class metrics, patient-bootstrap CIs, the seed-format CSV, figures and report.md.",
+        epilog="Example: octsam-evaluate --adapter LoRA=outputs/amd/best_adapter "
+        "--adapter U-Net=outputs/amd_unet/best_adapter --method zero-shot --dataset data/amd --output results/amd",
+    )
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR_OR_REPO",
+                   help="Adapter folder or Hub repo (repeat for several; NAME is its row in the tables).")  # fmt: skip
+    p.add_argument("--dataset", required=True, help="Dataset folder (dataset_builder) or Hub dataset id.")
+    p.add_argument("--dataset-revision", default=None, help="Hub revision of --dataset.")
+    p.add_argument("--split", default="test", help="Split to evaluate (default: test).")
+    p.add_argument("--output", required=True, help="Results folder (never replaced without --overwrite).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty --output folder.")
+    p.add_argument("--method", action="append", default=[], choices=[ZERO_SHOT],
+                   help="Also evaluate the zero-shot SAM baseline (ground-truth boxes, best of 3 masks).")  # fmt: skip
+    p.add_argument("--base-model", default=None, metavar="ID_OR_DIR",
+                   help="SAM base for --method zero-shot (default: the base model of the first SAM adapter).")  # fmt: skip
+    p.add_argument(
+        "--pixel-spacing-mm", default=None, metavar="Y,X", help="Pixel size in mm: HD95 in mm, areas in mm²."
+    )
+    p.add_argument("--n-bootstrap", type=int, default=1000, help="Bootstrap resamples of patients (default 1000).")
+    p.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="Where to run.")
+    p.add_argument("--batch-size", type=int, default=8, help="B-scans per forward pass.")
+    p.add_argument("--dpi", type=int, default=150, help="Resolution of the figures (default 150).")
+    return p
+
+
+def _zero_shot_base(args: argparse.Namespace, adapters: Mapping[str, str]) -> str | None:
+    if ZERO_SHOT not in args.method:
+        return None
+    if args.base_model:
+        return args.base_model
+    for folder in adapters.values():
+        config = check_adapter_folder(folder)
+        if config.architecture == "sam":
+            return config.base_model
+    raise OctSamError("--method zero-shot needs a SAM base: pass --base-model ID_OR_DIR (or a SAM --adapter).")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """``octsam-evaluate`` / ``python -m octsam.cli.evaluate``: 0 done, 2 a usage error (printed without a traceback)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.n_bootstrap < 1:
+        raise OctSamError(f"--n-bootstrap must be at least 1, got {args.n_bootstrap}.")
+    if args.batch_size < 1:
+        raise OctSamError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    adapters: dict[str, str] = {}
+    for text in args.adapter:
+        name, adapter = parse_adapter_arg(text)
+        folder = resolve_adapter(adapter)  # once per run: a Hub id is downloaded here, the rest reads the folder
+        if name is None:
+            name = default_method_name(check_adapter_folder(folder))
+        if name in adapters:
+            raise OctSamError(f"Two adapters would both be called {name!r}; name them with --adapter NAME=DIR.")
+        adapters[name] = str(folder)
+    run_comparison(
+        args.dataset,
+        adapters=adapters,
+        zero_shot_base=_zero_shot_base(args, adapters),
+        output_dir=args.output,
+        split=args.split,
+        pixel_spacing_mm=parse_pixel_spacing(args.pixel_spacing_mm),
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+        dataset_revision=args.dataset_revision,
+        device=args.device,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        figure_dpi=args.dpi,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""``train.py`` / ``octsam-train``: fine-tune SAM + LoRA (or the U-Net baseline) from one YAML config plus overrides.
+
+Single process: ``python train.py --config configs/amd.yaml``; N GPUs: ``accelerate launch --config_file
+accelerate_config.yaml train.py --config configs/amd.yaml``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from octsam.config import parse_config
+from octsam.errors import cli_main
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, train_args = parse_config(argv)  # before torch is imported: --help stays quick
+    import torch
+
+    from octsam.training.loop import train
+
+    try:
+        train(model_args, data_args, train_args)
+    except torch.cuda.OutOfMemoryError as err:
+        print(
+            f"error: the GPU ran out of memory ({err}). Lower --per_device_train_batch_size (the effective batch is "
+            "kept by gradient accumulation) or add --gradient_checkpointing.",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

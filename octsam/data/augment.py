@@ -1,0 +1,43 @@
+"""Training augmentation: flips, small rotations and brightness/contrast on image and mask together
+(albumentations), at the B-scan's native size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+
+from octsam.data.contract import IGNORE_INDEX
+
+
+@dataclass
+class AugmentConfig:
+    hflip_p: float = 0.5
+    rotate_limit: float = 10.0
+    rotate_p: float = 0.5
+    brightness_limit: float = 0.2
+    contrast_limit: float = 0.2
+    brightness_contrast_p: float = 0.5
+
+
+def build_augmentation(cfg: AugmentConfig) -> A.Compose:
+    """Flips, small rotations (image bilinear, mask nearest, borders filled with ignore) and brightness/contrast."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.hflip_p),
+            A.Rotate(
+                limit=cfg.rotate_limit,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+                p=cfg.rotate_p,
+            ),
+            A.RandomBrightnessContrast(
+                brightness_limit=cfg.brightness_limit, contrast_limit=cfg.contrast_limit, p=cfg.brightness_contrast_p
+            ),
+        ],
+        seed=0,
+    )

@@ -56,29 +56,29 @@ SAM_BASE = dict(
 def common_train_args(args: argparse.Namespace, dataset: Path, out: Path) -> list[str]:
     """Options shared by both models: the same data, splits, augmentation, loss and validation."""
     return [
-        "--dataset", str(dataset), "--output_dir", str(out), "--overwrite_output_dir", "true",
-        "--num_workers", "0", "--report_to", "none", "--evaluate_test", "false", "--seed", str(args.seed),
-        "--early_stopping_patience", "0", "--keep_checkpoints", "0",
-        "--dice_weight", str(args.dice_weight), "--ce_weight", str(args.ce_weight),
+        "--dataset", str(dataset), "--output-dir", str(out), "--overwrite-output-dir", "true",
+        "--num-workers", "0", "--report-to", "none", "--evaluate-test", "false", "--seed", str(args.seed),
+        "--early-stopping-patience", "0", "--keep-checkpoints", "0",
+        "--dice-weight", str(args.dice_weight), "--ce-weight", str(args.ce_weight),
     ]  # fmt: skip
 
 
 def unet_args(args: argparse.Namespace, dataset: Path, out: Path) -> list[str]:
     return [
-        "--model", "unet", "--unet_image_size", str(args.unet_size),
-        "--unet_channels", *[str(c) for c in args.unet_channels],
-        "--learning_rate", str(args.unet_lr), "--num_train_epochs", str(args.unet_epochs),
-        "--effective_batch_size", str(args.unet_batch), "--per_device_train_batch_size", str(args.unet_batch),
+        "--model", "unet", "--unet-image-size", str(args.unet_size),
+        "--unet-channels", *[str(c) for c in args.unet_channels],
+        "--learning-rate", str(args.unet_lr), "--num-train-epochs", str(args.unet_epochs),
+        "--effective-batch-size", str(args.unet_batch), "--per-device-train-batch-size", str(args.unet_batch),
         *common_train_args(args, dataset, out),
     ]  # fmt: skip
 
 
 def sam_args(args: argparse.Namespace, dataset: Path, base: Path, out: Path) -> list[str]:
     return [
-        "--model", "sam", "--base_model", str(base), "--mode", "automatic",
-        "--lora_target_modules", "qkv", "proj", "mlp", "--lora_r", "16", "--lora_alpha", "16",
-        "--learning_rate", str(args.sam_lr), "--num_train_epochs", str(args.sam_epochs),
-        "--effective_batch_size", str(args.sam_batch), "--per_device_train_batch_size", str(args.sam_batch),
+        "--model", "sam", "--base-model", str(base), "--mode", "automatic",
+        "--lora-target-modules", "qkv", "proj", "mlp", "--lora-r", "16", "--lora-alpha", "16",
+        "--learning-rate", str(args.sam_lr), "--num-train-epochs", str(args.sam_epochs),
+        "--effective-batch-size", str(args.sam_batch), "--per-device-train-batch-size", str(args.sam_batch),
         *common_train_args(args, dataset, out),
     ]  # fmt: skip
 

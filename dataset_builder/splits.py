@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ def split_patients(
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
     patient_scans: Mapping[str, int] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """Assign each patient to train/validation/test (returns patient -> split), deterministic for ``seed``.
 
@@ -79,7 +80,7 @@ def split_patients(
             break
     assert best is not None
     assignment = {p: SPLITS[int(best[1][i])] for i, p in enumerate(patients)}
-    _warn_missing(assignment, classes)
+    _warn_missing(assignment, classes, labels)
     return dict(sorted(assignment.items()))
 
 
@@ -94,7 +95,9 @@ def _patient_counts(fractions: tuple[float, float, float], n: int) -> tuple[int,
     return (n - val - test, val, test)
 
 
-def _warn_missing(assignment: Mapping[str, str], classes: Mapping[str, frozenset[int]]) -> None:
+def _warn_missing(
+    assignment: Mapping[str, str], classes: Mapping[str, frozenset[int]], labels: Sequence[str] | None = None
+) -> None:
     present = {s: set().union(*(classes[p] for p in assignment if assignment[p] == s)) for s in SPLITS}
     wanted = set().union(*classes.values())
     for split in SPLITS:
@@ -103,7 +106,7 @@ def _warn_missing(assignment: Mapping[str, str], classes: Mapping[str, frozenset
             logger.warning(
                 "split %s has no B-scan with class(es) %s: too few patients have them to cover every split.",
                 split,
-                ", ".join(map(str, missing)),
+                ", ".join(labels[c] if labels and c < len(labels) else str(c) for c in missing),
             )
 
 

@@ -158,7 +158,11 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def assign_splits(
-    records: Sequence[ScanRecord], fractions: tuple[float, float, float], seed: int, split_file: str | Path | None
+    records: Sequence[ScanRecord],
+    fractions: tuple[float, float, float],
+    seed: int,
+    split_file: str | Path | None,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """Patient -> split, from ``split_file`` or a balanced seeded split (see ``splits.split_patients``)."""
     if not records:
@@ -170,7 +174,7 @@ def assign_splits(
         scans[r.patient_id] = scans.get(r.patient_id, 0) + 1
     if split_file is not None:
         return load_split_file(split_file, classes)
-    return split_patients(classes, fractions, seed, scans)
+    return split_patients(classes, fractions, seed, scans, labels=labels)
 
 
 def build_dataset(
@@ -195,7 +199,7 @@ def build_dataset(
     out = Path(output).expanduser().resolve() if output is not None else None
     if out is not None:
         check_output(out, overwrite)
-    assignment = assign_splits(records, split, seed, split_file)
+    assignment = assign_splits(records, split, seed, split_file, labels)
 
     parent = out.parent if out is not None else Path(tempfile.gettempdir())
     created = _missing_ancestors(parent)

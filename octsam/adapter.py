@@ -202,3 +202,12 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
     if missing:
         raise OctSamError(f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.")
     return config
+
+
+def check_same_labels(adapter_labels, dataset_labels, adapter: str, dataset: str) -> None:
+    """An adapter can only be scored on (or applied to) a dataset with its label set: same names, same order."""
+    if list(adapter_labels) != list(dataset_labels):
+        raise OctSamError(
+            f"Adapter {adapter} predicts labels {list(adapter_labels)} but dataset {dataset} has "
+            f"{list(dataset_labels)}; use a dataset with the same label set (same names, same order)."
+        )

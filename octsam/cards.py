@@ -79,10 +79,10 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _colour(index: int) -> str:
+def _colour(index: int, labels: list[str]) -> str:
     from octsam.evaluation.plots import class_color
 
-    r, g, b = class_color(index)
+    r, g, b = class_color(index, labels)
     return f"`#{r:02x}{g:02x}{b:02x}` (RGB {r}, {g}, {b})"
 
 
@@ -188,7 +188,9 @@ def render_adapter_card(
     biomarkers = ", ".join(config.labels[1:])
     model_ref = repo_id or REPO_PLACEHOLDER
     label_rows = [{"index": 0, "name": config.labels[0], "colour": "not drawn"}] + [
-        {"index": i, "name": name, "colour": _colour(i)} for i, name in enumerate(config.labels) if i > 0
+        {"index": i, "name": name, "colour": _colour(i, list(config.labels))}
+        for i, name in enumerate(config.labels)
+        if i > 0
     ]
     first = config.labels[1]
     if config.mode == "prompted":

@@ -1,12 +1,14 @@
 """Experiment configuration: three dataclasses parsed from one YAML file, overridable on the command line.
 
-``python train.py --config configs/amd.yaml --learning_rate 3e-4`` reads the YAML, rejects keys that no dataclass
+``python train.py --config configs/amd.yaml --learning-rate 3e-4`` reads the YAML, rejects keys that no dataclass
 knows, and lets each ``--name value`` override the file.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,7 @@ class ModelArguments:
         "lora_target_modules", "Any of qkv, proj, mlp (image encoder) and decoder_attention."
     )
     train_mask_decoder: bool = _adapter_field(
-        "train_mask_decoder", "Train the whole mask decoder (--no_train_mask_decoder: keep it frozen)."
+        "train_mask_decoder", "Train the whole mask decoder (--no-train-mask-decoder: keep it frozen)."
     )
     fast_attention: bool = field(
         default=True, metadata={"help": "Exact fast attention for the image encoder (octsam.models.fast_attention)."}
@@ -84,7 +86,7 @@ class DataArguments:
         metadata={"help": "Prompted mode: prompt kinds drawn per step."},
     )
     # Augmentation (names and defaults are AugmentConfig's).
-    augment: bool = field(default=True, metadata={"help": "Augment training B-scans (--no_augment: off)."})
+    augment: bool = field(default=True, metadata={"help": "Augment training B-scans (--no-augment: off)."})
     hflip_p: float = _copy_field(AugmentConfig, "hflip_p", "Probability of a horizontal flip.")
     rotate_limit: float = _copy_field(AugmentConfig, "rotate_limit", "Largest rotation in degrees.")
     rotate_p: float = _copy_field(AugmentConfig, "rotate_p", "Probability of a rotation.")
@@ -126,7 +128,7 @@ class TrainArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest or a checkpoint folder."})
     evaluate_test: bool = field(default=True, metadata={"help": "Evaluate the best model on the test split."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the best adapter at the end."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "ORG/NAME for --push_to_hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "ORG/NAME for --push-to-hub."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
     stop_after_epochs: int | None = field(
         default=None, metadata={"help": "Stop (as if interrupted) after this many epochs; for testing resume."}
@@ -136,13 +138,107 @@ class TrainArguments:
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
 
 
+EPILOG = """examples:
+  python train.py --config configs/amd.yaml --dataset data/amd
+  python train.py --config configs/amd.yaml --learning-rate 3e-4 --num-train-epochs 20
+  python train.py --config configs/amd.yaml --model unet --output-dir outputs/amd_unet
+  python train.py --config configs/amd.yaml --resume-from-checkpoint latest
+  accelerate launch --config_file accelerate_config.yaml train.py --config configs/amd.yaml
+
+Options are kebab-case like every octsam command; the snake_case spelling (--output-dir), which Hugging Face
+scripts use, is accepted as an alias. A YAML --config uses the snake_case names as keys; the command line overrides it.
+Booleans: --flag, --no-flag or --flag true|false."""
+
+_GROUPS = {
+    "ModelArguments": "model (SAM + LoRA or the U-Net baseline)",
+    "DataArguments": "data, prompts and augmentation",
+    "TrainArguments": "training",
+}
+
+
+def _to_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option once, in its kebab-case spelling (the snake_case alias is accepted, not listed)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        first = action.option_strings[0]
+        if action.nargs == 0:
+            return ", ".join(action.option_strings) if first == "-h" else first
+        return f"{first} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _format_usage(self, usage, actions, groups, prefix):
+        return "usage: train.py --config FILE.yaml [--option value ...]   (all options below)\n\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py parser, built from the three dataclasses without importing torch or transformers (fast --help)."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune SAM with LoRA (or the MONAI U-Net baseline) on an OCT dataset.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file with any options below.")
+    for dc in ALL_ARGUMENTS:
+        group = parser.add_argument_group(_GROUPS[dc.__name__])
+        for f in dataclasses.fields(dc):
+            _add_field(group, f)
+    return parser
+
+
+def _add_field(group, f: dataclasses.Field) -> None:
+    kebab, snake = f"--{f.name.replace('_', '-')}", f"--{f.name}"
+    names = [kebab] if kebab == snake else [kebab, snake]
+    help_text = f.metadata.get("help", "")
+    kind = str(f.type)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if kind == "bool":
+        group.add_argument(*names, dest=f.name, type=_to_bool, nargs="?", const=True, default=default,
+                           metavar="true|false", help=f"{help_text} (default: {str(default).lower()})")  # fmt: skip
+        negatives = [f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}"]
+        group.add_argument(*dict.fromkeys(negatives), dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        return
+    optional = "None" in kind
+    base = kind.replace("| None", "").replace("None |", "").strip()
+    nargs = None
+    if base.startswith("list["):
+        nargs, base = "+", base[5:-1]
+    convert = {"str": str, "int": int, "float": float}[base]
+    if optional:
+        convert = _none_or(convert)
+    shown = (
+        ""
+        if default is None
+        else f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+    )
+    group.add_argument(*names, dest=f.name, type=convert, nargs=nargs, default=default, metavar=f.name.upper(),
+                       help=help_text + shown)  # fmt: skip
+
+
+def _none_or(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """``--config FILE.yaml`` (optional) plus command-line overrides -> the three argument dataclasses."""
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ALL_ARGUMENTS)
-    parser.add_argument("--config", type=str, default=None, help="YAML file with any of the options below.")
+    parser = build_parser()
     config_path = None
     if "--config" in argv:
         i = argv.index("--config")
@@ -158,6 +254,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise OctSamError(f"Config file {config_path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise OctSamError(
+                f"Config file {config_path} must be a mapping of option: value, not {type(values).__name__}."
+            )
         known = {f.name for dc in ALL_ARGUMENTS for f in dataclasses.fields(dc)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -186,15 +286,15 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
 
     if model_args.attention_mode not in ATTENTION_MODES:
         raise OctSamError(
-            f"--attention_mode must be one of {', '.join(ATTENTION_MODES)}, got {model_args.attention_mode!r}."
+            f"--attention-mode must be one of {', '.join(ATTENTION_MODES)}, got {model_args.attention_mode!r}."
         )
     if train_args.report_to not in ("tensorboard", "trackio", "wandb", "none"):
-        raise OctSamError(f"--report_to must be tensorboard, trackio, wandb or none, got {train_args.report_to!r}.")
+        raise OctSamError(f"--report-to must be tensorboard, trackio, wandb or none, got {train_args.report_to!r}.")
     bad = [t for t in data_args.prompt_types if t not in ("box", "point", "box+point")]
     if bad:
         raise OctSamError(f"prompt_types {bad} unknown; use box, point, box+point.")
     if train_args.push_to_hub and not train_args.hub_model_id:
-        raise OctSamError("--push_to_hub needs --hub_model_id ORG/NAME.")
+        raise OctSamError("--push-to-hub needs --hub-model-id ORG/NAME.")
     for name in ("effective_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(train_args, name) < 1:
             raise OctSamError(f"--{name} must be at least 1.")
@@ -209,6 +309,8 @@ def adapter_config(model_args: ModelArguments, labels: list[str]) -> OctSamConfi
     """The one place an experiment's options become the adapter's ``OctSamConfig``."""
     config = _subset(OctSamConfig, _WithLabels(model_args, labels))
     config.lora_target_modules = list(config.lora_target_modules)
+    if os.path.isdir(config.base_model):  # a local base: recorded absolute, so the adapter loads from any folder
+        config.base_model = str(Path(config.base_model).resolve())
     return config
 
 

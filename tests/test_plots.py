@@ -235,3 +235,21 @@ def test_confusion_matrix(tmp_path):
     _png(path, (600, 500))
     with pytest.raises(OctSamError, match="does not match"):
         plot_confusion_matrix(confusion, LABELS[:3], tmp_path / "bad.png")
+
+
+def test_colours_follow_the_label_name_and_stay_distinct():
+    from octsam.evaluation.plots import class_colors
+
+    amd = class_colors(["background", "drusen", "scar", "fluid"])
+    duke = class_colors(["background", "fluid"])
+    assert amd[3] == duke[1] == (0, 0, 255)  # fluid is blue whatever its index
+    assert amd[1] == (255, 0, 0) and amd[2] == (0, 255, 0)
+    many = class_colors(
+        ["background", "drusen", "cnvm", "fce", "erm", "srf", "vmt", "ped", "irf", "hyperreflective_foci", "rpe"]
+    )
+    distances = [
+        sum((a - b) ** 2 for a, b in zip(many[i], many[j])) ** 0.5
+        for i in range(1, len(many))
+        for j in range(i + 1, len(many))
+    ]
+    assert len(set(many)) == len(many) and min(distances) > 60

@@ -176,7 +176,7 @@ def test_attention_mode_reaches_the_model_and_a_bad_one_is_refused(tmp_path, sha
 
     model_args, _, _ = parse_config(run_args(shape_dataset, tiny_base, tmp_path / "o", "--attention_mode", "triton"))
     assert fast_attention_mode(build_model(model_args, list(TINY_LABELS), seed=0)) == "triton"
-    with pytest.raises(OctSamError, match="attention_mode"):
+    with pytest.raises(OctSamError, match="attention-mode"):
         train(*parse_config(run_args(shape_dataset, tiny_base, tmp_path / "o2", "--attention_mode", "fastest")))
 
 
@@ -207,7 +207,7 @@ def test_output_dir_is_never_overwritten(tmp_path, shape_dataset, tiny_base, cap
     out.mkdir()
     (out / "precious.txt").write_text("keep")
     assert main(run_args(shape_dataset, tiny_base, out)) == 2
-    assert "--resume_from_checkpoint" in capsys.readouterr().err
+    assert "--resume-from-checkpoint" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep"
 
 
@@ -227,7 +227,7 @@ def test_out_of_memory_message(monkeypatch, capsys):
     monkeypatch.setattr("octsam.cli.train.parse_config", lambda argv: (None, None, None))
     assert main([]) == 3
     err = capsys.readouterr().err
-    assert "per_device_train_batch_size" in err and "gradient_checkpointing" in err
+    assert "--per-device-train-batch-size" in err and "--gradient-checkpointing" in err
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, shape_dataset, tiny_base, monkeypatch, capsys):

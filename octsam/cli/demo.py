@@ -78,12 +78,12 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
     print(f"[1/4] building the synthetic AMD dataset ({patients} patients x 4 B-scans) in {data}")
     build_synthetic("amd", patients, 4, seed=0, output=data, size=256, lesion_scale=2.0)
     base = save_random_base(out / "base_model", seed=0, **DEMO_SAM)
-    extra = [] if epochs is None else ["--num_train_epochs", str(epochs)]
+    extra = [] if epochs is None else ["--num-train-epochs", str(epochs)]
     common = ["--dataset", str(data), *extra]
 
     print("[2/4] fine-tuning the small random SAM with LoRA (automatic mode)")
     sam_args = parse_config(
-        ["--config", str(CONFIGS / "demo.yaml"), *common, "--base_model", base, "--output_dir", str(out / "sam_lora")]
+        ["--config", str(CONFIGS / "demo.yaml"), *common, "--base-model", base, "--output-dir", str(out / "sam_lora")]
     )
     train(*sam_args)
     adapters = {"SAM + LoRA": str(out / "sam_lora" / "best_adapter")}
@@ -91,7 +91,7 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
     if unet:
         print("[3/4] training the U-Net baseline (same data, splits, augmentation, loss and metrics)")
         unet_args = parse_config(
-            ["--config", str(CONFIGS / "demo_unet.yaml"), *common, "--output_dir", str(out / "unet")]
+            ["--config", str(CONFIGS / "demo_unet.yaml"), *common, "--output-dir", str(out / "unet")]
         )
         train(*unet_args)
         adapters["U-Net"] = str(out / "unet" / "best_adapter")

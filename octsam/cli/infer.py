@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the adapter.")
     p.add_argument(
         "--base-model",
-        "--base_model",
+        "--base-model",
         dest="base_model",
         default=None,
         help="Base SAM to use instead of the adapter's (e.g. a local copy of facebook/sam-vit-base for offline use).",
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the image encoder (on the CPU with frozen weights): faster for many B-scans, "
         "about a minute of compilation first.",
     )
-    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.add_argument("--quiet", action="store_true", help="No progress bars (also none while loading weights).")
     return p
 
 
@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry (``octsam-infer`` / ``python inference.py``): 0 all done, 1 some B-scans failed, 2 a
     usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
+    if args.quiet:  # also the weight-loading bar and notices of transformers / huggingface_hub
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         failed = run(args)
     except KeyboardInterrupt:

@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         train(model_args, data_args, train_args)
     except torch.cuda.OutOfMemoryError as err:
         print(
-            f"error: the GPU ran out of memory ({err}). Lower --per_device_train_batch_size (the effective batch is "
-            "kept by gradient accumulation) or add --gradient_checkpointing.",
+            f"error: the GPU ran out of memory ({err}). Lower --per-device-train-batch-size (the effective batch is "
+            "kept by gradient accumulation) or add --gradient-checkpointing.",
             file=sys.stderr,
         )
         return 3

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import albumentations as A
-import cv2
+from typing import TYPE_CHECKING
 
 from octsam.data.contract import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 
 @dataclass
@@ -23,6 +24,9 @@ class AugmentConfig:
 
 def build_augmentation(cfg: AugmentConfig) -> A.Compose:
     """Flips, small rotations (image bilinear, mask nearest, borders filled with ignore) and brightness/contrast."""
+    import albumentations as A  # imported here: octsam.config (train.py --help) stays light
+    import cv2
+
     return A.Compose(
         [
             A.HorizontalFlip(p=cfg.hflip_p),

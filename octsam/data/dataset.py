@@ -298,3 +298,18 @@ def _read_with_tifffile(path: Path, err: Exception) -> np.ndarray:
         except Exception:  # noqa: BLE001 - fall through to the common message
             pass
     raise OctSamError(f"cannot read image file {path}: {err}. Check that it is a valid PNG/JPEG/TIFF/BMP.") from err
+
+
+def class_pixel_counts(split: datasets.Dataset, num_labels: int) -> np.ndarray:
+    """Pixels per class (0..K) over the masks of ``split`` (ignore pixels not counted)."""
+    counts = np.zeros(num_labels, dtype=np.int64)
+    for mask in split.select_columns(["mask"]):
+        values = np.asarray(mask["mask"]).ravel()
+        counts += np.bincount(values[values < num_labels], minlength=num_labels)[:num_labels]
+    return counts
+
+
+def absent_classes(split: datasets.Dataset, labels: list[str]) -> list[str]:
+    """Names of the foreground classes with no pixel in ``split`` (a model cannot learn them from it)."""
+    counts = class_pixel_counts(split, len(labels))
+    return [name for name, count in zip(labels[1:], counts[1:]) if count == 0]

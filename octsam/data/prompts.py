@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from octsam.errors import OctSamError
 
@@ -39,7 +38,7 @@ def connected_instances(mask: np.ndarray, num_labels: int, min_pixels: int = 1) 
     instances = []
     structure = np.ones((3, 3), dtype=bool)
     for k in range(1, num_labels):
-        components, count = ndimage.label(mask == k, structure=structure)
+        components, count = _ndimage().label(mask == k, structure=structure)
         if count == 0:
             continue
         sizes = np.bincount(components.ravel(), minlength=count + 1)
@@ -284,3 +283,9 @@ class Prompt:
     label: int
     box: tuple[float, float, float, float] | None = None
     points: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+def _ndimage():
+    from scipy import ndimage  # imported on first use: octsam.config (train.py --help) stays light
+
+    return ndimage

@@ -122,7 +122,7 @@ def run_comparison(
     ``comparison.json`` (headline and per-class metrics with CIs per method, file and figure names, the CI note and
     the printed table) and, with ``verbose``, prints the comparison table.
     """
-    from octsam.adapter import check_adapter_folder, resolve_adapter
+    from octsam.adapter import check_adapter_folder, check_same_labels, resolve_adapter
     from octsam.data.dataset import load_oct_dataset
 
     adapters = dict(adapters or {})
@@ -153,11 +153,7 @@ def run_comparison(
     for name, adapter in adapters.items():
         folder = resolve_adapter(str(adapter))
         config = check_adapter_folder(folder)
-        if list(config.labels) != list(labels):
-            raise OctSamError(
-                f"Adapter {adapter} predicts labels {config.labels} but dataset {dataset} has {labels}; evaluate it "
-                "on a dataset with the same label set (same names, same order)."
-            )
+        check_same_labels(config.labels, labels, str(adapter), str(dataset))
         history = given.get(name) or training_history(folder)
         if config.architecture == "sam" and config.mode == "prompted" and "prompt" not in name.lower():
             renamed[name] = name = f"{name} (prompted, GT boxes)"

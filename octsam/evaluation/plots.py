@@ -2,8 +2,9 @@
 
 Every plotting function takes data, writes one PNG and returns its path. Figures are built on
 ``matplotlib.figure.Figure`` (rendered by the Agg canvas), never through ``pyplot``, so nothing depends on or changes
-the global backend and nothing is left open. Class colours are fixed (``class_color``): 1 red, 2 green, 3 blue,
-as in the seed's masks, then further distinct colours.
+the global backend and nothing is left open. Class colours follow the label name
+(``class_colors``): drusen red, scar green, fluid blue in every dataset, as in the original publication's masks; names
+without a fixed colour get Kelly's maximum-contrast colours.
 """
 
 from __future__ import annotations
@@ -25,19 +26,35 @@ from scipy import ndimage
 from octsam.data.contract import IGNORE_INDEX
 from octsam.errors import OctSamError
 
-_FIXED_COLORS = {
-    0: (0, 0, 0),
-    1: (255, 0, 0),
-    2: (0, 255, 0),
-    3: (0, 0, 255),
-    4: (255, 255, 0),
-    5: (255, 0, 255),
-    6: (0, 255, 255),
-    7: (255, 128, 0),
-    8: (128, 0, 255),
-    9: (0, 128, 255),
-    10: (255, 0, 128),
+# Colours by label name where the name is known (the AMD palette of the data contract: drusen red, scar green, fluid
+# blue; the same for the other biomarkers octsam's users label), so a biomarker has one colour in every dataset.
+NAMED_COLORS = {
+    "background": (0, 0, 0),
+    "drusen": (255, 0, 0),
+    "scar": (0, 255, 0),
+    "fluid": (0, 0, 255),
+    "macular_hole": (255, 0, 0),
+    "irf": (0, 0, 255),
+    "intraretinal_fluid": (0, 0, 255),
+    "srf": (0, 200, 255),
+    "subretinal_fluid": (0, 200, 255),
+    "ped": (255, 170, 0),
+    "pigment_epithelial_detachment": (255, 170, 0),
+    "hyperreflective_foci": (255, 0, 255),
+    "hrf": (255, 0, 255),
+    "erm": (255, 255, 0),
+    "epiretinal_membrane": (255, 255, 0),
+    "cnv": (0, 128, 0),
+    "cnvm": (0, 128, 0),
+    "ga": (150, 75, 0),
+    "geographic_atrophy": (150, 75, 0),
 }
+# Kelly's colours of maximum contrast (white, black and grey left out), for label names not in NAMED_COLORS.
+DISTINCT_COLORS = (
+    (243, 195, 0), (135, 86, 146), (243, 132, 0), (161, 202, 241), (190, 0, 50), (194, 178, 128), (0, 136, 86),
+    (230, 143, 172), (0, 103, 165), (249, 147, 121), (96, 78, 151), (246, 166, 0), (179, 68, 108), (220, 211, 0),
+    (136, 45, 23), (141, 182, 0), (101, 69, 34), (226, 88, 34), (43, 61, 38),
+)  # fmt: skip
 IGNORE_COLOR = (128, 128, 128)
 # Okabe-Ito colour-blind-safe palette for methods (kept apart from the class colours).
 METHOD_COLORS = ("#999999", "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000")
@@ -47,6 +64,7 @@ __all__ = [
     "add_legend",
     "choose_cases",
     "class_color",
+    "class_colors",
     "legend_handles",
     "overlay",
     "plot_confusion_matrix",
@@ -56,23 +74,46 @@ __all__ = [
 ]
 
 
-def class_color(index: int) -> tuple[int, int, int]:
-    """Fixed RGB colour of class ``index``: 0 black, 1 red, 2 green, 3 blue, then distinct colours; 255 grey."""
+def class_colors(labels: Sequence[str] | None, count: int | None = None) -> list[tuple[int, int, int]]:
+    """RGB colour of each class: by name where the name is known (``NAMED_COLORS``), else the next of Kelly's
+    maximum-contrast colours not too close to one already used. Without labels, classes take DISTINCT_COLORS in order
+    after AMD's red, green, blue."""
+    if labels is None:
+        labels = ["background", "drusen", "scar", "fluid"] + [f"class {i}" for i in range(4, count or 4)]
+    colors: list[tuple[int, int, int] | None] = [NAMED_COLORS.get(str(n).strip().lower()) for n in labels]
+    colors[0] = (0, 0, 0)
+    used = [c for c in colors if c is not None]
+    spare = iter(DISTINCT_COLORS)
+    for i, color in enumerate(colors):
+        if color is not None:
+            continue
+        for candidate in spare:
+            if all(sum((a - b) ** 2 for a, b in zip(candidate, u)) > 60**2 for u in used):
+                break
+        else:  # more classes than distinct colours: golden-ratio hues, reproducible
+            r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 0.95)
+            candidate = (round(r * 255), round(g * 255), round(b * 255))
+        colors[i] = candidate
+        used.append(candidate)
+    return colors  # type: ignore[return-value]
+
+
+def class_color(index: int, labels: Sequence[str] | None = None) -> tuple[int, int, int]:
+    """RGB colour of class ``index`` (see ``class_colors``); 255 (ignore) is grey."""
     index = int(index)
     if index == IGNORE_INDEX:
         return IGNORE_COLOR
     if index < 0:
         raise OctSamError(f"class index must be >= 0, got {index}")
-    if index in _FIXED_COLORS:
-        return _FIXED_COLORS[index]
-    # Golden-ratio hue steps give distinct, reproducible colours for any further class.
-    hue = (index * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
-    return (round(r * 255), round(g * 255), round(b * 255))
+    return (
+        class_colors(labels, index + 1)[index]
+        if labels is None or index < len(labels)
+        else class_colors(None, index + 1)[index]
+    )
 
 
-def _rgb01(index: int) -> tuple[float, float, float]:
-    return tuple(c / 255.0 for c in class_color(index))  # type: ignore[return-value]
+def _rgb01(index: int, labels: Sequence[str] | None = None) -> tuple[float, float, float]:
+    return tuple(c / 255.0 for c in class_color(index, labels))  # type: ignore[return-value]
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -116,7 +157,7 @@ def overlay(
     out = rgb.astype(np.float64)
     for c in classes:
         region = mask == c
-        color = np.array(class_color(c), dtype=np.float64)
+        color = np.array(class_color(c, labels), dtype=np.float64)
         out[region] = (1.0 - alpha) * out[region] + alpha * color
         if outline and c != IGNORE_INDEX:
             border = region & ~ndimage.binary_erosion(region)
@@ -128,7 +169,7 @@ def legend_handles(labels: Sequence[str], include_background: bool = False, igno
     """Colour patches for a legend: one per class (index 0 only with ``include_background``), plus 'ignored'."""
     start = 0 if include_background else 1
     handles = [
-        Patch(facecolor=_rgb01(i), edgecolor="black", linewidth=0.5, label=str(name))
+        Patch(facecolor=_rgb01(i, labels), edgecolor="black", linewidth=0.5, label=str(name))
         for i, name in enumerate(labels)
         if i >= start
     ]
@@ -414,7 +455,7 @@ def plot_training_curves(
                 if not np.isfinite(column).any():
                     name += " (no data)"
                 ax_metric.plot(epochs, column, linestyle="--", linewidth=1.2, marker=".", markersize=4,
-                               color=_rgb01(c + 1), label=f"{key}: {name}")  # fmt: skip
+                               color=_rgb01(c + 1, class_names), label=f"{key}: {name}")  # fmt: skip
     if best_key in keys and np.isfinite(series(best_key)).any():
         values = series(best_key)
         best = int(np.nanargmax(values))

@@ -22,6 +22,7 @@ class ScanInput:
     name: str
     source: str
     read: Callable[[], np.ndarray]
+    dataset_labels: list[str] | None = None  # the label names of the dataset it came from, if any
 
 
 def _has_magic(text: str) -> bool:
@@ -41,7 +42,7 @@ def _dataset_inputs(name: str, split: str, revision: str | None) -> list[ScanInp
     from octsam.data.dataset import load_oct_dataset
     from octsam.data.dataset import to_uint8 as data_to_uint8
 
-    dataset, _ = load_oct_dataset(name, revision=revision)
+    dataset, labels = load_oct_dataset(name, revision=revision)
     if split not in dataset:
         raise OctSamError(
             f"Dataset {name} has no split {split!r} (it has {', '.join(dataset)}); pick one with --split."
@@ -57,7 +58,9 @@ def _dataset_inputs(name: str, split: str, revision: str | None) -> list[ScanInp
         return read
 
     return [
-        ScanInput(re.sub(r"[^\w.\-]+", "_", str(scan_id)) or f"scan_{i:05d}", f"{name}:{split}[{i}]", reader(i))
+        ScanInput(
+            re.sub(r"[^\w.\-]+", "_", str(scan_id)) or f"scan_{i:05d}", f"{name}:{split}[{i}]", reader(i), labels
+        )
         for i, scan_id in enumerate(scan_ids)
     ]
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from octsam.adapter import check_same_labels
 from octsam.cli.common import parse_pixel_spacing
 from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, parse_point, read_prompt_file
 from octsam.errors import OctSamError
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
         segmenter.batch_size = batch_size
         labels = segmenter.labels
+        for scan in scans[:1] if args.dataset else [s for s in scans if s.dataset_labels is not None][:1]:
+            check_same_labels(labels, scan.dataset_labels or labels, args.adapter, scan.source.split(":")[0])
         for spec in cli_specs + [s for specs in prompt_file.values() for s in specs]:
             label_id(spec.label, labels)  # a bad class name stops the run before any work
         if segmenter.config.mode == "prompted" and not prompted:

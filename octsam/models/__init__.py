@@ -4,8 +4,13 @@ attention for SAM's image encoder (``fast_attention``, ``triton_attention``)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 from octsam.adapter import check_adapter_folder, resolve_adapter
+
+# PEFT reads transformers' deprecated ``is_gradient_checkpointing`` on every wrap; the FutureWarning is theirs to fix
+# and says nothing to an octsam user, so it is silenced here (only that message).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 #: Modes of octsam's exact fast attention for SAM's image encoder (``octsam.models.fast_attention``); listed here,
 #: without importing torch, so that command lines can offer them in ``--help`` cheaply.

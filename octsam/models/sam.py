@@ -35,8 +35,10 @@ from octsam.adapter import (
     ADAPTER_CONFIG_NAME,
     CLASS_PROMPTS_MODULE,
     LORA_TARGETS,
+    OFFLINE_HINT,
     OctSamConfig,
     check_adapter_folder,
+    hub_unreachable,
     resolve_adapter,
 )
 from octsam.errors import OctSamError
@@ -104,19 +106,23 @@ def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dty
     """Load a ``SamModel`` from a Hub id or a local folder, with a clear message when it cannot be found offline."""
     from transformers import SamModel
 
+    local = os.path.isdir(base_model)
+    offline = not local and hub_unreachable()  # no retries against a host that cannot be reached
     try:
-        model = SamModel.from_pretrained(base_model, revision=revision, dtype=dtype, attn_implementation="sdpa")
-    except OSError as err:
-        local_hint = (
-            ""
-            if os.path.isdir(base_model)
-            else (
-                f" It could not be loaded from the Hugging Face cache either: download it once with "
-                f"`hf download {base_model}` on a machine with internet (or copy its folder here and pass "
-                f"the local path as --base_model)."
-            )
+        model = SamModel.from_pretrained(
+            base_model, revision=revision, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
         )
-        raise OctSamError(f"Cannot load base SAM model {base_model!r}: {err}.{local_hint}") from err
+    except OSError as err:
+        reason = str(err).strip().rstrip(".")
+        if local:
+            raise OctSamError(f"Cannot load base SAM model from folder {base_model}: {reason}.") from err
+        where = "the local Hugging Face cache (the Hub cannot be reached from here)" if offline else "the Hub"
+        raise OctSamError(
+            f"Cannot load base SAM model {base_model!r} from {where}: {reason}. To use it offline, "
+            + OFFLINE_HINT.format(name=base_model)
+            + " as --base-model. Without any download, --base-model litemedsam is a pretrained base that installs "
+            "with pip."
+        ) from err
     _check_input_size(model.config.vision_config)
     return model
 

@@ -103,7 +103,7 @@ def find_checkpoint(args: TrainArguments) -> Path:
     if args.resume_from_checkpoint == "latest":
         ckpts = list_checkpoints(Path(args.output_dir) / CHECKPOINT_DIR)
         if not ckpts:
-            raise OctSamError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}/{CHECKPOINT_DIR}.")
+            raise OctSamError(f"--resume-from-checkpoint latest: no checkpoint in {args.output_dir}/{CHECKPOINT_DIR}.")
         return ckpts[-1]
     path = Path(args.resume_from_checkpoint)
     if not (path / "trainer_state.json").is_file():

@@ -86,8 +86,8 @@ def prepare_output_dir(args: TrainArguments) -> Path:
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         raise OctSamError(
-            f"Output folder {out} is not empty. Resume it with --resume_from_checkpoint latest, choose another "
-            "--output_dir, or pass --overwrite_output_dir to write over it."
+            f"Output folder {out} is not empty. Resume it with --resume-from-checkpoint latest, choose another "
+            "--output-dir, or pass --overwrite-output-dir to write over it."
         )
     return out
 
@@ -160,6 +160,40 @@ def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) ->
     }
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(asked: int) -> int:
+    """Data-loader workers per process: at most the CPUs this process may use (more only contend)."""
+    return max(0, min(asked, available_cpus()))
+
+
+def warn_about_data(train_split, labels: list[str], data_args: DataArguments) -> None:
+    """Say once what the run cannot learn or cannot use: absent classes (by name), workers beyond the CPUs."""
+    from octsam.data.dataset import absent_classes
+
+    missing = absent_classes(train_split, labels)
+    if len(missing) == len(labels) - 1:
+        logger.warning(
+            "warning: the training split has no foreground pixel at all (only background); the model can learn "
+            "nothing and every Dice will be 0. Check the masks (dataset_builder prints pixels per class)."
+        )
+    elif missing:
+        logger.warning(
+            f"warning: class(es) {', '.join(missing)} have no pixel in the training split: the model cannot learn "
+            "them, and their Dice will be 0 or undefined."
+        )
+    if data_args.num_workers > available_cpus():
+        logger.warning(
+            f"num_workers {data_args.num_workers} is more than the {available_cpus()} CPU(s) available; using "
+            f"{available_cpus()}."
+        )
+
+
 # ------------------------------------------------------------------------------------------------ main loop
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict:
     from accelerate.utils import set_seed
@@ -190,6 +224,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     train_split = dataset["train"]
     if data_args.max_train_samples:
         train_split = train_split.select(range(min(data_args.max_train_samples, len(train_split))))
+    if accelerator.is_main_process:
+        warn_about_data(train_split, labels, data_args)
 
     resume_path = find_checkpoint(train_args) if train_args.resume_from_checkpoint else None
     if resume_path is not None:
@@ -218,9 +254,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     sampler = EpochSampler(len(train_data), seed=train_args.seed)
     loader_kwargs = dict(
         collate_fn=collate,
-        num_workers=data_args.num_workers,
+        num_workers=loader_workers(data_args.num_workers),
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=data_args.num_workers > 0,
+        persistent_workers=loader_workers(data_args.num_workers) > 0,
     )
     train_loader = DataLoader(
         train_data,
@@ -278,7 +314,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     first_epoch = state["epoch"]
     for epoch in range(first_epoch, train_args.num_train_epochs):
         if train_args.stop_after_epochs is not None and epoch >= train_args.stop_after_epochs:
-            logger.info(f"stopping after epoch {epoch} as asked (--stop_after_epochs)")
+            logger.info(f"stopping after epoch {epoch} as asked (--stop-after-epochs)")
             accelerator.end_training()
             return {"stopped_after_epoch": epoch}
         train_loader.set_epoch(epoch)  # Accelerate's loader passes it to EpochSampler (and keeps its own count)
@@ -388,8 +424,8 @@ def check_finite(accelerator, first_bad: torch.Tensor, out: Path) -> None:
         ckpts = list_checkpoints(out / CHECKPOINT_DIR)
         kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
         raise OctSamError(
-            f"Non-finite loss at optimizer step {int(bad)}; stopping ({kept}). Lower --learning_rate, check the "
-            "dataset for broken masks, or try --mixed_precision no."
+            f"Non-finite loss at optimizer step {int(bad)}; stopping ({kept}). Lower --learning-rate, check the "
+            "dataset for broken masks, or try --mixed-precision no."
         )
 
 

@@ -246,18 +246,16 @@ def _read_vol(path: Path, override) -> list[OctVolume]:
             if pattern in (1, 2, 5):
                 raise OctSamError(
                     f"{path} holds a {'line' if pattern == 1 else 'circle' if pattern == 2 else 'radial'} scan "
-                    "(HEYEX scan pattern {pattern}), not a raster volume; export a volume scan."
+                    f"(HEYEX scan pattern {pattern}), not a raster volume; export a volume scan."
                 )
             ev = reader.volume
     except OctSamError:
         raise
     except Exception as err:  # noqa: BLE001 - construct raises many types for a damaged file
         raise _bad_file(path, "a Heidelberg HEYEX VOL file", err) from err
-    series = str(header.id).strip("\x00 ") or path.stem
-    patient = str(header.patient_id).strip("\x00 ") or None
-    volume_id = path.stem if series in ("", "unknown") else f"{path.stem}" if series in path.stem else path.stem
-    vol = _from_eyepy(ev, path, override, volume_id, "Heidelberg Spectralis (HEYEX VOL)", patient)
-    return [vol]
+    patient = str(header.patient_id).strip("\x00 ")
+    patient = None if patient in ("", "unknown") else patient
+    return [_from_eyepy(ev, path, override, path.stem, "Heidelberg Spectralis (HEYEX VOL)", patient)]
 
 
 def _read_e2e(path: Path, override) -> list[OctVolume]:
@@ -511,8 +509,6 @@ def _duke_volume(path: Path, mat: dict, override) -> OctVolume:
     found, source = DUKE_SPACING[kind] if kind is not None else (None, "")
     kwargs: dict = {}
     _apply_spacing(kwargs, override, path, found, source)
-    age = mat.get("Age")
-    del age
     return OctVolume(
         bscans=_uint8_stack(np.nan_to_num(data.astype(np.float64)) if data.dtype.kind == "f" else data),
         source=str(path),

@@ -137,8 +137,8 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
     names = labels[1:]
     colours = label_colours(labels)
     k = max(len(names), 1)
-    fig = plt.figure(figsize=(max(11.0, 3.6 * k), 11.0), dpi=100)
-    grid = fig.add_gridspec(3, k, height_ratios=[1.05, 0.9, 0.85], hspace=0.35, wspace=0.25)
+    fig = plt.figure(figsize=(max(11.0, 3.6 * k), 9.0), dpi=100)
+    grid = fig.add_gridspec(3, k, height_ratios=[1.2, 0.75, 0.45], hspace=0.3, wspace=0.25, top=0.9, bottom=0.03)
     eye = {"OD": "right eye (OD)", "OS": "left eye (OS)"}.get(volume.laterality or "", "eye: unknown")
     title = f"{volume.volume_id}  |  patient {volume.patient_id or 'unknown'}  |  {eye}  |  {volume.scan_date or 'date unknown'}"
     subtitle = (
@@ -183,7 +183,7 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
     for k_, colour in enumerate(colours, start=1):
         sel = mask == k_
         overlay[sel] = 0.45 * overlay[sel] + 0.55 * np.array(colour)
-    ax.imshow(overlay, aspect=volume.pixel_spacing[0] / volume.pixel_spacing[1])
+    ax.imshow(overlay, aspect="auto")
     ax.set_title(f"B-scan {i} of {volume.shape[0]} (through the fovea: {measures.fovea_method})", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -195,7 +195,7 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
     ax = fig.add_subplot(grid[2, :])
     ax.axis("off")
     sectors = list(next(iter(measures.etdrs_mm3.values())).keys()) if measures.etdrs_mm3 else []
-    header = ["biomarker", "volume mm³", "lesions"] + [s.replace("_", " ") for s in sectors]
+    header = ["biomarker", "volume mm³", "lesions"] + [s.replace("_", "\n") for s in sectors]
     rows = [
         [name, f"{measures.volume_mm3[name]:.4f}", str(measures.lesions[name])]
         + [f"{measures.etdrs_mm3[name][s]:.4f}" for s in sectors]
@@ -205,7 +205,7 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
     table = ax.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(7)
-    table.scale(1.0, 1.3)
+    table.scale(1.0, 1.6)
     ax.set_title(
         "ETDRS sectors (mm³ within 1 / 3 / 6 mm circles around the fovea); volume = sum of B-scan areas x B-scan "
         f"spacing; lesions 3-D connected\nfovea: {measures.fovea_method}; orientation: {measures.orientation}",

@@ -83,7 +83,9 @@ def count_lesions(masks, labels: list[str]) -> dict[str, int]:
 def enface_thickness(masks, axial_spacing: float, labels: list[str]) -> dict[str, np.ndarray]:
     """Class name -> (n_bscans, width) map of the class's axial thickness in mm per A-scan."""
     stack = _stack(masks)
-    return {name: (stack == k).sum(axis=1).astype(np.float64) * axial_spacing for k, name in enumerate(labels) if k > 0}
+    return {
+        name: (stack == k).sum(axis=1).astype(np.float64) * axial_spacing for k, name in enumerate(labels) if k > 0
+    }
 
 
 def _affine_from_positions(positions: np.ndarray, width: int) -> np.ndarray | None:
@@ -177,7 +179,10 @@ def etdrs_sectors(volume, fovea: tuple[float, float]) -> tuple[np.ndarray, list[
     fi, fj = fovea
     n, width = x.shape
     i0, j0 = int(round(fi)), int(round(fj))
-    fx, fy = x[min(max(i0, 0), n - 1), min(max(j0, 0), width - 1)], y[min(max(i0, 0), n - 1), min(max(j0, 0), width - 1)]
+    fx, fy = (
+        x[min(max(i0, 0), n - 1), min(max(j0, 0), width - 1)],
+        y[min(max(i0, 0), n - 1), min(max(j0, 0), width - 1)],
+    )
     dx, dy = x - fx, y - fy
     r = np.hypot(dx, dy)
     angle = np.degrees(np.arctan2(-dy, dx))  # up = +90
@@ -198,7 +203,8 @@ def etdrs_sectors(volume, fovea: tuple[float, float]) -> tuple[np.ndarray, list[
     cell_area = volume.pixel_spacing[1] * volume.bscan_spacing
     areas = [math.pi * r1**2] + [math.pi * (r2**2 - r1**2) / 4] * 4 + [math.pi * (r3**2 - r2**2) / 4] * 4
     coverage = {
-        name: min(1.0, float((sector == k).sum()) * cell_area / area) for k, (name, area) in enumerate(zip(names, areas))
+        name: min(1.0, float((sector == k).sum()) * cell_area / area)
+        for k, (name, area) in enumerate(zip(names, areas))
     }
     return sector, names, coverage, orientation
 

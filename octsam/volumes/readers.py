@@ -151,9 +151,7 @@ def _import_eyepy(path: Path):
     try:
         import eyepy  # noqa: F401
     except ImportError as err:
-        raise OctSamError(
-            f"reading {path} needs eyepy: pip install -c constraints.txt 'eyepy>=0.21' ({err})"
-        ) from err
+        raise OctSamError(f"reading {path} needs eyepy: pip install -c constraints.txt 'eyepy>=0.21' ({err})") from err
 
 
 def _from_eyepy(ev, path: Path, override, volume_id: str, device: str, patient_id: str | None = None) -> OctVolume:
@@ -580,11 +578,14 @@ def _sitk_read(path: Path):
         image = sitk.ReadImage(str(path))
         return image, sitk.GetArrayFromImage(image)
     except Exception as err:  # noqa: BLE001 - missing .raw, short .raw, bad header
-        detail = str(err).strip().splitlines()
-        detail = next((line for line in detail if "rror" in line or "exception" in line.lower()), detail[-1:] or [""])
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        detail = next(
+            (line for line in reversed(lines) if "ERROR" in line or "rror" in line), lines[-1] if lines else ""
+        )
+        detail = detail.split("ERROR:", 1)[-1].strip()
         raise OctSamError(
-            f"cannot read MetaImage {path}: {str(detail).strip()[:200]}. Check that the .mhd header and its .raw data "
-            "file are both there and complete."
+            f"cannot read MetaImage {path}: {detail[:200]}. Check that the .mhd header and its .raw data file are both "
+            "there and complete."
         ) from err
 
 
@@ -630,7 +631,11 @@ def _natural_key(name: str):
 
 def _read_folder(path: Path, override) -> list[OctVolume]:
     files = sorted(
-        (p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES),
+        (
+            p
+            for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        ),
         key=lambda p: _natural_key(p.name),
     )
     if not files:
@@ -647,7 +652,9 @@ def _read_folder(path: Path, override) -> list[OctVolume]:
     for f, b in zip(files, bscans):
         shapes.setdefault(b.shape, []).append(f.name)
     if len(shapes) > 1:
-        listing = "; ".join(f"{w}x{h}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for (h, w), names in shapes.items())
+        listing = "; ".join(
+            f"{w}x{h}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for (h, w), names in shapes.items()
+        )
         raise OctSamError(f"{path}: the B-scans of one volume must have one size (width x height), found {listing}.")
     kwargs: dict = {}
     _apply_spacing(kwargs, override, path, None, "")

@@ -39,7 +39,9 @@ def segment_volume(segmenter, volume: OctVolume, labels: list[str] | None = None
         raise OctSamError(f"label names must start with 'background', got {labels}")
     results = segmenter(list(volume.bscans))
     if len(results) != volume.n_bscans:
-        raise OctSamError(f"{volume.source}: the segmenter returned {len(results)} masks for {volume.n_bscans} B-scans")
+        raise OctSamError(
+            f"{volume.source}: the segmenter returned {len(results)} masks for {volume.n_bscans} B-scans"
+        )
     masks = []
     for i, r in enumerate(results):
         mask = np.asarray(r.mask)

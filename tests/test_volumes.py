@@ -510,6 +510,8 @@ def test_segment_volume_writes_masks_report_and_csv(tmp_path, vol_writer):
     write_volume_outputs(result, out)
     rows = (out / "volumes.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("volume_id,patient_id") and "fluid_mm3" in rows[0]
+    write_volume_outputs(result, out)  # the same volume again replaces its row
+    assert (out / "volumes.csv").read_text().splitlines() == rows
     result.volume.volume_id = "third"
     import octsam.volumes.segment as seg
 

@@ -84,32 +84,31 @@ def csv_row(volume, measures: VolumeMeasures) -> dict:
 
 
 def append_volumes_csv(csv_path: str | os.PathLike, row: dict) -> Path:
-    """Append ``row`` to ``csv_path`` (header written when new), replacing the file atomically.
+    """Add ``row`` to ``csv_path`` (header written when new), replacing the file atomically.
 
-    An existing file with other columns (e.g. another label set) is an error: write to another ``volumes.csv``.
+    A row of the same ``volume_id`` and ``source`` (the same volume run again) is replaced, not repeated. An existing
+    file with other columns (e.g. another label set) is an error: write to another output folder.
     """
     path = Path(csv_path)
     columns = list(row)
-    existing = ""
+    rows: list[dict] = []
     if path.exists():
-        existing = path.read_text()
-        header = next(csv.reader(io.StringIO(existing)), [])
+        reader = csv.DictReader(io.StringIO(path.read_text()))
+        header = reader.fieldnames or []
         if header and header != columns:
             raise OctSamError(
                 f"{path} has columns {', '.join(header)}, this volume's row has {', '.join(columns)} (another label "
                 "set?); write to another output folder."
             )
+        key = (str(row.get("volume_id")), str(row.get("source")))
+        rows = [r for r in reader if (r.get("volume_id"), r.get("source")) != key]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    if not existing.strip():
-        writer.writeheader()
-        existing = ""
-    elif not existing.endswith("\n"):
-        existing += "\n"
-    writer.writerow(row)
+    writer.writeheader()
+    writer.writerows(rows + [row])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(existing + buffer.getvalue())
+    tmp.write_text(buffer.getvalue())
     os.replace(tmp, path)
     return path
 
@@ -136,7 +135,7 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
     labels = measures.labels
     names = labels[1:]
     colours = label_colours(labels)
-    k = max(len(names), 1)
+    k = max(len(names), 2)  # one biomarker: its map on the left, a summary on the right
     fig = plt.figure(figsize=(max(11.0, 3.6 * k), 9.0), dpi=100)
     grid = fig.add_gridspec(3, k, height_ratios=[1.2, 0.75, 0.45], hspace=0.3, wspace=0.25, top=0.9, bottom=0.03)
     eye = {"OD": "right eye (OD)", "OS": "left eye (OS)"}.get(volume.laterality or "", "eye: unknown")
@@ -162,7 +161,8 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
         else:
             data = measures.enface[name]
             n, w = data.shape
-            extent = (0, w * volume.pixel_spacing[1], n * volume.bscan_spacing, 0)
+            lat, step = volume.pixel_spacing[1], volume.bscan_spacing
+            extent = (-lat / 2, (w - 0.5) * lat, (n - 0.5) * step, -step / 2)  # cell centres at i * step, j * lat
             image = ax.imshow(data * 1000, cmap="magma", extent=extent, aspect="equal", interpolation="nearest")
             fi, fj = measures.fovea
             centre, scale = (fj * volume.pixel_spacing[1], fi * volume.bscan_spacing), 1.0
@@ -173,6 +173,21 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
             ax.plot(*centre, "+", color="cyan", ms=8)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="thickness µm")
         ax.set_title(f"{name}: {measures.volume_mm3[name]:.4f} mm³, {measures.lesions[name]} lesion(s)", fontsize=9)
+
+    if len(names) < 2:
+        ax = fig.add_subplot(grid[0, 1])
+        ax.axis("off")
+        lines = [
+            f"{name}: {measures.volume_mm3[name]:.4f} mm³ in {measures.lesions[name]} lesion(s)" for name in names
+        ]
+        lines += [
+            "",
+            f"fovea: B-scan {measures.fovea[0]:.0f}, A-scan {measures.fovea[1]:.0f}",
+            f"({measures.fovea_method})",
+            f"spacing from: {volume.spacing_source}",
+            f"source: {Path(volume.source).name}",
+        ]
+        ax.text(0.0, 0.9, "\n".join(lines), va="top", fontsize=9, wrap=True)
 
     # B-scan through the fovea with the masks overlaid
     i = int(round(measures.fovea[0]))

@@ -231,11 +231,16 @@ def test_e2e_with_several_series_returns_all_named_by_series(tmp_path, monkeypat
     from eyepy import EyeVolume
     from eyepy.io import he
 
-    def series(i, fail=False):
+    def series(i, fail=False, degrees=False):
         def get_volume():
             if fail:
                 raise ValueError("scan pattern 2 (circle)")
-            return EyeVolume(np.full((3, 10, 12), 0.5, np.float32))
+            ev = EyeVolume(np.full((3, 10, 12), 0.5, np.float32))
+            if degrees:  # as eyepy's E2E reader: meta in pixels, B-scan positions in degrees, axial scale_y in mm
+                for k, b in enumerate(ev.meta["bscan_meta"]):
+                    b.update(start_pos=(-10.0, -5.0 + k), end_pos=(10.0, -5.0 + k), pos_unit="°", scale_y=0.0039)
+                    b["imgSizeWidth"] = 12
+            return ev
 
         return types.SimpleNamespace(id=i, patient=types.SimpleNamespace(id=9), get_volume=get_volume)
 
@@ -258,6 +263,9 @@ def test_e2e_with_several_series_returns_all_named_by_series(tmp_path, monkeypat
     vols = read_volume(path, spacing=(0.004, 0.011, 0.12))
     assert [v.volume_id for v in vols] == ["visit_series4", "visit_series7"]
     assert all(v.shape == (3, 10, 12) and v.patient_id == "9" for v in vols)
+    monkeypatch.setattr(FakeReader, "__init__", lambda self, path: setattr(self, "series", [series(2, degrees=True)]))
+    (vol,) = read_volume(path)  # spacing from the angles, flagged as approximate
+    assert vol.spacing == pytest.approx((0.0039, 20 / 12 * 0.2896, 0.2896)) and "289.6" in vol.spacing_source
 
 
 @pytest.mark.parametrize("where", ["shared", "per-frame"])

@@ -154,6 +154,35 @@ def _import_eyepy(path: Path):
         raise OctSamError(f"reading {path} needs eyepy: pip install -c constraints.txt 'eyepy>=0.21' ({err})") from err
 
 
+MM_PER_DEGREE = 0.2896  # eyepy's MEDIUM_EYE_LENGTH_UM_PER_DEG (Heidelberg's medium eye), for E2E angles
+E2E_SPACING_SOURCE = (
+    "E2E: axial from the file; lateral and B-scan spacing from the scan angles x 289.6 µm/degree (eyepy's "
+    "provisional medium-eye constant; pass --spacing for exact values)"
+)
+
+
+def _degree_spacing(meta, width: int, n: int) -> tuple[float, float, float] | None:
+    """(axial, lateral, bscan) mm of an E2E series whose eyepy meta is in pixels: the B-scans' axial ``scale_y``
+    (mm) and their start/end angles in degrees x ``MM_PER_DEGREE``."""
+    try:
+        bm = meta["bscan_meta"]
+        if str(bm[0].get("pos_unit", "")) != "°":
+            return None
+        axial = float(bm[0]["scale_y"])
+        angle = abs(float(bm[0]["end_pos"][0]) - float(bm[0]["start_pos"][0]))
+        columns = int(bm[0].get("imgSizeWidth", width) or width)
+        lateral = angle / columns * MM_PER_DEGREE
+        if n > 1:
+            first, last = np.asarray(bm[0]["start_pos"], float), np.asarray(bm[-1]["start_pos"], float)
+            bscan = float(np.hypot(*(last - first))) / (n - 1) * MM_PER_DEGREE
+        else:
+            bscan = float("nan")
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    values = (axial, lateral, bscan)
+    return values if all(np.isfinite(v) and v > 0 for v in values) else None
+
+
 def _from_eyepy(ev, path: Path, override, volume_id: str, device: str, patient_id: str | None = None) -> OctVolume:
     """An eyepy ``EyeVolume`` -> ``OctVolume`` (uint8 B-scans, mm spacing, localizer and positions in pixels)."""
     meta = ev.meta
@@ -163,11 +192,16 @@ def _from_eyepy(ev, path: Path, override, volume_id: str, device: str, patient_i
         data = data * 255.0 if np.nanmax(data, initial=0) <= 1.0 else data
     bscans = _uint8_stack(np.clip(data, 0, 255).astype(np.uint8) if data.dtype != np.uint8 else data)
     unit = str(meta.get("scale_unit", "")).lower()
-    found = (meta["scale_y"], meta["scale_x"], meta["scale_z"]) if unit == "mm" else None
-    if unit == "µm" or unit == "um":
+    found, source = None, "file"
+    if unit == "mm":
+        found = (meta["scale_y"], meta["scale_x"], meta["scale_z"])
+    elif unit in ("µm", "um"):
         found = (meta["scale_y"] / 1000, meta["scale_x"] / 1000, meta["scale_z"] / 1000)
+    else:
+        found = _degree_spacing(meta, bscans[0].shape[1], len(bscans))
+        source = E2E_SPACING_SOURCE
     kwargs: dict = {}
-    _apply_spacing(kwargs, override, path, found, "file")
+    _apply_spacing(kwargs, override, path, found, source)
     localizer = positions = loc_spacing = None
     if ev.localizer is not None and "bscan_meta" in meta:
         loc = ev.localizer
@@ -188,6 +222,8 @@ def _from_eyepy(ev, path: Path, override, volume_id: str, device: str, patient_i
             positions = None
         if lunit.lower() == "mm" and sx > 0 and sy > 0:
             loc_spacing = (sy, sx)
+        elif lunit == "°" and sx > 0 and sy > 0:
+            loc_spacing = (sy * MM_PER_DEGREE, sx * MM_PER_DEGREE)
     layers = {}
     for name, layer in getattr(ev, "layers", {}).items():
         heights = np.asarray(layer.data, dtype=np.float64)

@@ -581,3 +581,37 @@ def test_dataset_builder_duke_mat_and_retouch(tmp_path):
     out3 = tmp_path / "bad_ds"
     assert main(["retouch", "--input", str(retouch), "--output", str(out3)]) == 2
     assert not out3.exists()
+
+
+def test_segment_volume_files_and_evaluate_volumes(tmp_path):
+    from octsam.volumes.segment import evaluate_volumes, segment_volume_files
+
+    frames = np.full((4, 24, 32), 40, np.uint8)
+    frames[1:3, 5:9, 10:20] = 230
+    dcm = write_oct_dicom(tmp_path / "oct.dcm", frames)
+    folders = segment_volume_files(ThresholdSegmenter(), [dcm], tmp_path / "out")
+    report = json.loads((folders[0] / "report.json").read_text())
+    assert report["volume_mm3"]["fluid"] == pytest.approx(80 * 0.0039 * 0.0117 * 0.047, abs=1e-6)
+    assert "volume centre" in report["fovea"]["method"] and (folders[0] / "report.png").is_file()  # no localizer
+    with pytest.raises(OctSamError, match="two volumes would be written"):
+        segment_volume_files(ThresholdSegmenter(), [dcm, dcm], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+    paths = [write_duke_mat(tmp_path / f"Subject_0{s}.mat", annotated=(1, 2))[0] for s in (1, 2, 3)]
+
+    class Perfect:
+        labels = ["background", "fluid"]
+
+        def __call__(self, arrays):  # fluid where grader 1 drew it: the fixture puts it at the same place
+            out = []
+            for a in arrays:
+                m = np.zeros(a.shape, np.uint8)
+                m[10:15, 20:30] = 1
+                m[20:22, 5:8] = 1
+                out.append(types.SimpleNamespace(mask=m))
+            return out
+
+    result = evaluate_volumes(Perfect(), paths)
+    assert [e["annotated_bscans"] for e in result["eyes"]] == [2, 2, 2]
+    assert result["agreement"]["fluid"]["mean_abs_error_mm3"] == pytest.approx(0.0)
+    assert result["eyes"][0]["true_mm3"]["fluid"] == pytest.approx(2 * 54 * 0.00387 * 0.01133 * 0.123)

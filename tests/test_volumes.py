@@ -211,7 +211,7 @@ def test_vol_truncated_garbage_and_radial(tmp_path, vol_writer):
     for bad in (truncated, garbage):
         with pytest.raises(OctSamError, match=str(bad.name)) as err:
             read_volume(bad)
-        assert "truncated, encrypted" in str(err.value)
+        assert "truncated, encrypted" in str(err.value)  # a vendor file: advice to re-export
     radial = vol_writer(tmp_path / "radial.vol", data, pattern=5)
     with pytest.raises(OctSamError, match="radial scan"):
         read_volume(radial)

@@ -264,12 +264,14 @@ def _localizer_uint8(image) -> np.ndarray | None:
     return np.ascontiguousarray(image)
 
 
-def _bad_file(path: Path, what: str, err: BaseException) -> OctSamError:
+def _bad_file(path: Path, what: str, err: BaseException, vendor: bool = True) -> OctSamError:
     detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return OctSamError(
-        f"cannot read {path} as {what}: the file is truncated, encrypted or not such an export ({detail}). "
-        "Export it again from the device software, unencrypted."
-    )
+    if vendor:
+        return OctSamError(
+            f"cannot read {path} as {what}: the file is truncated, encrypted or not such an export ({detail}). "
+            "Export it again from the device software, unencrypted."
+        )
+    return OctSamError(f"cannot read {path} as {what}: the file is truncated or not such a file ({detail}).")
 
 
 def _read_vol(path: Path, override) -> list[OctVolume]:
@@ -353,7 +355,7 @@ def _load_eye(path: Path):
             warnings.simplefilter("ignore")
             return EyeVolume.load(path)
     except Exception as err:  # noqa: BLE001
-        raise _bad_file(path, "an eyepy .eye file", err) from err
+        raise _bad_file(path, "an eyepy .eye file", err, vendor=False) from err
 
 
 def _read_eye(path: Path, override) -> list[OctVolume]:
@@ -533,7 +535,7 @@ def _loadmat(path: Path) -> dict:
             f"{path} is a MATLAB v7.3 (HDF5) file; save it as v7 (save(..., '-v7')) to read it here ({err})."
         ) from err
     except Exception as err:  # noqa: BLE001
-        raise _bad_file(path, "a MATLAB .mat file", err) from err
+        raise _bad_file(path, "a MATLAB .mat file", err, vendor=False) from err
 
 
 def _duke_volume(path: Path, mat: dict, override) -> OctVolume:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m dataset_builder {synthetic,folder,nnunet} ...`` (also ``octsam-build-dataset``)."""
+"""Command line: ``python -m dataset_builder {synthetic,folder,nnunet,duke-mat,retouch,volume} ...`` (also ``octsam-build-dataset``)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     nnu = sub.add_parser("nnunet", parents=[common, meta], help="an nnU-Net raw dataset folder")
     nnu.add_argument("--input", required=True, help="folder with dataset.json, imagesTr/, labelsTr/")
+
+    spacing = argparse.ArgumentParser(add_help=False)
+    spacing.add_argument(
+        "--spacing", metavar="AXIAL,LATERAL,BSCAN", help="spacing in mm, overriding the file's (or the data set's)"
+    )
+    duke = sub.add_parser(
+        "duke-mat", parents=[common, meta, spacing], help="Duke DME .mat volumes (images + manualFluid1/2)"
+    )
+    duke.add_argument("--input", required=True, help="folder of Duke .mat files (Subject_01.mat ...) or one file")
+    duke.add_argument("--grader", type=int, choices=[1, 2], default=1, help="whose fluid masks: manualFluid1 or 2")
+    duke.set_defaults(disease="dme")
+    ret = sub.add_parser("retouch", parents=[common, meta, spacing], help="RETOUCH volumes (oct.mhd + reference.mhd)")
+    ret.add_argument("--input", required=True, help="folder searched for case folders with oct.mhd and reference.mhd")
+    vol = sub.add_parser(
+        "volume", parents=[common, meta, spacing], help="eyepy .eye volumes with area (pixel) annotations"
+    )
+    vol.add_argument("--input", required=True, help="an .eye file or a folder of them")
     return parser
 
 
@@ -123,6 +140,27 @@ def run(args: argparse.Namespace, command: str = "") -> None:
             source=args.source_name,
             license=args.license,
             citation=args.citation,
+            **common,
+        )
+    elif args.kind in ("duke-mat", "retouch", "volume"):
+        from dataset_builder import volumes
+
+        extra = {"grader": args.grader} if args.kind == "duke-mat" else {}
+        builder = {
+            "duke-mat": volumes.build_duke_mat,
+            "retouch": volumes.build_retouch,
+            "volume": volumes.build_volume_files,
+        }[args.kind]
+        result = builder(
+            args.input,
+            args.output,
+            spacing=args.spacing,
+            patient_regex=args.patient_regex,
+            disease=args.disease,
+            source=args.source_name,
+            license=args.license,
+            **({"citation": args.citation} if args.citation else {}),
+            **extra,
             **common,
         )
     else:

@@ -53,6 +53,9 @@ class ScanRecord:
     disease: str
     source: str
     classes: frozenset[int] = frozenset()
+    # Optional columns beyond the data contract, as (name, value) pairs (a tuple keeps the record hashable), e.g.
+    # (("volume_id", "s01"), ("bscan_index", 30)); their types are given to ``build_dataset(extra_features=...)``.
+    extra: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass
@@ -131,6 +134,7 @@ def _generate(records: Sequence[ScanRecord], num_labels: int, stats: SplitStats)
             "scan_id": record.scan_id,
             "disease": record.disease,
             "source": record.source,
+            **dict(record.extra),
         }
 
 
@@ -190,12 +194,18 @@ def build_dataset(
     push_to_hub: str | None = None,
     private: bool = False,
     token: str | None = None,
+    extra_features: dict[str, datasets.Value] | None = None,
 ) -> BuildResult:
-    """Split ``records`` by patient, stream them into a DatasetDict at ``output`` and/or push it to the Hub."""
+    """Split ``records`` by patient, stream them into a DatasetDict at ``output`` and/or push it to the Hub.
+
+    ``extra_features``: types of optional columns beyond the data contract (e.g. ``volume_id``, ``bscan_index``)
+    that every record carries in ``ScanRecord.extra``; the contract's columns are always written."""
     if output is None and push_to_hub is None:
         raise OctSamError("nowhere to write: pass --output DIR and/or --push-to-hub ORG/NAME.")
     if not labels or labels[0] != "background":
         raise OctSamError(f"label names must start with 'background', got {labels}; e.g. --labels background,fluid")
+    extra_features = dict(extra_features or {})
+    _check_extra(records, extra_features)
     out = Path(output).expanduser().resolve() if output is not None else None
     if out is not None:
         check_output(out, overwrite)
@@ -210,7 +220,7 @@ def build_dataset(
     try:
         tmp.mkdir()
         final_dir = tmp / "dataset"
-        summaries = _write(records, labels, assignment, tmp / "cache", final_dir)
+        summaries = _write(records, labels, assignment, tmp / "cache", final_dir, extra_features)
         table = split_table(summaries, labels)
         card = render_card(labels, summaries, meta, repo_id=push_to_hub)
         (final_dir / "README.md").write_text(str(card))
@@ -231,10 +241,30 @@ def build_dataset(
     return BuildResult(out, list(labels), assignment, summaries, table, push_to_hub, str(card))
 
 
+def _check_extra(records: Sequence[ScanRecord], extra_features: dict) -> None:
+    """Every record's extra columns must be exactly ``extra_features``' names, none of them a contract column."""
+    clash = sorted(set(extra_features) & set(dataset_features()))
+    if clash:
+        raise OctSamError(f"extra column(s) {', '.join(clash)} would replace columns of the data contract.")
+    expected = sorted(extra_features)
+    for record in records:
+        if sorted(name for name, _ in record.extra) != expected:
+            raise OctSamError(
+                f"{record.scan_id}: extra columns {sorted(name for name, _ in record.extra)} differ from the "
+                f"dataset's {expected}; every B-scan must carry the same columns."
+            )
+
+
 def _write(
-    records: Sequence[ScanRecord], labels: list[str], assignment: dict[str, str], cache: Path, final_dir: Path
+    records: Sequence[ScanRecord],
+    labels: list[str],
+    assignment: dict[str, str],
+    cache: Path,
+    final_dir: Path,
+    extra_features: dict | None = None,
 ) -> dict[str, dict]:
     features = dataset_features()
+    features.update(extra_features or {})
     stats = {s: SplitStats(len(labels)) for s in SPLITS}
     final_dir.mkdir(parents=True)
     for split in SPLITS:

@@ -12,6 +12,8 @@ install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	# Topcon/Zeiss readers: oct-converter declares opencv-python, which would clash with opencv-python-headless
+	$(BIN)/python -m pip install --no-deps -c constraints.txt oct-converter h5py natsort
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -91,6 +91,13 @@ class Segmenter:
         options = {"freezing": True} if self.device.type == "cpu" else None
         self.model.core.vision_encoder.compile(dynamic=False, options=options)
 
+    def segment_volume(self, volume):
+        """Segment every B-scan of an ``octsam.volumes.OctVolume`` and measure it per eye (mm³ per biomarker, 3-D
+        lesions, en-face maps, ETDRS sectors): an ``octsam.volumes.segment.VolumeResult``."""
+        from octsam.volumes.segment import segment_volume
+
+        return segment_volume(self, volume)
+
     @property
     def labels(self) -> list[str]:
         return list(self.config.labels)

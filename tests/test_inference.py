@@ -446,3 +446,50 @@ def test_inference_speed_benchmark_smoke(tiny_base, capsys):
     assert all("| 100.000 % |" in row for row in rows)  # the fast merged path gives the default's masks
     with pytest.raises(SystemExit):
         bench.main(["--settings", "nonsense"])
+
+
+def test_cli_dataset_with_other_labels_is_refused(adapter, tmp_path, capsys):
+    """inference.py --dataset refuses an adapter whose labels differ from the dataset's, as evaluate does."""
+    from conftest import write_shape_dataset
+
+    other = write_shape_dataset(tmp_path / "other")
+    labels_file = Path(other) / "id2label.json"
+    labels_file.write_text(json.dumps({"0": "background", "1": "scar", "2": "fluid"}))
+    code, err = run_cli(["--adapter", adapter, "--dataset", other, "--output", tmp_path / "o", "--quiet"], capsys)
+    assert code == 2 and "same label set" in err and "scar" in err and not (tmp_path / "o").exists()
+
+
+def test_cli_on_volumes_writes_eye_reports(adapter, tmp_path, capsys):
+    """inference.py on a DICOM OCT volume and on a folder of B-scans with --spacing: masks per B-scan, one folder
+    per eye with its report, and volumes.csv; Segmenter.segment_volume gives the same masks."""
+    from test_volumes import write_oct_dicom
+
+    from octsam.volumes import read_volume
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (3, 40, 48)).astype(np.uint8)
+    dicom = write_oct_dicom(tmp_path / "eye.dcm", frames)
+    folder = tmp_path / "bscans"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"b{i:02d}.png")
+    out = tmp_path / "out"
+    code, err = run_cli(["--adapter", adapter, "--input", dicom, "--output", out, "--quiet"], capsys)
+    assert code == 0, err
+    rows = (out / "volumes.csv").read_text().splitlines()
+    assert len(rows) == 2 and "fluid" in rows[0]
+    (eye,) = [p for p in out.iterdir() if p.is_dir()]
+    assert (eye / "report.png").is_file() and (eye / "report.json").is_file()
+    masks = sorted((eye / "masks").iterdir())
+    assert len(masks) == 3
+    expected = Segmenter.from_pretrained(adapter, device="cpu").segment_volume(read_volume(dicom)[0])
+    assert np.array_equal(np.asarray(Image.open(masks[1])), expected.masks[1])
+    code, err = run_cli(
+        ["--adapter", adapter, "--input", folder, "--spacing", "0.0039,0.0117,0.05", "--output", tmp_path / "f"],
+        capsys,
+    )
+    assert code == 0, err and (tmp_path / "f" / "volumes.csv").is_file()
+    code, err = run_cli(
+        ["--adapter", adapter, "--input", folder, "--output", tmp_path / "g", "--spacing", "0,1"], capsys
+    )
+    assert code == 2 and "spacing" in err.lower() and not (tmp_path / "g").exists()

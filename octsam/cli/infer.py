@@ -7,6 +7,7 @@ import sys
 
 from octsam.errors import cli_main
 from octsam.infer.run import run
+from octsam.infer.volumes import run_volumes, wants_volumes
 from octsam.models import ATTENTION_MODES
 
 EPILOG = """examples:
@@ -14,6 +15,8 @@ EPILOG = """examples:
   python inference.py --adapter runs/amd/best_adapter --input "scans/**/*.tif" --output out --pixel-spacing-mm 0.0039,0.0114
   python inference.py --adapter ORG/NAME --dataset ORG/oct-data --split test --output out --save-probabilities
   python inference.py --adapter ORG/NAME --input a.png --output out --box fluid:120,80,300,160 --point fluid:200,120
+  python inference.py --adapter ORG/NAME --input eye.vol --output out          # also .e2e .fda .img .dcm .mat .mhd
+  python inference.py --adapter ORG/NAME --input bscans/ --spacing 0.0039,0.0114,0.12 --output out   # one volume
 
 prompts: coordinates are native pixels of each B-scan; CLASS is a label name or id. --box and --point apply to every
 input; each box is one object, a point joins the box of its class that contains it, the other points of a class form
@@ -48,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         help="Image files, folders (recursive; a dataset folder is read as one), globs.",
+    )
+    p.add_argument(
+        "--spacing",
+        default=None,
+        metavar="AXIAL,LATERAL,BSCAN",
+        help="Volume spacing in mm, for files that lack it; with it a folder of ordered B-scans is one volume.",
     )
     p.add_argument("--dataset", default=None, help="A datasets dataset folder or Hub dataset id to segment.")
     p.add_argument("--split", default="test", help="Split of --dataset (or of a dataset folder in --input).")
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     try:
-        failed = run(args)
+        failed = run_volumes(args) if wants_volumes(args) else run(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output folder.", file=sys.stderr)
         return 130

@@ -95,13 +95,16 @@ def collect_inputs(
         if resolved in seen or _under(path, exclude):
             return
         seen.add(resolved)
-        found.append((name, str(path), None))
+        found.append((name, str(path), None, None))
 
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
             if _is_dataset_folder(path):
-                found.extend((s.name, s.source, s.read) for s in _dataset_inputs(str(path), split, dataset_revision))
+                found.extend(
+                    (s.name, s.source, s.read, s.dataset_labels)
+                    for s in _dataset_inputs(str(path), split, dataset_revision)
+                )
                 continue
             files = sorted(
                 p
@@ -131,16 +134,18 @@ def collect_inputs(
                 "or Hub dataset id with --dataset."
             )
     if dataset:
-        found.extend((s.name, s.source, s.read) for s in _dataset_inputs(dataset, split, dataset_revision))
+        found.extend(
+            (s.name, s.source, s.read, s.dataset_labels) for s in _dataset_inputs(dataset, split, dataset_revision)
+        )
     if not found:
         raise OctSamError("No input B-scans: give --input files/folders/globs or --dataset.")
 
     scans, used = [], set()
-    for name, source, read in found:
+    for name, source, read, dataset_labels in found:
         unique, n = name, 1
         while unique.lower() in used:
             n += 1
             unique = f"{name}-{n}"
         used.add(unique.lower())
-        scans.append(ScanInput(unique, source, read or _file_reader(Path(source))))
+        scans.append(ScanInput(unique, source, read or _file_reader(Path(source)), dataset_labels))
     return scans

@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
         segmenter.batch_size = batch_size
         labels = segmenter.labels
-        for scan in scans[:1] if args.dataset else [s for s in scans if s.dataset_labels is not None][:1]:
-            check_same_labels(labels, scan.dataset_labels or labels, args.adapter, scan.source.split(":")[0])
+        for scan in scans:  # a dataset's B-scans (the first of each dataset suffices; the check is cheap)
+            if scan.dataset_labels is not None:
+                check_same_labels(labels, scan.dataset_labels, args.adapter, scan.source.rsplit(":", 1)[0])
         for spec in cli_specs + [s for specs in prompt_file.values() for s in specs]:
             label_id(spec.label, labels)  # a bad class name stops the run before any work
         if segmenter.config.mode == "prompted" and not prompted:

@@ -31,12 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from octsam.data import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan
-
-try:  # after the re-organisation octsam.data is a package and to_uint8 lives in octsam/data/dataset.py
-    from octsam.data.dataset import to_uint8
-except ImportError:  # octsam/data.py (one module)
-    from octsam.data import to_uint8
+from octsam.data.contract import IGNORE_INDEX, IMAGE_SUFFIXES
+from octsam.data.dataset import read_scan, to_uint8
 from octsam.errors import OctSamError
 from octsam.volumes.volume import SPACING_HELP, AnnotatedVolume, OctVolume, normalise_laterality, parse_spacing
 

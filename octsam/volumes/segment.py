@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import cv2
 import numpy as np
 
 from octsam.errors import OctSamError
+from octsam.folders import atomic_folder
 from octsam.volumes.measure import VolumeMeasures, enface_thickness, measure_volume
 from octsam.volumes.report import append_volumes_csv, csv_row, write_report
 from octsam.volumes.volume import OctVolume
@@ -78,8 +77,7 @@ def write_volume_outputs(
     final = out / volume_folder_name(result.volume)
     if final.exists() and not overwrite:
         raise OctSamError(f"{final} already exists; pass --overwrite or choose another --output.")
-    tmp = out / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_folder(final) as tmp:
         (tmp / "masks").mkdir(parents=True)
         (tmp / "enface").mkdir()
         digits = max(3, len(str(len(result.masks) - 1)))
@@ -92,16 +90,6 @@ def write_volume_outputs(
         for name, grid in thickness.items():
             np.save(tmp / "enface" / f"{_SAFE.sub('_', name)}.npy", grid.astype(np.float32))
         write_report(result.volume, result.masks, result.measures, tmp)
-        if final.exists():
-            old = out / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     append_volumes_csv(out / VOLUMES_CSV, csv_row(result.volume, result.measures))
     return final
 

@@ -77,7 +77,7 @@ def sam_config(model: str, image_size: int | None):
         decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=4, iou_head_hidden_dim=32)
     elif model == "vit-base":
         size = image_size or 1024
-        # initializer_range: transformers' default 1e-10 gives near-zero weights (DESIGN.md); speed does not care,
+        # initializer_range: transformers' default 1e-10 gives near-zero weights; speed does not care,
         # but the exactness check does.
         vision = SamVisionConfig(image_size=size, initializer_range=0.02)
         prompt = SamPromptEncoderConfig(image_size=size)

@@ -7,6 +7,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dataset_builder.splits import parse_fractions
 from octsam.errors import OctSamError, cli_main
@@ -37,11 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--push-to-hub", metavar="ORG/NAME", help="also push the dataset and its card to the Hub")
     out.add_argument("--private", action="store_true", help="create the Hub dataset repo as private")
     sp = common.add_argument_group("split (by patient)")
-    sp.add_argument("--split", default="0.7,0.15,0.15", help="train,validation,test fractions (default 0.7,0.15,0.15)")
+    sp.add_argument(
+        "--split-fractions",
+        "--split",
+        dest="split",
+        default="0.7,0.15,0.15",
+        help="train,validation,test fractions of patients (default 0.7,0.15,0.15)",
+    )
     sp.add_argument("--seed", type=int, default=0, help="seed of the split (and of synthetic drawing); default 0")
     sp.add_argument(
         "--split-file", help='JSON {"train": [patient ids], "validation": [...], "test": [...]} to use instead'
     )
+    sp.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="patient-level K-fold cross-validation: builds OUTPUT/fold-0 .. fold-(K-1), each patient in exactly one "
+        "test fold, the next fold as validation (early stopping), the rest train; folds.json records the folds",
+    )
+    sp.add_argument("--fold", type=int, metavar="k", help="with --folds: build only fold k into --output")
 
     parser = argparse.ArgumentParser(
         prog="python -m dataset_builder",
@@ -102,13 +117,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, command: str = "") -> None:
-    """Run one parsed command."""
+    """Run one parsed command (for ``--folds K`` without ``--fold``: once per fold, into OUTPUT/fold-k)."""
     if args.output is None and args.push_to_hub is None:
         raise OctSamError("pass --output DIR (and/or --push-to-hub ORG/NAME).")
+    if args.fold is not None and args.folds is None:
+        raise OctSamError("--fold k needs --folds K.")
+    if args.folds is not None and args.split_file is not None:
+        raise OctSamError("--folds and --split-file both choose the splits; give one.")
+    if args.folds is not None and args.fold is None:
+        if args.output is None or args.push_to_hub is not None:
+            raise OctSamError("--folds K without --fold writes K datasets under --output (no --push-to-hub).")
+        root = Path(args.output)
+        for fold in range(args.folds):
+            one = argparse.Namespace(**{**vars(args), "fold": fold, "output": str(root / f"fold-{fold}")})
+            _run_one(one, command)
+        _write_folds_file(root, args.folds)
+        return
+    _run_one(args, command)
+
+
+def _write_folds_file(root: Path, folds: int) -> None:
+    """``folds.json``: every patient's test fold (read back from the folds' own split files)."""
+    import json
+
+    fold_of = {}
+    for fold in range(folds):
+        splits = json.loads((root / f"fold-{fold}" / "splits.json").read_text())
+        fold_of.update({patient: fold for patient in splits["test"]})
+    table = {"folds": folds, "validation": "the next fold (k + 1 mod K)", "test_fold_of_patient": fold_of}
+    (root / "folds.json").write_text(json.dumps(table, indent=2) + "\n")
+    print(f"wrote {folds} folds under {root} (folds.json: each patient's test fold)")
+
+
+def _run_one(args: argparse.Namespace, command: str) -> None:
     common = dict(
         split=parse_fractions(args.split),
         seed=args.seed,
         split_file=args.split_file,
+        folds=(args.folds, args.fold) if args.folds is not None else None,
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,
         private=args.private,

@@ -11,7 +11,7 @@ import numpy as np
 from octsam.data.dataset import IGNORE_INDEX
 from octsam.errors import OctSamError
 
-# The seed's mask colours (DESIGN.md).
+# The original publication's mask colours (the AMD palette of the data contract).
 PRESETS: dict[str, dict[str, tuple[int, int, int]]] = {
     "amd": {"background": (0, 0, 0), "drusen": (255, 0, 0), "scar": (0, 255, 0), "fluid": (0, 0, 255)},
     "macular_hole": {"background": (0, 0, 0), "macular_hole": (255, 0, 0)},

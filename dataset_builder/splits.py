@@ -222,3 +222,47 @@ def split_table(summaries: Mapping[str, dict], labels: list[str]) -> str:
 
     sep = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def kfold_patients(
+    patient_classes: Mapping[str, Iterable[int]],
+    folds: int,
+    seed: int = 0,
+    patient_scans: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Patient -> fold (0..folds-1) for patient-level K-fold cross-validation, deterministic for ``seed``.
+
+    Patients are dealt to folds in a seeded order that puts patients with rarer classes first and each one in the
+    fold with the fewest B-scans so far (then fewest patients), so every fold gets about the same number of B-scans
+    and, where possible, every class.
+    """
+    patients = sorted(patient_classes)
+    if folds < 2:
+        raise OctSamError(f"--folds must be at least 2, got {folds}.")
+    if len(patients) < folds:
+        raise OctSamError(f"--folds {folds} needs at least {folds} patients; the data has {len(patients)}.")
+    classes = {p: frozenset(int(c) for c in patient_classes[p] if int(c) != 0) for p in patients}
+    scans = {p: int((patient_scans or {}).get(p, 1)) for p in patients}
+    frequency = {c: sum(c in classes[p] for p in patients) for c in set().union(*classes.values())}
+    rng = np.random.default_rng(seed)
+    shuffled = [patients[i] for i in rng.permutation(len(patients))]
+    order = sorted(shuffled, key=lambda p: min((frequency[c] for c in classes[p]), default=len(patients) + 1))
+    load = [0] * folds
+    members = [0] * folds
+    assignment: dict[str, int] = {}
+    for patient in order:
+        fold = min(range(folds), key=lambda f: (members[f] >= -(-len(patients) // folds), load[f], members[f], f))
+        assignment[patient] = fold
+        load[fold] += scans[patient]
+        members[fold] += 1
+    return dict(sorted(assignment.items()))
+
+
+def fold_split(fold_of: Mapping[str, int], fold: int, folds: int) -> dict[str, str]:
+    """The splits of cross-validation fold ``fold``: its patients are the test split, the next fold (``fold + 1``
+    mod K) is the validation split used for early stopping, the rest train. Every patient is tested exactly once
+    over the K folds, and nothing is chosen on a test fold."""
+    if not 0 <= fold < folds:
+        raise OctSamError(f"--fold must be in 0..{folds - 1}, got {fold}.")
+    validation = (fold + 1) % folds
+    return {p: "test" if f == fold else "validation" if f == validation else "train" for p, f in fold_of.items()}

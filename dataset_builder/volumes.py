@@ -182,6 +182,7 @@ def _build(records, labels, output, meta: DatasetMeta, common: dict) -> BuildRes
         split=common.get("split", (0.7, 0.15, 0.15)),
         seed=common.get("seed", 0),
         split_file=common.get("split_file"),
+        folds=common.get("folds"),
         overwrite=common.get("overwrite", False),
         push_to_hub=common.get("push_to_hub"),
         private=common.get("private", False),

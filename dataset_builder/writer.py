@@ -23,7 +23,14 @@ import datasets
 import huggingface_hub
 import numpy as np
 
-from dataset_builder.splits import SplitStats, load_split_file, split_patients, split_table
+from dataset_builder.splits import (
+    SplitStats,
+    fold_split,
+    kfold_patients,
+    load_split_file,
+    split_patients,
+    split_table,
+)
 from octsam.cards import template_path
 from octsam.data.dataset import (
     IGNORE_INDEX,
@@ -167,6 +174,7 @@ def assign_splits(
     seed: int,
     split_file: str | Path | None,
     labels: Sequence[str] | None = None,
+    folds: tuple[int, int] | None = None,
 ) -> dict[str, str]:
     """Patient -> split, from ``split_file`` or a balanced seeded split (see ``splits.split_patients``)."""
     if not records:
@@ -178,6 +186,9 @@ def assign_splits(
         scans[r.patient_id] = scans.get(r.patient_id, 0) + 1
     if split_file is not None:
         return load_split_file(split_file, classes)
+    if folds is not None:
+        count, fold = folds
+        return fold_split(kfold_patients(classes, count, seed, scans), fold, count)
     return split_patients(classes, fractions, seed, scans, labels=labels)
 
 
@@ -190,6 +201,7 @@ def build_dataset(
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
     split_file: str | Path | None = None,
+    folds: tuple[int, int] | None = None,
     overwrite: bool = False,
     push_to_hub: str | None = None,
     private: bool = False,
@@ -209,7 +221,7 @@ def build_dataset(
     out = Path(output).expanduser().resolve() if output is not None else None
     if out is not None:
         check_output(out, overwrite)
-    assignment = assign_splits(records, split, seed, split_file, labels)
+    assignment = assign_splits(records, split, seed, split_file, labels, folds)
 
     parent = out.parent if out is not None else Path(tempfile.gettempdir())
     created = _missing_ancestors(parent)

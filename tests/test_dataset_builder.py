@@ -544,3 +544,42 @@ def test_duke_dme_builds_with_patient_level_split(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(row["mask"]), np.asarray(Image.open(DUKE / "masks" / f"{row['scan_id']}.png"))
     )
+
+
+def test_kfold_cross_validation_tests_every_patient_once(tmp_path, capsys):
+    """--folds K builds K datasets: each patient in exactly one test fold, validation is the next fold (never a test
+    patient of the same fold), folds.json records the folds; --fold k builds one."""
+    from dataset_builder.splits import fold_split, kfold_patients
+
+    classes = {f"p{i}": ({1} if i % 3 else {1, 2}) for i in range(7)}
+    fold_of = kfold_patients(classes, 3, seed=1, patient_scans={p: 2 for p in classes})
+    assert sorted(fold_of) == sorted(classes) and sorted(set(fold_of.values())) == [0, 1, 2]
+    assert (
+        max(list(fold_of.values()).count(f) for f in range(3)) - min(list(fold_of.values()).count(f) for f in range(3))
+        <= 1
+    )
+    for fold in range(3):
+        split = fold_split(fold_of, fold, 3)
+        assert {p for p, s in split.items() if s == "test"} == {p for p, f in fold_of.items() if f == fold}
+        assert {p for p, s in split.items() if s == "validation"} == {
+            p for p, f in fold_of.items() if f == (fold + 1) % 3
+        }
+    with pytest.raises(OctSamError, match="at least 3 patients"):
+        kfold_patients({"a": {1}, "b": {1}}, 3)
+
+    out = tmp_path / "cv"
+    args = ["synthetic", "--disease", "amd", "--num-patients", "6", "--scans-per-patient", "1", "--size", "64x64"]
+    assert main([*args, "--output", str(out), "--folds", "3"]) == 0
+    folds = json.loads((out / "folds.json").read_text())["test_fold_of_patient"]
+    tested = []
+    for fold in range(3):
+        dataset, _ = load_oct_dataset(out / f"fold-{fold}")
+        test_patients = set(dataset["test"]["patient_id"])
+        assert test_patients == {p for p, f in folds.items() if f == fold}
+        assert not test_patients & (set(dataset["train"]["patient_id"]) | set(dataset["validation"]["patient_id"]))
+        tested += sorted(test_patients)
+    assert sorted(tested) == sorted(folds) and len(tested) == 6
+    assert main([*args, "--output", str(tmp_path / "one"), "--folds", "3", "--fold", "1"]) == 0
+    assert set(load_oct_dataset(tmp_path / "one")[0]["test"]["patient_id"]) == {p for p, f in folds.items() if f == 1}
+    assert main([*args, "--output", str(tmp_path / "x"), "--fold", "1"]) == 2
+    assert "--fold k needs --folds K" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Loading OCT datasets (local folder or Hugging Face Hub) and reading scan files of any common format.
 
-The dataset contract (DESIGN.md): a ``DatasetDict`` with splits train/validation/test and columns image, mask,
+The dataset contract (README, "Build a dataset"): a ``DatasetDict`` with splits train/validation/test and columns image, mask,
 patient_id, scan_id, disease, source. Label names travel with the data in three places, written by
 ``dataset_builder``:
 

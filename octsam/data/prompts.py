@@ -126,19 +126,6 @@ def instance_prompts(
     return InstancePrompts(boxes, points, point_labels, classes, valid, instance_map)
 
 
-def scale_prompts(prompts: InstancePrompts, from_shape: tuple[int, int], to_size: int) -> InstancePrompts:
-    """Map box and point coordinates from an image of ``from_shape`` (H, W) to a square input of ``to_size``."""
-    sy, sx = to_size / from_shape[0], to_size / from_shape[1]
-    scale = np.array([sx, sy, sx, sy], dtype=np.float32)
-    return InstancePrompts(
-        boxes=prompts.boxes * scale,
-        points=prompts.points * scale[:2],
-        point_labels=prompts.point_labels,
-        classes=prompts.classes,
-        valid=prompts.valid,
-        instance_map=prompts.instance_map,
-    )
-
 
 # ------------------------------------------------------------------------------------------------ prompts
 @dataclass

@@ -1,6 +1,6 @@
 """Segmentation metrics for OCT B-scans: MONAI Dice/IoU/HD95, areas, detection, patient-bootstrap CIs.
 
-The protocol (DESIGN.md, "Evaluation protocol"):
+The protocol (README, "Evaluation protocol"; the text written into report.md is ``report.PROTOCOL``):
 
 - Dice and IoU per foreground class per B-scan, averaged over B-scans, plus the pooled-pixel (global) value.
 - Ignore label 255: those pixels count neither in the prediction nor in the truth.
@@ -354,7 +354,7 @@ def evaluate_predictions(
     confidence: float = 0.95,
     detection_min_pixels: int = 1,
 ) -> EvaluationResult:
-    """Score class-index masks against references per DESIGN.md's evaluation protocol.
+    """Score class-index masks against references per the evaluation protocol (module docstring).
 
     ``labels`` are the class names with index 0 = background. ``patient_ids`` drive the bootstrap (without them
     every B-scan is its own patient, which makes CIs too narrow when B-scans of one eye are correlated).

@@ -1,4 +1,4 @@
-"""Evaluate models on a dataset split with the protocol of DESIGN.md (predictions at native resolution).
+"""Evaluate models on a dataset split with the evaluation protocol (octsam.evaluation.metrics) (predictions at native resolution).
 
 - fine-tuned adapters (SAM + LoRA, or the U-Net baseline) in automatic mode;
 - adapters trained in prompted mode, and the zero-shot baseline, with one exact ground-truth box per class instance

@@ -21,7 +21,6 @@ def load_model(
     adapter: str | os.PathLike,
     revision: str | None = None,
     base_model: str | None = None,
-    is_trainable: bool = False,
     dtype=None,
 ):
     """Load any octsam model folder or Hub repo: a SAM adapter (``OctSamModel``) or the U-Net baseline.
@@ -36,4 +35,4 @@ def load_model(
         return UNetSegmenter.from_folder(folder, config)
     from octsam.models.sam import OctSamModel
 
-    return OctSamModel.from_pretrained(folder, base_model=base_model, is_trainable=is_trainable, dtype=dtype)
+    return OctSamModel.from_pretrained(folder, base_model=base_model, dtype=dtype)

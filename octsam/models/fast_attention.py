@@ -20,7 +20,7 @@ projection is read window by window straight into ``q'``/``k'``/``v'``, and the 
 back to the image layout by the one copy that merges the heads.
 
 The fold adds arithmetic (the q.k product is three times wider), which pays on a GPU, where the materialised
-bias is the bottleneck, but not on a CPU, where matrix products are the bottleneck (DESIGN.md: 12.5 s instead of
+bias is the bottleneck, but not on a CPU, where matrix products are the bottleneck (benchmarks/RESULTS.md: 12.5 s instead of
 10.5 s per B-scan). ``mode="auto"`` therefore folds on CUDA and, elsewhere, adds the bias through SDPA's
 ``attn_mask`` exactly as transformers does, without the window copies.
 

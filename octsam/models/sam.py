@@ -219,7 +219,6 @@ class OctSamModel(nn.Module):
         adapter: str | os.PathLike,
         revision: str | None = None,
         base_model: str | None = None,
-        is_trainable: bool = False,
         dtype: torch.dtype | None = None,
     ) -> OctSamModel:
         """Load an adapter folder (or Hub repo id, via ``octsam.adapter.resolve_adapter``) onto its base model."""
@@ -242,14 +241,13 @@ class OctSamModel(nn.Module):
             )
         cls._attach_class_prompts(sam, config)
         try:
-            peft_model = PeftModel.from_pretrained(sam, str(folder), is_trainable=is_trainable)
+            peft_model = PeftModel.from_pretrained(sam, str(folder))
         except (RuntimeError, ValueError, KeyError) as err:
             raise OctSamError(
                 f"Adapter {adapter} does not fit base model {config.base_model}: {err}. Pass the base model it was "
                 "trained on (see base_model in octsam_config.json)."
             ) from err
-        if not is_trainable:
-            peft_model.eval()
+        peft_model.eval()
         return cls(peft_model, config)
 
     # ----------------------------------------------------------------- helpers
@@ -260,8 +258,6 @@ class OctSamModel(nn.Module):
 
         return self.sam.base_model.model if isinstance(self.sam, PeftModel) else self.sam
 
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def parameter_summary(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -346,8 +342,8 @@ class OctSamModel(nn.Module):
         return masks, iou
 
     # ----------------------------------------------------------------- saving
-    def save_pretrained(self, folder: str | os.PathLike, card: str | None = None) -> Path:
-        """Write the adapter folder: PEFT weights + ``octsam_config.json`` (+ ``README.md`` when ``card`` given)."""
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the adapter folder: PEFT weights + ``octsam_config.json`` (the card is written by ``octsam.cards.write_adapter_card``)."""
         from peft import PeftModel
 
         if not isinstance(self.sam, PeftModel):
@@ -356,8 +352,6 @@ class OctSamModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.sam.save_pretrained(str(folder))
         self.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
-        if card is not None:  # written after PEFT, which writes its own README.md
-            (folder / "README.md").write_text(card)
         return folder
 
 

@@ -66,8 +66,6 @@ class UNetSegmenter(nn.Module):
     def forward(self, pixel_values: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
         return self.net(pixel_values), None
 
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def parameter_summary(self) -> str:
         total = sum(p.numel() for p in self.parameters())
@@ -76,13 +74,11 @@ class UNetSegmenter(nn.Module):
     def merge(self) -> UNetSegmenter:
         return self
 
-    def save_pretrained(self, folder: str | os.PathLike, card: str | None = None) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / UNET_WEIGHTS_NAME))
         self.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
-        if card is not None:
-            (folder / "README.md").write_text(card)
         return folder
 
     @classmethod

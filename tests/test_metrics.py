@@ -309,3 +309,40 @@ def test_evaluate_module_equals_library(tmp_path, no_network):
     for i in range(0, len(preds), 5):
         metric.add_batch(predictions=preds[i : i + 5], references=refs[i : i + 5])
     assert metric.compute(label_names=labels, **kwargs) == from_library
+
+
+def test_headline_averages_the_classes_in_the_truth_and_single_patient_classes_get_no_interval():
+    """A class no reference holds does not enter the headline even when a method predicts a few pixels of it (all
+    methods average the same classes), and a class scored on one patient's B-scans has no interval."""
+    labels = ["background", "a", "b", "c"]
+    ref = [np.zeros((8, 8), np.uint8) for _ in range(4)]
+    for r in ref:
+        r[:4, :4] = 1
+    ref[0][6:, 6:] = 2  # class b only in patient p0
+    clean = [r.copy() for r in ref]
+    noisy = [r.copy() for r in ref]
+    noisy[1][7, 0] = 3  # a few false-positive pixels of class c, which no reference holds
+    patients = ["p0", "p1", "p2", "p3"]
+    a = evaluate_predictions(clean, ref, labels, patient_ids=patients, n_bootstrap=50)
+    b = evaluate_predictions(noisy, ref, labels, patient_ids=patients, n_bootstrap=50)
+    assert a.settings["headline_classes"] == b.settings["headline_classes"] == ["a", "b"]
+    assert a.headline["mean_dice"] == pytest.approx(1.0) and b.headline["mean_dice"] == pytest.approx(1.0)
+    row = b.per_class.set_index("class_name")
+    assert row.loc["b", "dice_n_patients"] == 1 and np.isnan(row.loc["b", "dice_ci_low"])
+    assert np.isfinite(row.loc["a", "dice_ci_low"]) and row.loc["c", "area_pred_px_mean"] > 0
+
+
+def test_validation_mean_divides_by_the_classes_in_the_validation_truth():
+    """A class absent from the validation truth never enters val_mean_dice, predicted or not."""
+    import torch
+
+    from octsam.evaluation.metrics import mean_dice_over_present, segmentation_stats
+
+    target = torch.zeros(2, 6, 6, dtype=torch.long)
+    target[:, :3, :3] = 1
+    pred = target.clone()
+    stats_without = segmentation_stats(pred, target, 3)
+    pred[0, 5, 5] = 2  # a false positive of class 2, absent from the truth
+    stats_with = segmentation_stats(pred, target, 3)
+    assert torch.isnan(dice_from_stats(stats_without)[1]) and dice_from_stats(stats_with)[1] == 0  # flips 0 / nan
+    assert mean_dice_over_present(stats_without) == mean_dice_over_present(stats_with) == pytest.approx(1.0)

@@ -126,7 +126,6 @@ def instance_prompts(
     return InstancePrompts(boxes, points, point_labels, classes, valid, instance_map)
 
 
-
 # ------------------------------------------------------------------------------------------------ prompts
 @dataclass
 class PromptSpec:

@@ -224,13 +224,14 @@ def _evaluate_and_write(
         results[name] = result
 
     files: dict[str, str] = {}
-    publication_rows = {n: (r.headline["mean_iou"], r.headline["mean_dice"]) for n, r in results.items()}
-    files["publication_csv"] = write_publication_csv(publication_rows, out / PUBLICATION_CSV).name
-    publication_bg = {n: (r.headline["mean_iou_with_background"], r.headline["mean_dice_with_background"])
-               for n, r in results.items()}  # fmt: skip
-    files["publication_csv_with_background"] = write_publication_csv(
-        publication_bg, out / PUBLICATION_CSV_WITH_BACKGROUND
-    ).name
+    if any(kind != "unet" for _, kind, _ in methods):  # the publication's SAM table; a U-Net alone has none
+        publication_rows = {n: (r.headline["mean_iou"], r.headline["mean_dice"]) for n, r in results.items()}
+        files["publication_csv"] = write_publication_csv(publication_rows, out / PUBLICATION_CSV).name
+        publication_bg = {n: (r.headline["mean_iou_with_background"], r.headline["mean_dice_with_background"])
+                   for n, r in results.items()}  # fmt: skip
+        files["publication_csv_with_background"] = write_publication_csv(
+            publication_bg, out / PUBLICATION_CSV_WITH_BACKGROUND
+        ).name
     table = comparison_table(results)
     table.to_csv(out / "comparison.csv", index=False, float_format="%.6g")
     files["comparison_csv"] = "comparison.csv"
@@ -282,6 +283,7 @@ def _evaluate_and_write(
         "n_bootstrap": n_bootstrap,
         "seed": seed,
         "pixel_spacing_mm": list(spacing) if spacing else None,
+        "headline_classes": settings.get("headline_classes"),
         "methods": {},
         "files": files,
         "figures": figures,

@@ -33,6 +33,14 @@ from octsam.errors import OctSamError
 
 HEADLINE_KEYS = ("mean_iou", "mean_dice", "mean_iou_with_background", "mean_dice_with_background")
 PUBLICATION_COLUMNS = ("Method", "Mean_IoU", "Mean_Dice")
+HEADLINE_RULE = (
+    "Mean Dice / IoU average the per-class means over the classes present in the reference masks of the evaluated "
+    "split, the same classes for every method; a class no reference holds is listed per class but enters no mean."
+)
+CI_RULE = (
+    "Intervals are 95% percentile bootstrap intervals over patients; a class scored on B-scans of fewer than two "
+    "patients gets none (n/a)."
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -104,6 +112,14 @@ def _per_image_from_stats(stats: torch.Tensor, metric: str) -> torch.Tensor:
 def dice_from_stats(stats: torch.Tensor) -> torch.Tensor:
     """Per-class mean of per-image Dice ``[K]`` from ``segmentation_stats`` counts ``[N, K, 3]`` (empty rule)."""
     return torch.nanmean(_per_image_from_stats(stats, "f1 score"), dim=0)
+
+
+def mean_dice_over_present(stats: torch.Tensor) -> float:
+    """Mean of the per-class Dice over the classes present in the truth of ``stats`` (``segmentation_stats``
+    counts): a fixed divisor, whatever classes a model predicts (0.0 when the truth has no foreground)."""
+    dice = dice_from_stats(stats)
+    present = (stats[..., 0] + stats[..., 2]).sum(0) > 0
+    return float(dice[present].mean()) if present.any() else 0.0
 
 
 def iou_from_stats(stats: torch.Tensor) -> torch.Tensor:
@@ -360,8 +376,10 @@ def evaluate_predictions(
     every B-scan is its own patient, which makes CIs too narrow when B-scans of one eye are correlated).
     ``pixel_spacing_mm`` is (Y, X) in mm, one pair for all images or one per image; it adds HD95 in mm and areas
     in mm². A class counts as present in a B-scan (detection table) from ``detection_min_pixels`` pixels.
-    Headline means average the per-class means over classes, skipping a class that is undefined (absent in every
-    truth and prediction).
+    Headline means average the per-class means over the classes present in the reference masks (``HEADLINE_RULE``):
+    every method scored on the same references averages the same classes. A class no reference holds is still
+    listed per class (its false-positive area shows there) but enters no headline. A class scored on B-scans of
+    fewer than two patients gets no interval (``CI_RULE``).
     """
     labels = _check_labels(labels)
     num_labels = len(labels)
@@ -414,6 +432,7 @@ def evaluate_predictions(
 
     rows: dict[str, np.ndarray] = {}
     replicates: dict[str, np.ndarray] = {}
+    patient_index = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
     metric_arrays = {"dice": per["dice"], "iou": per["iou"], "hd95_px": per["hd95_px"]}
     if spacings:
         metric_arrays["hd95_mm"] = per["hd95_mm"]
@@ -422,6 +441,12 @@ def evaluate_predictions(
         rows[f"{key}_mean"], rows[f"{key}_ci_low"], rows[f"{key}_ci_high"] = point, low, high
         replicates[key] = reps
         rows[f"{key}_n_images"] = np.isfinite(values).sum(axis=0)
+        rows[f"{key}_n_patients"] = np.array(
+            [len(np.unique(patient_index[np.isfinite(values[:, c])])) for c in range(num_labels)]
+        )
+        few = rows[f"{key}_n_patients"] < 2  # CI_RULE: an interval needs B-scans of at least two patients
+        rows[f"{key}_ci_low"][few] = np.nan
+        rows[f"{key}_ci_high"][few] = np.nan
 
     # Pooled-pixel values: sum the counts over B-scans (bootstrap: over resampled patients), then MONAI's formula.
     pooled_counts = torch.from_numpy(image_cm.sum(axis=0))
@@ -461,12 +486,16 @@ def evaluate_predictions(
     # Headline: mean over classes of per-class per-image means (foreground only; publication-compatible with background).
     headline: dict[str, float] = {}
     headline_ci: dict[str, tuple[float, float]] = {}
+    in_truth = (per["area_true"] > 0).any(axis=0)  # HEADLINE_RULE: classes some reference holds
+    in_truth[0] = True
+    headline_classes = [labels[c] for c in range(1, num_labels) if in_truth[c]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for metric in ("iou", "dice"):
-            for suffix, cls in (("", fg), ("_with_background", slice(0, num_labels))):
+            for suffix, first in (("", 1), ("_with_background", 0)):
+                cls = [c for c in range(first, num_labels) if in_truth[c]]
                 key = f"mean_{metric}{suffix}"
-                headline[key] = float(np.nanmean(rows[f"{metric}_mean"][cls]))
+                headline[key] = float(np.nanmean(rows[f"{metric}_mean"][cls])) if cls else float("nan")
                 low, high = _percentile_ci(np.nanmean(replicates[metric][:, cls], axis=1), confidence)
                 headline_ci[key] = (float(low), float(high))
 
@@ -526,6 +555,9 @@ def evaluate_predictions(
         "ignore_index": ignore_index,
         "pixel_spacing_mm": _spacing_setting(spacings),
         "detection_min_pixels": detection_min_pixels,
+        "headline_classes": headline_classes,
+        "headline_rule": HEADLINE_RULE,
+        "ci_rule": CI_RULE,
     }
     return EvaluationResult(
         labels=labels,

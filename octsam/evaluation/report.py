@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from octsam.errors import OctSamError
-from octsam.evaluation.metrics import PUBLICATION_COLUMNS, EvaluationResult
+from octsam.evaluation.metrics import CI_RULE, HEADLINE_RULE, PUBLICATION_COLUMNS, EvaluationResult
 
 PUBLICATION_CSV = "sam_lora_performance.csv"
 
@@ -97,7 +97,7 @@ def _fmt_ci(value: float, low: float, high: float) -> str:
     if not np.isfinite(value):
         return "n/a"
     if not (np.isfinite(low) and np.isfinite(high)):
-        return f"{value:.3f}"
+        return f"{value:.3f} [n/a]"  # CI_RULE: scored on B-scans of fewer than two patients
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
@@ -151,20 +151,27 @@ def _headline_table(results, labels) -> str:
 
 
 def _class_table(results) -> str:
-    header = ["Class", "Method", "Dice [95% CI]", "IoU [95% CI]", "pooled Dice", "HD95 px", "abs. area error px",
-              "detection sens / spec"]  # fmt: skip
+    with_mm = any("hd95_mm_mean" in r.per_class for r in results.values())
+    header = ["Class", "Method", "Dice [95% CI]", "IoU [95% CI]", "pooled Dice", "HD95 px", "abs. area error px"]
+    header += ["HD95 mm", "abs. area error mm²"] if with_mm else []
+    header += ["detection sens / spec"]
     rows = []
     names = list(next(iter(results.values())).per_class["class_name"])
     for class_name in names:
         for method, r in results.items():
             c = r.per_class.set_index("class_name").loc[class_name]
             d = r.detection.set_index("class_name").loc[class_name]
-            rows.append([
+            row = [
                 class_name, method, _fmt_ci(c["dice_mean"], c["dice_ci_low"], c["dice_ci_high"]),
                 _fmt_ci(c["iou_mean"], c["iou_ci_low"], c["iou_ci_high"]), _fmt(c["dice_pooled"]),
                 _fmt(c["hd95_px_mean"], 1), _fmt(c["area_abs_error_px_mean"], 0),
-                f"{_fmt(d['sensitivity'], 2)} / {_fmt(d['specificity'], 2)}",
-            ])  # fmt: skip
+            ]  # fmt: skip
+            if with_mm:
+                row += [
+                    _fmt(c.get("hd95_mm_mean", float("nan")), 3),
+                    _fmt(c.get("area_abs_error_mm2_mean", float("nan")), 4),
+                ]
+            rows.append(row + [f"{_fmt(d['sensitivity'], 2)} / {_fmt(d['specificity'], 2)}"])
     return markdown_table(header, rows)
 
 
@@ -180,6 +187,8 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
         "Zero-shot SAM gets one ground-truth box per class instance and keeps the best of its 3 masks by predicted "
         "IoU, fine-tuned SAM adapters run in the mode they were trained for (automatic: no prompts; prompted: the "
         "same boxes), and the U-Net baseline is trained through the same train.py, data, splits, loss and metrics.",
+        "",
+        HEADLINE_RULE + f" Here: {', '.join(summary.get('headline_classes') or []) or 'none'}.",
         "",
         "## Results",
         "",
@@ -208,11 +217,22 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
         "",
         "HD95: 95th-percentile Hausdorff distance in pixels, over B-scans where the class is in both truth and "
         "prediction. Detection: B-scans where the class is present (sensitivity) or absent (specificity) in the truth "
-        "and the prediction agrees.",
+        "and the prediction agrees."
+        + (
+            " Zero-shot detection is not a test of detection: it is given one true box per lesion, so it only "
+            "prompts where the class is present and its sensitivity is near 1 by construction."
+            if "zero-shot" in kinds.values()
+            else ""
+        )
+        + (
+            f" Pixel spacing {summary['pixel_spacing_mm']} mm (Y, X): HD95 in mm and areas in mm² as given."
+            if summary.get("pixel_spacing_mm")
+            else " No pixel spacing was given: distances and areas are in pixels."
+        ),
         "",
         "## Confidence intervals",
         "",
-        summary["ci_note"],
+        CI_RULE + " " + summary["ci_note"],
         "",
         "## Figures",
         "",
@@ -237,8 +257,16 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
     lines += [
         "## Files",
         "",
-        f"- `{PUBLICATION_CSV}`: `Method,Mean_IoU,Mean_Dice` (the original publication's format), foreground classes only;",
-        f"- `{PUBLICATION_CSV_WITH_BACKGROUND}`: the same with background averaged in (publication-compatible, not the headline);",
+        *(
+            [
+                f"- `{PUBLICATION_CSV}`: `Method,Mean_IoU,Mean_Dice` (the original publication's format), foreground "
+                "classes only;",
+                f"- `{PUBLICATION_CSV_WITH_BACKGROUND}`: the same with background averaged in (publication-compatible, "
+                "not the headline);",
+            ]
+            if "publication_csv" in summary["files"]
+            else []
+        ),
         "- `comparison.csv`, `per_class.csv`: all methods with CIs; `METHOD_per_image.csv`, `METHOD_detection.csv`, "
         "`METHOD_confusion.csv`, `METHOD_summary.json` per method; `comparison.json`: everything above.",
         "",

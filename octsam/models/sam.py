@@ -258,7 +258,6 @@ class OctSamModel(nn.Module):
 
         return self.sam.base_model.model if isinstance(self.sam, PeftModel) else self.sam
 
-
     def parameter_summary(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())

@@ -66,7 +66,6 @@ class UNetSegmenter(nn.Module):
     def forward(self, pixel_values: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
         return self.net(pixel_values), None
 
-
     def parameter_summary(self) -> str:
         total = sum(p.numel() for p in self.parameters())
         return f"trainable parameters: {total:,} of {total:,} (100.00%)"

@@ -138,7 +138,7 @@ def pick_prompt_kind(data_args: DataArguments, seed: int, epoch: int, step: int)
 
 def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) -> dict:
     """Mean foreground Dice per class over validation scans (each scan counted once across processes)."""
-    from octsam.evaluation.metrics import dice_from_stats, segmentation_stats
+    from octsam.evaluation.metrics import dice_from_stats, mean_dice_over_present, segmentation_stats
 
     model.eval()
     stats, losses = [], []
@@ -155,7 +155,8 @@ def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) ->
     return {
         "val_loss": float(torch.cat(losses).mean()),
         "val_dice_per_class": [float(d) for d in dice],
-        "val_mean_dice": float(torch.nanmean(dice)) if not torch.isnan(dice).all() else 0.0,
+        # over the classes in the validation truth: the divisor does not change between epochs
+        "val_mean_dice": mean_dice_over_present(all_stats.cpu()),
         "val_scans": int(all_stats.shape[0]),
     }
 

@@ -356,7 +356,7 @@ def preprocess_image(
     grey -> RGB; longest side resized to ``image_size`` (bilinear, ``align_corners=False``, no antialiasing, on the
     float image); min-max scaling to [0, 1] over the whole resized image; zero padding at the right and bottom.
     """
-    tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
     if tensor.ndim == 2:
         tensor = tensor[:, :, None]
     if tensor.ndim != 3 or tensor.shape[-1] not in (1, 3):

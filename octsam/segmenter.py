@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from octsam.data.prompts import Prompt
-from octsam.data.samples import image_tensor, resize_image, to_uint8_image
+from octsam.data.samples import image_tensor, input_frame, resize_image, to_uint8_image
 from octsam.errors import OctSamError
 from octsam.models import load_model
 from octsam.models.sam import class_logits_from_prompts, class_probabilities, predict_index_mask
@@ -127,7 +127,7 @@ class Segmenter:
     def class_logits(self, arrays: list[np.ndarray], prompts=None, multimask: bool = False) -> torch.Tensor:
         """(B, K, h, w) class logits at the model's output resolution for a batch of uint8 images."""
         size = self.config.image_size
-        tensors = [image_tensor(resize_image(a, size)) for a in arrays]
+        tensors = [image_tensor(resize_image(a, size, self.config.resize)) for a in arrays]
         channels = max(t.shape[0] for t in tensors)
         pixels = torch.stack([t.expand(channels, -1, -1) for t in tensors]).to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
@@ -148,8 +148,7 @@ class Segmenter:
         grid = embedding.shape[-1] * 4
         if not prompts:
             return embedding.new_full((1, num_classes, grid, grid), -1e4).float()
-        size = self.config.image_size
-        sy, sx = size / shape[0], size / shape[1]
+        sy, sx, _, _ = input_frame(shape, self.config.image_size, self.config.resize)
         for p in prompts:
             if not 1 <= p.label <= num_classes:
                 raise OctSamError(f"Prompt class {p.label} is not one of 1..{num_classes} ({self.labels[1:]}).")
@@ -184,11 +183,22 @@ class Segmenter:
         classes_t = torch.tensor([classes], device=logits.device)
         return class_logits_from_prompts(logits, classes_t, torch.ones_like(classes_t, dtype=torch.bool), num_classes)
 
+    def to_native(self, logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """(1, K, h, w) logits in the model's input frame -> (1, K, H, W) on the B-scan: the valid region (all of it
+        when stretched, the unpadded part when padded) resized bilinearly."""
+        size = self.config.image_size
+        _, _, height, width = input_frame(shape, size, self.config.resize)
+        if (height, width) != (size, size):
+            if logits.shape[-1] != size:
+                logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+            logits = logits[..., :height, :width]
+        return F.interpolate(logits, size=tuple(shape), mode="bilinear", align_corners=False)
+
     def _predict_batch(self, arrays, prompts, return_probabilities: bool, multimask: bool):
         logits = self.class_logits(arrays, prompts, multimask)
         results = []
         for i, array in enumerate(arrays):
-            native = F.interpolate(logits[i : i + 1], size=array.shape[:2], mode="bilinear", align_corners=False)
+            native = self.to_native(logits[i : i + 1], array.shape[:2])
             mask = predict_index_mask(native)[0].to(torch.uint8).cpu().numpy()
             probs = None
             if return_probabilities:

@@ -267,7 +267,7 @@ def test_card_renders_and_metadata_round_trips(mode, tmp_path):
     # Body: labels with colours, intended/out-of-scope use, usage, protocol, limitations, citation.
     for needle in (
         "| 1 | drusen | `#ff0000`",
-        "| 2 | fluid | `#00ff00`",
+        "| 2 | fluid | `#0000ff`",
         "not a medical device",
         "Out-of-scope use",
         f"python inference.py --adapter {REPO_ID} --input",

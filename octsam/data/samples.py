@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from octsam.data.augment import AugmentConfig, build_augmentation
+from octsam.data.contract import IGNORE_INDEX
 from octsam.data.prompts import PromptConfig, instance_prompts
 
 
@@ -32,16 +33,49 @@ def to_uint8_image(image) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of a uint8 image to a square ``size`` (area averaging when shrinking)."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    shrink = image.shape[0] > size and image.shape[1] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+def input_frame(shape: tuple[int, ...], size: int, resize: str = "stretch") -> tuple[float, float, int, int]:
+    """Where a B-scan of ``shape`` (H, W, ...) lands in the model's ``size`` x ``size`` input:
+    (scale_y, scale_x, valid_h, valid_w). ``stretch``: resized to the square; ``pad``: longest side to ``size``
+    (MedSAM's rounding), the rest padded at the right and bottom."""
+    height, width = shape[0], shape[1]
+    if resize == "pad":
+        scale = size / max(height, width)
+        return scale, scale, int(height * scale + 0.5), int(width * scale + 0.5)
+    return size / height, size / width, size, size
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST) if mask.shape != (size, size) else mask
+def _resize(array: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
+    if array.shape[0] == height and array.shape[1] == width:
+        return array
+    if nearest:
+        return cv2.resize(array, (width, height), interpolation=cv2.INTER_NEAREST)
+    shrink = array.shape[0] > height and array.shape[1] > width
+    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_image(image: np.ndarray, size: int, resize: str = "stretch") -> np.ndarray:
+    """Bilinear resize of a uint8 image into the ``size`` x ``size`` input (area averaging when shrinking).
+
+    ``pad``: the padding takes the image's minimum, so a per-image min-max normalisation maps it to 0 - the same
+    as normalising the resized image and padding with zeros (LiteMedSAM's input)."""
+    _, _, height, width = input_frame(image.shape, size, resize)
+    resized = _resize(image, height, width)
+    if (height, width) == (size, size):
+        return resized
+    out = np.full((size, size, *image.shape[2:]), resized.min(), dtype=image.dtype)
+    out[:height, :width] = resized
+    return out
+
+
+def resize_mask(mask: np.ndarray, size: int, resize: str = "stretch") -> np.ndarray:
+    """Nearest-neighbour resize of a class mask into the input frame; padding is ignored (``IGNORE_INDEX``)."""
+    _, _, height, width = input_frame(mask.shape, size, resize)
+    resized = _resize(mask, height, width, nearest=True)
+    if (height, width) == (size, size):
+        return resized
+    out = np.full((size, size), IGNORE_INDEX, dtype=mask.dtype)
+    out[:height, :width] = resized
+    return out
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -60,6 +94,7 @@ class SegmentationSamples(Dataset):
         augment: AugmentConfig | None = None,
         prompts: PromptConfig | None = None,
         seed: int = 0,
+        resize: str = "stretch",
     ):
         self.split = split
         self.image_size = image_size
@@ -67,6 +102,7 @@ class SegmentationSamples(Dataset):
         self.augment = build_augmentation(augment) if augment is not None else None
         self.prompts = prompts
         self.seed = seed
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.split)
@@ -84,8 +120,8 @@ class SegmentationSamples(Dataset):
             self.augment.set_random_seed(int(seed_seq.generate_state(1)[0]))
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image = resize_image(image, self.image_size)
-        mask = resize_mask(mask, self.image_size)
+        image = resize_image(image, self.image_size, self.resize)
+        mask = resize_mask(mask, self.image_size, self.resize)
         sample = {"pixels": image_tensor(image), "mask": torch.from_numpy(mask.copy()), "index": torch.tensor(index)}
         if self.prompts is not None:
             cfg = self.prompts

@@ -116,15 +116,23 @@ def evaluate_zero_shot(
     revision: str | None = None,
     **kwargs,
 ):
-    """The zero-shot baseline: base SAM, one ground-truth box per instance, best of 3 masks by predicted IoU."""
+    """The zero-shot baseline: the base with no adapter, one ground-truth box per instance, prompted as the base was
+    trained (SAM: best of its 3 masks by predicted IoU; LiteMedSAM: its one mask per box)."""
     from octsam.models.fast_attention import enable_fast_attention
-    from octsam.models.sam import zero_shot_model
+    from octsam.models.sam import zero_shot_model, zero_shot_multimask
 
     model = zero_shot_model(base_model, labels, revision=revision)
     enable_fast_attention(model)
     segmenter = Segmenter(model, device=_device_name(device), batch_size=batch_size)
     return evaluate_segmenter(
-        segmenter, split, labels, output_dir, "zero-shot", prompted=True, multimask=True, **kwargs
+        segmenter,
+        split,
+        labels,
+        output_dir,
+        "zero-shot",
+        prompted=True,
+        multimask=zero_shot_multimask(model.config),
+        **kwargs,
     )
 
 

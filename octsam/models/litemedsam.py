@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from octsam.adapter import LORA_ROLES
 from octsam.errors import OctSamError
 from octsam.models.tinyvit import TinyViT, TinyViTConfig
 
@@ -75,20 +76,7 @@ LICENSE = "Apache-2.0"
 
 # LoRA targets by role, as regexes over module names of the SamModel (anchor them: ``^(?:.*\.)?(?:PATTERN)$``).
 # TinyViT's stage 0 is convolutional (MBConv) and has neither attention nor MLP; stages 1-3 have both.
-LORA_TARGETS_BY_ROLE: dict[str, dict[str, str]] = {
-    "litemedsam": {
-        "qkv": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.qkv",
-        "proj": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.proj",
-        "attention": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.(?:qkv|proj)",
-        "mlp": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.mlp\.fc[12]",
-    },
-    "sam": {
-        "qkv": r"vision_encoder\.layers\.\d+\.attn\.qkv",
-        "proj": r"vision_encoder\.layers\.\d+\.attn\.proj",
-        "attention": r"vision_encoder\.layers\.\d+\.attn\.(?:qkv|proj)",
-        "mlp": r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
-    },
-}
+LORA_TARGETS_BY_ROLE = LORA_ROLES  # LoRA targets by role for each encoder (defined with the adapter format)
 
 
 # ----------------------------------------------------------------------------------------------- the checkpoint

@@ -34,7 +34,8 @@ from torch import nn
 from octsam.adapter import (
     ADAPTER_CONFIG_NAME,
     CLASS_PROMPTS_MODULE,
-    LORA_TARGETS,
+    ENCODER_INPUT,
+    LORA_ROLES,
     OFFLINE_HINT,
     OctSamConfig,
     check_adapter_folder,
@@ -102,8 +103,33 @@ def save_random_base(path: str | os.PathLike, seed: int = 0, **config_kwargs: An
     return str(path)
 
 
+LITEMEDSAM = "litemedsam"  # --base-model name of the offline pretrained base (octsam.models.litemedsam)
+
+
+def encoder_kind(sam: nn.Module) -> str:
+    """``litemedsam`` for LiteMedSAM's TinyViT encoder, ``sam`` for transformers' SAM ViT."""
+    from octsam.models.litemedsam import is_litemedsam
+
+    return "litemedsam" if is_litemedsam(sam) else "sam"
+
+
+def base_fingerprint(base_model: str) -> str | None:
+    """SHA-256 of the base's weights where they are a file here (the packaged LiteMedSAM checkpoint, a local folder's
+    ``model.safetensors``); None for a Hub id (its revision identifies it)."""
+    from octsam.models.litemedsam import file_sha256, litemedsam_sha256
+
+    if base_model == LITEMEDSAM:
+        return litemedsam_sha256()
+    weights = Path(base_model) / "model.safetensors"
+    return file_sha256(weights) if weights.is_file() else None
+
+
 def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
     """Load a ``SamModel`` from a Hub id or a local folder, with a clear message when it cannot be found offline."""
+    if base_model == LITEMEDSAM:
+        from octsam.models.litemedsam import build_litemedsam
+
+        return build_litemedsam(dtype=dtype)
     from transformers import SamModel
 
     local = os.path.isdir(base_model)
@@ -155,7 +181,8 @@ class ClassPrompts(nn.Module):
 def _lora_config(cfg: OctSamConfig):
     from peft import LoraConfig
 
-    pattern = "|".join(f"(?:{LORA_TARGETS[t]})" for t in cfg.lora_target_modules)
+    roles = LORA_ROLES[cfg.encoder]
+    pattern = "|".join(f"(?:{roles[t]})" for t in cfg.lora_target_modules)
     modules_to_save = []
     if cfg.train_mask_decoder:
         modules_to_save.append("mask_decoder")
@@ -170,6 +197,47 @@ def _lora_config(cfg: OctSamConfig):
         base_model_name_or_path=cfg.base_model,
         revision=cfg.base_model_revision,
     )
+
+
+def describe_base(config: OctSamConfig, sam: nn.Module) -> OctSamConfig:
+    """Record in ``config`` what the base is and how it takes its input: encoder kind, input size, resize and
+    normalisation the encoder was trained with, and the fingerprint of its weights."""
+    config.encoder = encoder_kind(sam)
+    config.image_size = sam.config.vision_config.image_size
+    config.resize = ENCODER_INPUT[config.encoder]["resize"]
+    config.normalization = ENCODER_INPUT[config.encoder]["normalization"]
+    config.base_sha256 = base_fingerprint(config.base_model)
+    roles = LORA_ROLES[config.encoder]
+    unknown = [t for t in config.lora_target_modules if t not in roles]
+    if unknown:
+        raise OctSamError(
+            f"lora_target_modules {unknown} do not exist for a {config.encoder} base; use {sorted(roles)}."
+        )
+    return config
+
+
+def check_base(config: OctSamConfig, sam: nn.Module, adapter: str) -> None:
+    """Refuse a base that is not the one the adapter was trained on (encoder kind, input size, weights)."""
+    kind = encoder_kind(sam)
+    if kind != config.encoder:
+        raise OctSamError(
+            f"Adapter {adapter} was trained on a {config.encoder} base but {config.base_model} is a {kind} model; "
+            "pass the base it was trained on (base_model in octsam_config.json)."
+        )
+    if sam.config.vision_config.image_size != config.image_size:
+        raise OctSamError(
+            f"Adapter {adapter} was trained for input size {config.image_size}, but base model "
+            f"{config.base_model} takes {sam.config.vision_config.image_size}; use the base model it was "
+            "trained on."
+        )
+    if config.base_sha256:
+        found = base_fingerprint(config.base_model)
+        if found is not None and found != config.base_sha256:
+            raise OctSamError(
+                f"Adapter {adapter} was trained on base weights with SHA-256 {config.base_sha256[:12]}..., but "
+                f"{config.base_model} has {found[:12]}...: other weights under the same name. Use the base it was "
+                "trained on."
+            )
 
 
 class OctSamModel(nn.Module):
@@ -189,7 +257,7 @@ class OctSamModel(nn.Module):
         from peft import get_peft_model
 
         sam = load_base_sam(config.base_model, config.base_model_revision, dtype=dtype)
-        config.image_size = sam.config.vision_config.image_size
+        describe_base(config, sam)
         cls._attach_class_prompts(sam, config)
         if config.mode == "automatic":
             generator = torch.Generator().manual_seed(seed)
@@ -233,12 +301,7 @@ class OctSamModel(nn.Module):
         if base_model is not None:
             config.base_model = base_model
         sam = load_base_sam(config.base_model, config.base_model_revision, dtype=dtype)
-        if sam.config.vision_config.image_size != config.image_size:
-            raise OctSamError(
-                f"Adapter {adapter} was trained for input size {config.image_size}, but base model "
-                f"{config.base_model} takes {sam.config.vision_config.image_size}; use the base model it was "
-                "trained on."
-            )
+        check_base(config, sam, str(adapter))
         cls._attach_class_prompts(sam, config)
         try:
             peft_model = PeftModel.from_pretrained(sam, str(folder))
@@ -272,7 +335,11 @@ class OctSamModel(nn.Module):
         return self
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, S, S) with C in {1, 3} -> normalised float (B, 3, S, S) on the model's device and dtype."""
+        """uint8 (B, C, S, S) with C in {1, 3} -> normalised float (B, 3, S, S) on the model's device and dtype.
+
+        ``normalization`` "mean_std": SAM's (x - mean) / std on the 0-255 scale; "minmax": each image to [0, 1] over
+        all its pixels (LiteMedSAM; a padded input is padded with its minimum, so the padding maps to 0).
+        """
         if pixels.shape[-1] != self.config.image_size or pixels.shape[-2] != self.config.image_size:
             raise OctSamError(
                 f"Input of size {tuple(pixels.shape[-2:])} given to a model that takes "
@@ -282,6 +349,10 @@ class OctSamModel(nn.Module):
         if pixels.shape[1] == 1:
             pixels = pixels.expand(-1, 3, -1, -1)
         dtype = next(self.core.vision_encoder.parameters()).dtype
+        if self.config.normalization == "minmax":
+            from octsam.models.litemedsam import minmax_scale
+
+            return minmax_scale(pixels).to(dtype)
         return ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
 
     # ----------------------------------------------------------------- forward
@@ -396,14 +467,21 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 def zero_shot_model(base_model: str, labels: list[str], revision: str | None = None) -> OctSamModel:
-    """The base SAM with no adapter, for the zero-shot baseline (prompted mode only)."""
+    """The base SAM with no adapter, for the zero-shot baseline (prompted mode only), with the input its encoder
+    was trained with."""
     sam = load_base_sam(base_model, revision)
     config = OctSamConfig(
         labels=labels,
         base_model=base_model,
         base_model_revision=revision,
         mode="prompted",
-        image_size=sam.config.vision_config.image_size,
         train_mask_decoder=False,
     )
+    describe_base(config, sam)
     return OctSamModel(sam.eval(), config)
+
+
+def zero_shot_multimask(config: OctSamConfig) -> bool:
+    """Whether zero-shot uses SAM's best of 3 masks: SAM was trained with multimask output for ambiguous prompts,
+    LiteMedSAM (like MedSAM) with one mask per box, so each base is prompted as it was trained."""
+    return config.encoder == "sam"

@@ -249,9 +249,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         prompts = prompt_config(data_args)
     augment = augment_config(data_args)
     train_data = SegmentationSamples(
-        train_split, config.image_size, config.num_labels, augment, prompts, seed=train_args.seed
+        train_split, config.image_size, config.num_labels, augment, prompts, seed=train_args.seed, resize=config.resize
     )
-    val_data = SegmentationSamples(dataset["validation"], config.image_size, config.num_labels, None, prompts)
+    val_data = SegmentationSamples(
+        dataset["validation"], config.image_size, config.num_labels, None, prompts, resize=config.resize
+    )
     sampler = EpochSampler(len(train_data), seed=train_args.seed)
     loader_kwargs = dict(
         collate_fn=collate,

@@ -9,9 +9,10 @@ STAMP  := $(VENV)/.octsam-installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-app.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --no-deps -c constraints.txt -r requirements-app.txt  # see its header
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -91,6 +91,9 @@ def build_app(config: AppConfig) -> gr.Blocks:
     def class_choices(session: Session):
         return [(f"{k} {n}", k) for k, n in enumerate(session.labels) if k > 0]
 
+    first_labels = segmenters[config.default_adapter].labels
+    first_choices = [(f"{k} {n}", k) for k, n in enumerate(first_labels) if k > 0]
+
     with gr.Blocks(title="octsam: OCT biomarker segmentation") as demo:
         state = gr.State(None)
         gr.Markdown("## octsam · view, prompt, correct and export OCT biomarker masks")
@@ -104,7 +107,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 )
                 files = gr.File(label="Open B-scans or volumes", file_count="multiple", type="filepath")
                 folder = gr.File(label="Open a folder", file_count="directory", type="filepath")
-                scan_slider = gr.Slider(0, 0, value=0, step=1, label="B-scan", elem_id="octsam-slider")
+                scan_slider = gr.Slider(0, 1, value=0, step=1, label="B-scan", elem_id="octsam-slider")
                 localizer = gr.Image(label="Localiser", interactive=False, format="png", height=220)
                 with gr.Row():
                     spacing_y = gr.Number(label="axial mm/px", value=None, minimum=0)
@@ -120,7 +123,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
                     elem_id="octsam-view",
                     buttons=["download", "fullscreen"],
                 )
-                legend = gr.HTML(elem_id="octsam-legend")
+                legend = gr.HTML(legend_html(first_labels), elem_id="octsam-legend")
                 status = gr.Textbox(label="Messages", interactive=False, lines=2, elem_id="octsam-status")
                 timing = gr.Markdown(elem_id="octsam-timing")
             with gr.Column(scale=1, min_width=260):
@@ -128,18 +131,20 @@ def build_app(config: AppConfig) -> gr.Blocks:
                     segment_btn = gr.Button("Segment", variant="primary", elem_id="octsam-segment")
                     segment_all_btn = gr.Button("Segment all")
                 tool = gr.Radio(list(TOOLS), value="point +", label="Tool (box: two clicks)")
-                klass = gr.Dropdown(choices=[], value=None, label="Class", elem_id="octsam-class")
+                klass = gr.Dropdown(choices=first_choices, value=1, label="Class", elem_id="octsam-class")
                 radius = gr.Slider(1, 60, value=6, step=1, label="Brush / eraser radius (px)")
                 with gr.Row():
                     undo_btn = gr.Button("Undo")
                     clear_btn = gr.Button("Clear prompts")
-                visible = gr.CheckboxGroup(choices=[], value=[], label="Show classes")
+                visible = gr.CheckboxGroup(
+                    choices=first_choices, value=[c[1] for c in first_choices], label="Show classes"
+                )
                 opacity = gr.Slider(0, 1, value=0.45, step=0.05, label="Opacity")
                 areas = gr.Dataframe(
                     headers=["class", "area_px", "area_mm2", "components"], label="Areas", interactive=False
                 )
-                click_x = gr.Number(visible=False)
-                click_y = gr.Number(visible=False)
+                click_x = gr.Number(visible=False, label="x")
+                click_y = gr.Number(visible=False, label="y")
                 apply_btn = gr.Button(visible=False)
 
         view_inputs = [visible, opacity, spacing_y, spacing_x]
@@ -170,7 +175,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 timing_text(session),
                 rows,
                 gr.Image(value=loc, visible=loc is not None),
-                gr.Slider(minimum=0, maximum=max(len(session.scans) - 1, 0), value=session.current),
+                gr.Slider(minimum=0, maximum=max(len(session.scans) - 1, 1), value=session.current),
                 legend_html(session.labels),
                 gr.Dropdown(choices=choices, value=ids[0]) if reset_classes else gr.skip(),
                 gr.CheckboxGroup(choices=choices, value=ids) if reset_classes else gr.skip(),

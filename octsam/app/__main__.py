@@ -25,6 +25,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument(
+        "--open",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="B-scan images, folders of them or volume files to open at start (read from this machine)",
+    )
+    p.add_argument(
+        "--auto-segment",
+        action="store_true",
+        help="segment each B-scan when it is first shown (automatic-mode adapters)",
+    )
     p.add_argument("--dataset", help="open the B-scans of an octsam dataset (folder or Hub id) at start")
     p.add_argument("--split", default="test", help="split of --dataset to open (default test)")
     p.add_argument("--limit", type=int, default=None, help="open at most this many B-scans of --dataset")
@@ -39,22 +51,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace):
     """Load the adapters and the dataset split; OctSamError with a clear message when something is wrong."""
-    from octsam.app.loading import dataset_scans
+    from octsam.app.loading import dataset_scans, open_local
     from octsam.app.ui import AppConfig
     from octsam.segmenter import Segmenter
 
     adapters = {}
     for name in args.adapter:
         adapters[name] = Segmenter.from_pretrained(name, device=args.device)
-    scans, message = [], ""
+    scans, volumes = open_local(args.open) if args.open else ([], [])
+    message = f"opened {len(scans)} B-scan(s)" if scans else ""
     if args.dataset:
         first = next(iter(adapters.values()))
-        scans = dataset_scans(args.dataset, args.split, first.labels, limit=args.limit)
-        message = f"opened {len(scans)} B-scans of {args.dataset} ({args.split})"
+        split_scans = dataset_scans(args.dataset, args.split, first.labels, limit=args.limit)
+        message = (message + ", " if message else "opened ") + f"{len(split_scans)} of {args.dataset} ({args.split})"
+        scans += split_scans
     return AppConfig(
         adapters=adapters,
         export_root=Path(args.export_dir).resolve(),
         initial_scans=scans,
+        initial_volumes=volumes,
+        auto_segment=args.auto_segment,
         initial_message=message,
         device=args.device,
     )

@@ -71,7 +71,9 @@ def open_uploads(paths: list, allowed_root: str | os.PathLike) -> tuple[list[Sca
     scans: list[Scan] = []
     infos: list[VolumeInfo] = []
     problems: list[str] = []
-    files = sorted((Path(getattr(p, "name", p)) for p in paths or []), key=lambda p: p.name)
+    files = sorted(
+        (Path(p if isinstance(p, (str, os.PathLike)) else p.name) for p in paths or []), key=lambda p: p.name
+    )
     for path in files:
         try:
             resolved = inside(path, allowed_root)
@@ -87,6 +89,31 @@ def open_uploads(paths: list, allowed_root: str | os.PathLike) -> tuple[list[Sca
         scans.extend(new_scans)
         infos.extend(new_infos)
     return scans, infos, problems
+
+
+def open_local(paths: list[str | os.PathLike]) -> tuple[list[Scan], list[VolumeInfo]]:
+    """B-scans named on the command line by the operator (files, folders of images, volumes): read at start, so a
+    bad one stops the start with its message. Folders that are not volumes give their images, sorted by name."""
+    scans: list[Scan] = []
+    infos: list[VolumeInfo] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise OctSamError(f"--open {raw}: no such file or folder.")
+        volumes = volume_support()
+        if path.is_dir() and not (volumes is not None and volumes.is_volume_input(path)):
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise OctSamError(f"--open {raw}: the folder holds no {', '.join(IMAGE_SUFFIXES)} image.")
+        else:
+            files = [path]
+        for file in files:
+            new_scans, new_infos = read_upload(file)
+            for info in new_infos:
+                info.first += len(scans)
+            scans.extend(new_scans)
+            infos.extend(new_infos)
+    return scans, infos
 
 
 def dataset_scans(path: str, split: str, adapter_labels: list[str], limit: int | None = None) -> list[Scan]:

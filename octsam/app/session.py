@@ -71,7 +71,6 @@ class Session:
     prompts: dict[int, dict[int, dict]] = field(default_factory=dict)
     undo_stack: dict[int, list[Step]] = field(default_factory=dict)
     box_corner: tuple[float, float] | None = None  # first click of a box
-    last_brush: tuple[float, float] | None = None
     embeddings: OrderedDict = field(default_factory=OrderedDict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -95,17 +94,18 @@ class Session:
         return self.scan.image.shape[:2]
 
     def mask(self, index: int | None = None) -> np.ndarray:
-        """The current mask of a B-scan (all background until segmented or painted)."""
+        """The current mask of a B-scan (all background until segmented or painted; only B-scans that were
+        segmented, prompted or painted have a stored mask, and only those are exported)."""
         index = self.current if index is None else index
         if index not in self.masks:
-            self.masks[index] = np.zeros(self.scans[index].image.shape[:2], np.uint8)
+            return np.zeros(self.scans[index].image.shape[:2], np.uint8)
         return self.masks[index]
 
     def go_to(self, index: int) -> None:
         if not self.scans:
             raise OctSamError("Open a B-scan first.")
         self.current = int(min(max(int(index), 0), len(self.scans) - 1))
-        self.box_corner = self.last_brush = None
+        self.box_corner = None
 
     # ---------------------------------------------------------------- opening
     def add_scans(self, scans: list[Scan], volumes: list[VolumeInfo] | None = None, replace: bool = True) -> None:
@@ -122,7 +122,7 @@ class Session:
             self.volumes.append(v)
         self.scans.extend(scans)
         self.current = offset
-        self.box_corner = self.last_brush = None
+        self.box_corner = None
 
     def volume_of(self, index: int | None = None) -> VolumeInfo | None:
         index = self.current if index is None else index
@@ -197,11 +197,9 @@ class Session:
         label = self._check_class(label)
         name = self.labels[label]
         if tool in ("point +", "point -"):
-            self.last_brush = None
             self.box_corner = None
             return self.add_point(label, x, y, positive=tool == "point +")
         if tool == "box":
-            self.last_brush = None
             if self.box_corner is None:
                 self.box_corner = (x, y)
                 return f"box for {name}: first corner ({x:.0f}, {y:.0f}); click the opposite corner"
@@ -277,14 +275,16 @@ class Session:
     def _push(self) -> None:
         stack = self.undo_stack.setdefault(self.current, [])
         mask = self.masks.get(self.current)
-        prompts = {k: {"points": list(v["points"]), "box": v["box"]} for k, v in self.prompts.get(self.current, {}).items()}
+        prompts = {
+            k: {"points": list(v["points"]), "box": v["box"]} for k, v in self.prompts.get(self.current, {}).items()
+        }
         stack.append(Step(None if mask is None else mask.copy(), prompts))
         del stack[:-MAX_UNDO]
 
     def undo(self) -> bool:
         """Restore the mask and prompts of the step before; False when there is nothing to undo."""
         stack = self.undo_stack.get(self.current)
-        self.box_corner = self.last_brush = None
+        self.box_corner = None
         if not stack:
             return False
         step = stack.pop()
@@ -318,7 +318,9 @@ class Session:
                 cv2.circle(rgb, center, POINT_RADIUS * size + 1, (255, 255, 255), -1)
                 cv2.circle(rgb, center, POINT_RADIUS * size, (0, 200, 0) if positive else (220, 0, 0), -1)
         if self.box_corner is not None:
-            cv2.drawMarker(rgb, tuple(round(v) for v in self.box_corner), (255, 255, 0), cv2.MARKER_CROSS, 8 * size, size)
+            cv2.drawMarker(
+                rgb, tuple(round(v) for v in self.box_corner), (255, 255, 0), cv2.MARKER_CROSS, 8 * size, size
+            )
         return rgb
 
     def localizer_view(self) -> np.ndarray | None:
@@ -354,7 +356,7 @@ class Session:
                 {
                     "class": self.labels[k],
                     "area_px": px,
-                    "area_mm2": round(px * spacing[0] * spacing[1], 6) if spacing else None,
+                    "area_mm2": px * spacing[0] * spacing[1] if spacing else None,
                     "components": int(cv2.connectedComponents(region, connectivity=8)[0] - 1) if px else 0,
                 }
             )
@@ -388,7 +390,7 @@ class Session:
             row["pixel_spacing_mm"] = f"{spacing[0]},{spacing[1]}" if spacing else ""
             for a in self.areas(spacing_mm, index=i):
                 row[f"{a['class']}_area_px"] = a["area_px"]
-                row[f"{a['class']}_area_mm2"] = "" if a["area_mm2"] is None else a["area_mm2"]
+                row[f"{a['class']}_area_mm2"] = "" if a["area_mm2"] is None else f"{a['area_mm2']:.6g}"
                 row[f"{a['class']}_components"] = a["components"]
             rows.append(row)
         with open(out / "report.csv", "w", newline="") as f:

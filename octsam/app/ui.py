@@ -8,6 +8,7 @@ the same code the clicks do.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import os
@@ -34,6 +35,8 @@ class AppConfig:
     adapters: dict[str, Segmenter]  # name shown in the page -> loaded segmenter (the first is the default)
     export_root: Path
     initial_scans: list[Scan] = field(default_factory=list)
+    initial_volumes: list = field(default_factory=list)  # VolumeInfo of initial_scans that came from volumes
+    auto_segment: bool = False  # segment each B-scan (automatic adapters) when it is first shown
     initial_message: str = ""
     device: str = "auto"
     upload_root: Path | None = None  # where Gradio writes uploads (default: its temp folder)
@@ -85,8 +88,17 @@ def build_app(config: AppConfig) -> gr.Blocks:
     def new_session() -> Session:
         session = Session(segmenters[config.default_adapter])
         if config.initial_scans:
-            session.add_scans(list(config.initial_scans))
+            volumes = [dataclasses.replace(v) for v in config.initial_volumes]
+            session.add_scans(list(config.initial_scans), volumes)
         return session
+
+    def auto_segment(session: Session) -> str:
+        if not (config.auto_segment and session.scans and session.current not in session.masks):
+            return ""
+        if session.segmenter.config.mode == "prompted":
+            return ""
+        session.segment()
+        return f"segmented in {1000 * session.timings['segment_s']:.0f} ms"
 
     def class_choices(session: Session):
         return [(f"{k} {n}", k) for k, n in enumerate(session.labels) if k > 0]
@@ -162,7 +174,15 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 vis_ids = None if vis is None else [int(v) for v in vis]
                 image = session.render(None if reset_classes else vis_ids, opac if opac is not None else 0.45)
                 loc = session.localizer_view()
-                rows = [[r["class"], r["area_px"], r["area_mm2"], r["components"]] for r in session.areas(spacing)]
+                rows = [
+                    [
+                        r["class"],
+                        r["area_px"],
+                        None if r["area_mm2"] is None else float(f"{r['area_mm2']:.4g}"),
+                        r["components"],
+                    ]
+                    for r in session.areas(spacing)
+                ]
                 scan = session.scan
                 where = f"B-scan {session.current + 1}/{len(session.scans)}: {scan.name}"
                 message = f"{where}. {message}" if message else where
@@ -189,6 +209,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 session = state_value if isinstance(state_value, Session) else new_session()
                 try:
                     message = action(session, *own) or ""
+                    message = ". ".join(m for m in (message, auto_segment(session)) if m)
                 except OctSamError as err:
                     message = f"⚠ {err}"
                     gr.Warning(str(err))
@@ -201,7 +222,9 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 except Exception as err:
                     logger.exception("octsam app: cannot render")
                     gr.Warning(f"cannot show the B-scan: {err}")
-                    return (session, None, f"⚠ cannot show the B-scan ({type(err).__name__}: {err})") + (gr.skip(),) * 7
+                    return (session, None, f"⚠ cannot show the B-scan ({type(err).__name__}: {err})") + (
+                        gr.skip(),
+                    ) * 7
 
             return handler
 
@@ -285,7 +308,12 @@ def build_app(config: AppConfig) -> gr.Blocks:
             return guarded(do_apply)(state_value, tool_name, label, x, y, rad, vis, opac, sy, sx)
 
         # ------------------------------------------------------------------------------------------------ wiring
-        demo.load(guarded(lambda s: "", reset_classes=True), [state, *view_inputs], outputs, api_name=False)
+        demo.load(
+            guarded(lambda s: config.initial_message, reset_classes=True),
+            [state, *view_inputs],
+            outputs,
+            api_name=False,
+        )
         files.upload(guarded(do_open), [state, files, *view_inputs], outputs, api_name="open")
         folder.upload(guarded(do_open), [state, folder, *view_inputs], outputs, api_name="open_folder")
         scan_slider.input(guarded(do_goto), [state, scan_slider, *view_inputs], outputs, api_name="goto")
@@ -303,5 +331,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
         redraw = guarded(lambda s: "")
         for comp in (visible, opacity, spacing_y, spacing_x):
             comp.change(redraw, [state, *view_inputs], outputs, api_name=False)
-        export_btn.click(export_handler, [state, spacing_y, spacing_x], [state, export_path, export_file], api_name="export")
+        export_btn.click(
+            export_handler, [state, spacing_y, spacing_x], [state, export_path, export_file], api_name="export"
+        )
     return demo

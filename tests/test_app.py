@@ -28,6 +28,8 @@ from octsam.errors import OctSamError
 from octsam.segmenter import Prompt, Segmenter
 
 CHROMIUM = Path("/usr/bin/chromium")
+# The Duke B-scans (../shared/data); OCTSAM_SHARED_DATA points elsewhere, e.g. from a git worktree.
+DUKE = Path(os.environ["OCTSAM_SHARED_DATA"]) / "duke_dme_fluid" if "OCTSAM_SHARED_DATA" in os.environ else DUKE_DIR
 
 
 @pytest.fixture(scope="module")
@@ -464,9 +466,9 @@ def test_server_rejects_large_uploads(server, tmp_path):
 # ------------------------------------------------------------------------------------------ a real browser
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install -y chromium)")
-@pytest.mark.skipif(not (DUKE_DIR / "images").is_dir(), reason=f"Duke B-scans not found at {DUKE_DIR}")
+@pytest.mark.skipif(not (DUKE / "images").is_dir(), reason=f"Duke B-scans not found at {DUKE}")
 def test_chromium_shows_overlay_and_legend(adapter, tmp_path):
-    scan = sorted((DUKE_DIR / "images").glob("*.png"))[0]
+    scan = sorted((DUKE / "images").glob("*.png"))[0]
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])

@@ -103,6 +103,34 @@ def build_app(config: AppConfig) -> gr.Blocks:
     def class_choices(session: Session):
         return [(f"{k} {n}", k) for k, n in enumerate(session.labels) if k > 0]
 
+    def view_values(session: Session, message: str, visible=None, opacity=0.45, spacing=None):
+        """The B-scan overlay, the status line, the area rows and the localiser view of a session."""
+        if not session.scans:
+            return None, message, [], None
+        image = session.render(visible, 0.45 if opacity is None else opacity)
+        rows = [
+            [
+                r["class"],
+                r["area_px"],
+                None if r["area_mm2"] is None else float(f"{r['area_mm2']:.4g}"),
+                r["components"],
+            ]
+            for r in session.areas(spacing)
+        ]
+        where = f"B-scan {session.current + 1}/{len(session.scans)}: {session.scan.name}"
+        return image, f"{where}. {message}" if message else where, rows, session.localizer_view()
+
+    # Scans opened at start are segmented once (with --auto-segment) and shown in the page's first paint.
+    template = new_session()
+    first_message = ". ".join(m for m in (config.initial_message, auto_segment(template)) if m)
+    first_image, first_status, first_rows, first_loc = view_values(template, first_message)
+
+    def new_session_from_template() -> Session:
+        session = new_session()
+        session.masks = dict(template.masks)  # arrays are replaced, never edited in place: sharing is safe
+        session.timings = dict(template.timings)
+        return session
+
     first_labels = segmenters[config.default_adapter].labels
     first_choices = [(f"{k} {n}", k) for k, n in enumerate(first_labels) if k > 0]
 
@@ -119,11 +147,20 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 )
                 files = gr.File(label="Open B-scans or volumes", file_count="multiple", type="filepath")
                 folder = gr.File(label="Open a folder", file_count="directory", type="filepath")
-                scan_slider = gr.Slider(0, 1, value=0, step=1, label="B-scan", elem_id="octsam-slider")
-                localizer = gr.Image(label="Localiser", interactive=False, format="png", height=220)
+                scan_slider = gr.Slider(
+                    0, max(len(template.scans) - 1, 1), value=0, step=1, label="B-scan", elem_id="octsam-slider"
+                )
+                localizer = gr.Image(
+                    first_loc,
+                    label="Localiser",
+                    interactive=False,
+                    format="png",
+                    height=220,
+                    visible=first_loc is not None,
+                )
                 with gr.Row():
-                    spacing_y = gr.Number(label="axial mm/px", value=None, minimum=0)
-                    spacing_x = gr.Number(label="lateral mm/px", value=None, minimum=0)
+                    spacing_y = gr.Number(label="axial mm/px (0: unknown)", value=None, minimum=0)
+                    spacing_x = gr.Number(label="lateral mm/px (0: unknown)", value=None, minimum=0)
                 export_btn = gr.Button("Export corrected masks", variant="secondary")
                 export_path = gr.Textbox(label="Export", interactive=False, elem_id="octsam-export")
                 export_file = gr.File(label="Download export", interactive=False)
@@ -133,11 +170,14 @@ def build_app(config: AppConfig) -> gr.Blocks:
                     interactive=False,
                     format="png",
                     elem_id="octsam-view",
+                    value=first_image,
                     buttons=["download", "fullscreen"],
                 )
                 legend = gr.HTML(legend_html(first_labels), elem_id="octsam-legend")
-                status = gr.Textbox(label="Messages", interactive=False, lines=2, elem_id="octsam-status")
-                timing = gr.Markdown(elem_id="octsam-timing")
+                status = gr.Textbox(
+                    first_status, label="Messages", interactive=False, lines=2, elem_id="octsam-status"
+                )
+                timing = gr.Markdown(timing_text(template), elem_id="octsam-timing")
             with gr.Column(scale=1, min_width=260):
                 with gr.Row():
                     segment_btn = gr.Button("Segment", variant="primary", elem_id="octsam-segment")
@@ -153,7 +193,10 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 )
                 opacity = gr.Slider(0, 1, value=0.45, step=0.05, label="Opacity")
                 areas = gr.Dataframe(
-                    headers=["class", "area_px", "area_mm2", "components"], label="Areas", interactive=False
+                    first_rows or None,
+                    headers=["class", "area_px", "area_mm2", "components"],
+                    label="Areas",
+                    interactive=False,
                 )
                 click_x = gr.Number(visible=False, label="x")
                 click_y = gr.Number(visible=False, label="y")
@@ -163,29 +206,13 @@ def build_app(config: AppConfig) -> gr.Blocks:
         outputs = [state, view, status, timing, areas, localizer, scan_slider, legend, klass, visible]
 
         def refresh(session: Session, message: str, vis, opac, sy, sx, reset_classes: bool = False):
-            image = loc = None
-            rows: list[list] = []
             warn = ""
-            if session.scans:
-                try:
-                    spacing = parse_spacing(sy, sx)
-                except OctSamError as err:
-                    spacing, warn = None, f" ⚠ {err}"
-                vis_ids = None if vis is None else [int(v) for v in vis]
-                image = session.render(None if reset_classes else vis_ids, opac if opac is not None else 0.45)
-                loc = session.localizer_view()
-                rows = [
-                    [
-                        r["class"],
-                        r["area_px"],
-                        None if r["area_mm2"] is None else float(f"{r['area_mm2']:.4g}"),
-                        r["components"],
-                    ]
-                    for r in session.areas(spacing)
-                ]
-                scan = session.scan
-                where = f"B-scan {session.current + 1}/{len(session.scans)}: {scan.name}"
-                message = f"{where}. {message}" if message else where
+            try:
+                spacing = parse_spacing(sy, sx)
+            except OctSamError as err:
+                spacing, warn = None, f" ⚠ {err}"
+            vis_ids = None if vis is None or reset_classes else [int(v) for v in vis]
+            image, message, rows, loc = view_values(session, message, vis_ids, opac, spacing)
             choices = class_choices(session)
             ids = [c[1] for c in choices]
             return (
@@ -206,7 +233,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
 
             def handler(state_value, *args):
                 *own, vis, opac, sy, sx = args
-                session = state_value if isinstance(state_value, Session) else new_session()
+                session = state_value if isinstance(state_value, Session) else new_session_from_template()
                 try:
                     message = action(session, *own) or ""
                     message = ". ".join(m for m in (message, auto_segment(session)) if m)
@@ -290,7 +317,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
             return f"adapter {name}: {session.segmenter.config.mode} mode, labels {', '.join(session.labels)}"
 
         def export_handler(state_value, sy, sx):
-            session = state_value if isinstance(state_value, Session) else new_session()
+            session = state_value if isinstance(state_value, Session) else new_session_from_template()
             try:
                 out = session.export(config.export_root, parse_spacing(sy, sx))
                 archive = shutil.make_archive(str(out), "zip", root_dir=out)
@@ -308,12 +335,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
             return guarded(do_apply)(state_value, tool_name, label, x, y, rad, vis, opac, sy, sx)
 
         # ------------------------------------------------------------------------------------------------ wiring
-        demo.load(
-            guarded(lambda s: config.initial_message, reset_classes=True),
-            [state, *view_inputs],
-            outputs,
-            api_name=False,
-        )
+        # No load event: the first paint shows the initial B-scan; a session is made on the first action.
         files.upload(guarded(do_open), [state, files, *view_inputs], outputs, api_name="open")
         folder.upload(guarded(do_open), [state, folder, *view_inputs], outputs, api_name="open_folder")
         scan_slider.input(guarded(do_goto), [state, scan_slider, *view_inputs], outputs, api_name="goto")

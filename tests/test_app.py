@@ -459,8 +459,19 @@ def test_server_rejects_large_uploads(server, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1200), dtype=np.uint8)).save(big)
     assert big.stat().st_size > 1_000_000
     client = Client(url, verbose=False)
-    with pytest.raises(Exception, match="(?i)size|large|exceed"):
+    with pytest.raises(Exception, match="(?i)size|large|exceed") as info:
         client.predict([handle_file(big)], [1, 2], 0.45, None, None, api_name="/open")
+    assert "maximum file size" in str(info.value)  # gradio_client checks first; the server checks too:
+    import httpx
+
+    with open(big, "rb") as f:
+        response = httpx.post(url + "gradio_api/upload", files={"files": ("big.png", f, "image/png")}, timeout=30)
+    assert response.status_code == 413, response.text
+    with open(tmp_path / "small.png", "wb") as f:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(f)
+    with open(tmp_path / "small.png", "rb") as f:
+        response = httpx.post(url + "gradio_api/upload", files={"files": ("small.png", f, "image/png")}, timeout=30)
+    assert response.status_code == 200, response.text
 
 
 # ------------------------------------------------------------------------------------------ a real browser

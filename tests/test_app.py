@@ -306,6 +306,9 @@ def test_volume_scans_with_localizer(segmenter, monkeypatch, tmp_path):
     assert tuple(loc[10, 30]) == (0, 255, 0) and tuple(loc[5, 30]) != (0, 255, 0)
     session.paint(1, 10, 10, 3)
     assert session.areas()[0]["area_mm2"] == pytest.approx(29 * 0.0039 * 0.0114)
+    assert session.volume_measures() == (
+        f"volume eye1 (1/3 B-scans with a mask): drusen {29 * 0.0039 * 0.0114 * 0.12:.4g} mm³, fluid 0 mm³"
+    )
 
 
 def test_cli_errors_are_messages_not_tracebacks(adapter, tmp_path, capsys):

@@ -362,6 +362,24 @@ class Session:
             )
         return rows
 
+    def volume_measures(self, spacing_mm: tuple[float, float] | None = None) -> str:
+        """For a B-scan of a volume: each class's volume in mm³ over the B-scans that have a mask so far (area x
+        B-scan spacing), or '' when the current B-scan is not from a volume or no spacing is known."""
+        vol = self.volume_of()
+        if vol is None or not vol.bscan_spacing:
+            return ""
+        done = [i for i in range(vol.first, vol.first + vol.count) if i in self.masks]
+        spacing = spacing_mm or self.scans[vol.first].spacing_mm
+        if not done or spacing is None:
+            return ""
+        totals = np.zeros(self.num_classes)
+        for i in done:
+            totals += [(self.masks[i] == k).sum() for k in range(1, self.num_classes + 1)]
+        per_class = ", ".join(
+            f"{n} {v * spacing[0] * spacing[1] * vol.bscan_spacing:.4g} mm³" for n, v in zip(self.labels[1:], totals)
+        )
+        return f"volume {vol.volume_id} ({len(done)}/{vol.count} B-scans with a mask): {per_class}"
+
     # ---------------------------------------------------------------- export
     def export(self, root: str | os.PathLike, spacing_mm: tuple[float, float] | None = None) -> Path:
         """Write every B-scan that has a mask to a new numbered folder under ``root`` (never an existing one):

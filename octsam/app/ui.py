@@ -118,6 +118,9 @@ def build_app(config: AppConfig) -> gr.Blocks:
             for r in session.areas(spacing)
         ]
         where = f"B-scan {session.current + 1}/{len(session.scans)}: {session.scan.name}"
+        measures = session.volume_measures(spacing)
+        if measures:
+            message = f"{message}. {measures}" if message else measures
         return image, f"{where}. {message}" if message else where, rows, session.localizer_view()
 
     # Scans opened at start are segmented once (with --auto-segment) and shown in the page's first paint.

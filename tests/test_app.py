@@ -321,6 +321,16 @@ def test_cli_errors_are_messages_not_tracebacks(adapter, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_cli_opens_a_dataset_split(adapter, shape_dataset):
+    from octsam.app.__main__ import load, parse_args
+
+    config = load(
+        parse_args(["--adapter", str(adapter), "--dataset", shape_dataset, "--device", "cpu", "--limit", "3"])
+    )
+    assert [s.name for s in config.initial_scans] == ["test-0", "test-1", "test-2"]
+    assert config.dataset_labels == TINY_LABELS and "opened 3 of" in config.initial_message
+
+
 def test_cli_binds_localhost_by_default():
     from octsam.app.__main__ import parse_args
 

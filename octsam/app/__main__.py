@@ -60,8 +60,8 @@ def load(args: argparse.Namespace):
         adapters[name] = Segmenter.from_pretrained(name, device=args.device)
     scans, volumes = open_local(args.open) if args.open else ([], [])
     message = f"opened {len(scans)} B-scan(s)" if scans else ""
+    first = next(iter(adapters.values()))
     if args.dataset:
-        first = next(iter(adapters.values()))
         split_scans = dataset_scans(args.dataset, args.split, first.labels, limit=args.limit)
         message = (message + ", " if message else "opened ") + f"{len(split_scans)} of {args.dataset} ({args.split})"
         scans += split_scans
@@ -72,6 +72,7 @@ def load(args: argparse.Namespace):
         initial_volumes=volumes,
         auto_segment=args.auto_segment,
         initial_message=message,
+        dataset_labels=first.labels if args.dataset else None,
         device=args.device,
     )
 
@@ -93,7 +94,6 @@ def main(argv=None) -> int:
         server_port=args.port,
         share=args.share,
         max_file_size=args.max_file_size,
-        allowed_paths=[str(config.export_root)],
         show_error=False,
     )
     return 0

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class AppConfig:
     initial_volumes: list = field(default_factory=list)  # VolumeInfo of initial_scans that came from volumes
     auto_segment: bool = False  # segment each B-scan (automatic adapters) when it is first shown
     initial_message: str = ""
+    dataset_labels: list[str] | None = None  # labels of the --dataset opened at start
     device: str = "auto"
     upload_root: Path | None = None  # where Gradio writes uploads (default: its temp folder)
 
@@ -314,6 +316,12 @@ def build_app(config: AppConfig) -> gr.Blocks:
                         f"Adapter {name!r}: choose one the app was started with, or give a Hub repo id ORG/NAME."
                     )
                 segmenters[name] = Segmenter.from_pretrained(name, device=config.device)
+            labels = segmenters[name].labels
+            if config.dataset_labels is not None and labels != config.dataset_labels:
+                raise OctSamError(
+                    f"Adapter {name} has labels {', '.join(labels)} but the open dataset has "
+                    f"{', '.join(config.dataset_labels)}; choose an adapter trained on these labels."
+                )
             session.segmenter = segmenters[name]
             session.masks, session.prompts, session.undo_stack = {}, {}, {}
             session.embeddings.clear()
@@ -323,7 +331,11 @@ def build_app(config: AppConfig) -> gr.Blocks:
             session = state_value if isinstance(state_value, Session) else new_session_from_template()
             try:
                 out = session.export(config.export_root, parse_spacing(sy, sx))
-                archive = shutil.make_archive(str(out), "zip", root_dir=out)
+                # The zip goes to a temporary folder that Gradio serves once; the export folder itself is never
+                # served (no allowed_paths), so --share does not expose earlier exports.
+                archive = shutil.make_archive(
+                    str(Path(tempfile.mkdtemp(prefix="octsam-export-")) / out.name), "zip", out
+                )
                 return session, str(out), archive
             except OctSamError as err:
                 gr.Warning(str(err))

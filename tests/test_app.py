@@ -536,3 +536,144 @@ def test_chromium_shows_overlay_and_legend(adapter, tmp_path):
     keep = os.environ.get("OCTSAM_APP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+class Chrome:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages ending
+    in NUL on fds 3/4), so no websocket library is needed."""
+
+    def __init__(self, user_data_dir: Path, width: int = 1600, height: int = 1000):
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+        args = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        args += ["--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+        args += [f"--window-size={width},{height}", f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe"]
+        shell = " ".join(args) + f" 3<&{to_chrome_r} 4>&{from_chrome_w}"
+        self.proc = subprocess.Popen(
+            ["bash", "-c", "exec " + shell],
+            pass_fds=(to_chrome_r, from_chrome_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer = b""
+        self._id = 0
+        self.session = None
+
+    def send(self, method: str, timeout: float = 30, **params) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+            import select
+
+            ready, _, _ = select.select([self._from_chrome], [], [], 0.5)
+            if ready:
+                chunk = os.read(self._from_chrome, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("Chromium closed the pipe")
+                self._buffer += chunk
+        raise TimeoutError(method)
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def js(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return result.get("result", {}).get("value")
+
+    def wait_js(self, expression: str, seconds: float = 60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.25)
+        raise TimeoutError(expression)
+
+    def click(self, x: float, y: float) -> None:
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def screenshot(self, path: Path) -> None:
+        import base64
+
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=5)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+STATUS_JS = "document.querySelector('#octsam-status textarea')?.value || ''"
+IMG_RECT_JS = (
+    "(() => { const r = document.querySelector('#octsam-view img')?.getBoundingClientRect();"
+    " return r && r.width > 0 ? [r.x, r.y, r.width, r.height] : null; })()"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install -y chromium)")
+@pytest.mark.skipif(not (DUKE / "images").is_dir(), reason=f"Duke B-scans not found at {DUKE}")
+def test_chromium_clicks_prompt_and_paint(adapter, tmp_path):
+    """Real mouse clicks on the B-scan in a real browser: a point prompt, then a brush stroke, then undo."""
+    scan = sorted((DUKE / "images").glob("*.png"))[0]
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "octsam.app", "--adapter", str(adapter), "--open", str(scan), "--auto-segment"]
+    cmd += ["--port", str(port), "--export-dir", str(tmp_path / "exports"), "--device", "cpu"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    chrome = None
+    try:
+        wait_for(f"http://127.0.0.1:{port}/", 120)
+        chrome = Chrome(tmp_path / "chrome")
+        chrome.open(f"http://127.0.0.1:{port}/")
+        x, y, w, h = chrome.wait_js(IMG_RECT_JS)
+        assert "segmented in" in chrome.wait_js(STATUS_JS)
+        chrome.click(x + w * 0.5, y + h * 0.5)  # tool 'point +', class 1 (the defaults)
+        status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('inside') ? s : ''; }})()")
+        assert "drusen:" in status and "1 inside / 0 outside point(s)" in status
+        assert "last click" in chrome.js("document.querySelector('#octsam-timing').innerText")
+        chrome.js("[...document.querySelectorAll('label')].find(l => l.innerText.trim() == 'brush').click()")
+        time.sleep(0.5)
+        chrome.click(x + w * 0.25, y + h * 0.25)
+        status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('painted') ? s : ''; }})()")
+        # The click landed on the B-scan pixel under the mouse: a quarter of the way in (768 x 496 Duke B-scan).
+        import re
+
+        px, py = map(int, re.search(r"painted \d+ px of drusen at \((\d+), (\d+)\)", status).groups())
+        assert abs(px - 192) <= 2 and abs(py - 124) <= 2, status
+        chrome.js("[...document.querySelectorAll('button')].find(b => b.innerText.trim() == 'Undo').click()")
+        assert chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('undone') ? s : ''; }})()")
+        chrome.screenshot(tmp_path / "clicked.png")
+        keep = os.environ.get("OCTSAM_APP_CLICK_SCREENSHOT")
+        if keep:
+            shutil.copy(tmp_path / "clicked.png", keep)
+    finally:
+        if chrome is not None:
+            chrome.close()
+        proc.terminate()
+        proc.wait(20)
+        log.close()

@@ -1,6 +1,8 @@
 """octsam.app: the session logic, a real server driven through gradio_client, and a headless Chromium screenshot.
 
-All offline on the CPU with the tiny random SAM adapters of test_inference.py.
+All offline on the CPU with the tiny random SAM adapters of test_inference.py. The browser tests need
+/usr/bin/chromium (`apt-get install -y chromium`) and the Duke B-scans in ../shared/data (or OCTSAM_SHARED_DATA=DIR,
+e.g. from a git worktree); they skip with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -387,6 +389,7 @@ def server(adapter, prompted_adapter, tmp_path_factory):
         log.close()
 
 
+@pytest.mark.slow  # starting the server takes ~20 s on 2 cores
 def test_server_open_segment_prompt_correct_export(server, segmenter, prompted_adapter, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -464,6 +467,7 @@ def test_server_open_segment_prompt_correct_export(server, segmenter, prompted_a
     )
 
 
+@pytest.mark.slow  # starting the server takes ~20 s on 2 cores
 def test_server_rejects_large_uploads(server, tmp_path):
     from gradio_client import Client, handle_file
 

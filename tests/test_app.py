@@ -311,6 +311,10 @@ def test_volume_scans_with_localizer(segmenter, monkeypatch, tmp_path):
     assert session.volume_measures() == (
         f"volume eye1 (1/3 B-scans with a mask): drusen {29 * 0.0039 * 0.0114 * 0.12:.4g} mm³, fluid 0 mm³"
     )
+    out = session.export(tmp_path / "exports")
+    rows = (out / "volumes.csv").read_text().splitlines()
+    assert rows[0] == "volume,bscans,bscans_with_mask,drusen_mm3,fluid_mm3"
+    assert rows[1] == f"eye1,3,1,{29 * 0.0039 * 0.0114 * 0.12:.6g},0"
 
 
 def test_cli_errors_are_messages_not_tracebacks(adapter, tmp_path, capsys):

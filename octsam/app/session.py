@@ -362,30 +362,36 @@ class Session:
             )
         return rows
 
-    def volume_measures(self, spacing_mm: tuple[float, float] | None = None) -> str:
-        """For a B-scan of a volume: each class's volume in mm³ over the B-scans that have a mask so far (area x
-        B-scan spacing), or '' when the current B-scan is not from a volume or no spacing is known."""
-        vol = self.volume_of()
-        if vol is None or not vol.bscan_spacing:
-            return ""
+    def volume_totals(self, vol: VolumeInfo, spacing_mm: tuple[float, float] | None = None):
+        """(B-scans of ``vol`` with a mask, {class: mm³}) - area x B-scan spacing summed over those B-scans - or
+        None when no B-scan has a mask or no spacing is known."""
         done = [i for i in range(vol.first, vol.first + vol.count) if i in self.masks]
         spacing = spacing_mm or self.scans[vol.first].spacing_mm
-        if not done or spacing is None:
-            return ""
+        if not done or spacing is None or not vol.bscan_spacing:
+            return None
         totals = np.zeros(self.num_classes)
         for i in done:
             totals += [(self.masks[i] == k).sum() for k in range(1, self.num_classes + 1)]
-        per_class = ", ".join(
-            f"{n} {v * spacing[0] * spacing[1] * vol.bscan_spacing:.4g} mm³" for n, v in zip(self.labels[1:], totals)
-        )
-        return f"volume {vol.volume_id} ({len(done)}/{vol.count} B-scans with a mask): {per_class}"
+        voxel = spacing[0] * spacing[1] * vol.bscan_spacing
+        return len(done), {n: float(v * voxel) for n, v in zip(self.labels[1:], totals)}
+
+    def volume_measures(self, spacing_mm: tuple[float, float] | None = None) -> str:
+        """For a B-scan of a volume: each class's volume in mm³ over the B-scans that have a mask so far, or ''."""
+        vol = self.volume_of()
+        totals = None if vol is None else self.volume_totals(vol, spacing_mm)
+        if totals is None:
+            return ""
+        done, per_class = totals
+        text = ", ".join(f"{n} {v:.4g} mm³" for n, v in per_class.items())
+        return f"volume {vol.volume_id} ({done}/{vol.count} B-scans with a mask): {text}"
 
     # ---------------------------------------------------------------- export
     def export(self, root: str | os.PathLike, spacing_mm: tuple[float, float] | None = None) -> Path:
         """Write every B-scan that has a mask to a new numbered folder under ``root`` (never an existing one):
 
         ``images/<scan>.png``, ``masks/<scan>.png`` (class index per pixel), ``labels.json`` (index -> name),
-        ``report.csv`` (areas per scan and class), ``overlays/<scan>.png`` and ``README.txt`` with the
+        ``report.csv`` (areas per scan and class), ``volumes.csv`` (per volume: mm³ per class, when B-scans came
+        from volumes with a spacing), ``overlays/<scan>.png`` and ``README.txt`` with the
         ``python -m dataset_builder folder`` command that turns it into a dataset.
         """
         from PIL import Image
@@ -415,6 +421,18 @@ class Session:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        volume_rows = []
+        for vol in self.volumes:
+            totals = self.volume_totals(vol, spacing_mm)
+            if totals is not None:
+                row = {"volume": vol.volume_id, "bscans": vol.count, "bscans_with_mask": totals[0]}
+                row.update({f"{n}_mm3": f"{v:.6g}" for n, v in totals[1].items()})
+                volume_rows.append(row)
+        if volume_rows:  # per eye: biomarker volumes over the B-scans that have a mask
+            with open(out / "volumes.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(volume_rows[0]))
+                writer.writeheader()
+                writer.writerows(volume_rows)
         (out / "labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(self.labels)}, indent=2) + "\n")
         (out / "README.txt").write_text(
             f"{len(rows)} corrected B-scan mask(s) from octsam's app (labels: {', '.join(self.labels)}).\n"

@@ -134,6 +134,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
         session = new_session()
         session.masks = dict(template.masks)  # arrays are replaced, never edited in place: sharing is safe
         session.timings = dict(template.timings)
+        session.embeddings.update(template.embeddings)  # tensors are only read: the first click needs no encoding
         return session
 
     first_labels = segmenters[config.default_adapter].labels

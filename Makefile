@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.octsam-installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt requirements-app.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade -c constraints.txt -r requirements.txt -r requirements-dev.txt
-	# Packages whose declared dependencies would break the environment (see the file's comments)
-	$(BIN)/python -m pip install --no-deps -c constraints.txt -r requirements-nodeps.txt
+	# Packages whose declared dependencies would break the environment (see each file's header)
+	$(BIN)/python -m pip install --no-deps -c constraints.txt -r requirements-nodeps.txt -r requirements-app.txt
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

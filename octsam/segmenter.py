@@ -206,6 +206,38 @@ class Segmenter:
             results.append(SegmentationResult(mask=mask, probabilities=probs))
         return results
 
+    # ----------------------------------------------------------------- interactive use (octsam.app)
+    @torch.inference_mode()
+    def embed(self, image) -> torch.Tensor:
+        """SAM's image embedding (1, C, g, g) of one B-scan (array or PIL image at native size): encode once, then
+        prompt it many times with ``segment_embedding``."""
+        if self.config.architecture != "sam":
+            raise OctSamError(f"A {self.config.architecture!r} model has no image embedding to prompt.")
+        array = to_uint8_image(image)
+        pixels = image_tensor(resize_image(array, self.config.image_size, self.config.resize))[None].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.model.image_embeddings(self.model.preprocess(pixels))
+
+    @torch.inference_mode()
+    def segment_embedding(
+        self,
+        embedding: torch.Tensor,
+        shape: tuple[int, int],
+        prompts: list[Prompt] | None = None,
+        multimask: bool = False,
+    ) -> SegmentationResult:
+        """The mask of a B-scan of native ``shape`` (H, W) from its cached ``embed`` output, without re-encoding:
+        automatic mode when ``prompts`` is None, else the prompts (as in ``__call__``)."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            if prompts is None:
+                if self.config.mode == "prompted":
+                    raise OctSamError("This model was trained in prompted mode: give a box or point prompt.")
+                logits = self.model.decode(embedding)[0].float()
+            else:
+                logits = self._prompted_logits(embedding, tuple(shape[:2]), prompts, multimask)
+        native = self.to_native(logits, tuple(shape[:2]))
+        return SegmentationResult(mask=predict_index_mask(native)[0].to(torch.uint8).cpu().numpy())
+
 
 def device_name(device) -> str:
     """GPU name, or the CPU model as lscpu shows it."""

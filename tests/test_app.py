@@ -535,12 +535,12 @@ def test_chromium_shows_overlay_and_legend(adapter, tmp_path):
     view = dom[dom.index('id="octsam-view"') :][:4000]
     assert "<img" in view
     assert "segmented in" in dom
-    # Pixels: the page shows class colours (red drusen / green fluid over a grey B-scan) somewhere.
+    # Pixels: the page shows class colours (red drusen / blue fluid over a grey B-scan) somewhere.
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     reddish = (r > 120) & (r > g + 60) & (r > b + 60)
-    greenish = (g > 120) & (g > r + 60) & (g > b + 60)
-    assert reddish.sum() > 200 and greenish.sum() > 200, (reddish.sum(), greenish.sum())
+    bluish = (b > 120) & (b > r + 60) & (b > g + 60)
+    assert reddish.sum() > 200 and bluish.sum() > 200, (reddish.sum(), bluish.sum())
     keep = os.environ.get("OCTSAM_APP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)

@@ -65,7 +65,7 @@ class Segmenter:
         """Load an adapter folder or Hub repo; LoRA is merged into the base weights unless ``merge=False``.
 
         ``fast_attention``: True (mode ``auto``), False (transformers' attention) or an ``octsam.models.fast_attention``
-        mode such as ``"flex"``. ``compile``: ``torch.compile`` the image encoder (see ``compile_encoder``).
+        mode such as ``"fold"``. ``compile``: ``torch.compile`` the image encoder (see ``compile_encoder``).
         """
         model = load_model(adapter, revision=revision, base_model=base_model)
         if merge:

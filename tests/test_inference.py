@@ -384,7 +384,7 @@ def test_cli_on_real_duke_bscans(adapter, tmp_path, capsys):
 
 
 def test_attention_paths_and_compiled_encoder_agree(adapter):
-    """transformers' attention, the fast path (auto and flex) and the inductor-compiled, weight-frozen encoder
+    """transformers' attention, the fast path (auto and fold) and the inductor-compiled, weight-frozen encoder
     give the same logits."""
     from octsam.models.fast_attention import fast_attention_mode
 
@@ -393,7 +393,7 @@ def test_attention_paths_and_compiled_encoder_agree(adapter):
     assert fast_attention_mode(plain.model) is None
     reference = plain.class_logits(images)
     assert reference.abs().max() > 0.1
-    for mode in (True, "flex"):
+    for mode in (True, "fold"):
         segmenter = Segmenter.from_pretrained(adapter, device="cpu", fast_attention=mode)
         assert fast_attention_mode(segmenter.model) == ("auto" if mode is True else mode)
         assert torch.allclose(segmenter.class_logits(images), reference, atol=1e-5, rtol=0)
@@ -413,7 +413,7 @@ def test_cli_attention_flags_give_the_same_masks(adapter, tmp_path, capsys):
     runs = {
         "default": ([], "octsam fast (auto)", False),
         "transformers": (["--no-fast-attention"], "transformers", False),
-        "flex": (["--attention-mode", "flex"], "octsam fast (flex)", False),
+        "fold": (["--attention-mode", "fold"], "octsam fast (fold)", False),
         "compiled": (["--compile"], "octsam fast (auto)", True),
     }
     masks = {}

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-mode",
         default="auto",
         choices=list(ATTENTION_MODES),
-        help="Fast-attention mode (octsam.models.fast_attention): auto picks per device; flex is FlexAttention (GPU).",
+        help="Fast-attention mode (octsam.models.fast_attention): auto picks per device.",
     )
     p.add_argument(
         "--compile",

@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:  # run as ``python benchmarks/throughput.py`` from
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_name, log  # noqa: E402
-from octsam.models import fast_attention, triton_attention  # noqa: E402
+from octsam.models import triton_attention  # noqa: E402
 from octsam.models.fast_attention import MODES, disable_fast_attention, enable_fast_attention  # noqa: E402
 
 GIB = 1024**3

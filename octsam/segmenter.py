@@ -49,6 +49,7 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.batch_size = batch_size
+        self.compiled = False
 
     @classmethod
     def from_pretrained(
@@ -84,12 +85,14 @@ class Segmenter:
 
         On the CPU inductor also *freezes* the weights (constant-folds them and pre-packs them for oneDNN): SAM
         ViT-B took 12.2 instead of 12.7 s per B-scan on 2 cores (benchmarks/RESULTS.md). The first batch of each
-        new batch size compiles (about a minute for ViT-B on 2 cores), so it pays for many B-scans, not for one.
+        new batch size would compile again (about a minute for ViT-B on 2 cores), so a short last batch is padded to
+        ``batch_size``; it pays for many B-scans, not for one.
         """
         if self.config.architecture != "sam":
             return  # the U-Net baseline is small; nothing to gain
         options = {"freezing": True} if self.device.type == "cpu" else None
         self.model.core.vision_encoder.compile(dynamic=False, options=options)
+        self.compiled = True
 
     @property
     def labels(self) -> list[str]:
@@ -101,9 +104,11 @@ class Segmenter:
         prompts: list[list[Prompt] | None] | None = None,
         return_probabilities: bool = False,
         multimask: bool = False,
+        prepared: list[torch.Tensor] | None = None,
     ) -> list[SegmentationResult]:
         """Segment ``images`` (paths, PIL images or arrays). ``prompts`` gives a list of ``Prompt`` per image
-        (prompted mode); ``multimask`` picks the best of SAM's 3 masks by predicted IoU (zero-shot protocol)."""
+        (prompted mode); ``multimask`` picks the best of SAM's 3 masks by predicted IoU (zero-shot protocol).
+        ``prepared``: ``prepare(image)`` of each image, done ahead (e.g. in reader threads), else done here."""
         from octsam.data.dataset import read_scan
 
         arrays = [to_uint8_image(read_scan(i) if isinstance(i, (str, os.PathLike)) else i) for i in images]
@@ -113,22 +118,33 @@ class Segmenter:
         for start in range(0, len(arrays), self.batch_size):
             batch = arrays[start : start + self.batch_size]
             batch_prompts = prompts[start : start + self.batch_size] if prompts is not None else None
-            results.extend(self._predict_batch(batch, batch_prompts, return_probabilities, multimask))
+            batch_prepared = prepared[start : start + self.batch_size] if prepared is not None else None
+            results.extend(self._predict_batch(batch, batch_prompts, return_probabilities, multimask, batch_prepared))
         return results
 
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """A uint8 B-scan -> the model's uint8 input (C, S, S), resized: CPU work that can run ahead of the model."""
+        return image_tensor(resize_image(to_uint8_image(image), self.config.image_size))
+
     @torch.inference_mode()
-    def class_logits(self, arrays: list[np.ndarray], prompts=None, multimask: bool = False) -> torch.Tensor:
+    def class_logits(
+        self, arrays: list[np.ndarray], prompts=None, multimask: bool = False, prepared: list | None = None
+    ) -> torch.Tensor:
         """(B, K, h, w) class logits at the model's output resolution for a batch of uint8 images."""
-        size = self.config.image_size
-        tensors = [image_tensor(resize_image(a, size)) for a in arrays]
+        tensors = list(prepared) if prepared is not None else [self.prepare(a) for a in arrays]
         channels = max(t.shape[0] for t in tensors)
+        count = len(tensors)
+        if self.compiled and count < self.batch_size:
+            # The compiled encoder is specialised to one batch size: a short (last) batch is padded with copies of
+            # its last image instead of compiling again, and their outputs are dropped.
+            tensors += [tensors[-1]] * (self.batch_size - count)
         pixels = torch.stack([t.expand(channels, -1, -1) for t in tensors]).to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             pixel_values = self.model.preprocess(pixels)
             if prompts is None:
                 logits, _ = self.model(pixel_values)
-                return logits.float()
-            embeddings = self.model.image_embeddings(pixel_values)
+                return logits[:count].float()
+            embeddings = self.model.image_embeddings(pixel_values)[:count]
             return torch.cat(
                 [
                     self._prompted_logits(embeddings[i : i + 1], arrays[i].shape[:2], prompts[i], multimask)
@@ -177,8 +193,8 @@ class Segmenter:
         classes_t = torch.tensor([classes], device=logits.device)
         return class_logits_from_prompts(logits, classes_t, torch.ones_like(classes_t, dtype=torch.bool), num_classes)
 
-    def _predict_batch(self, arrays, prompts, return_probabilities: bool, multimask: bool):
-        logits = self.class_logits(arrays, prompts, multimask)
+    def _predict_batch(self, arrays, prompts, return_probabilities: bool, multimask: bool, prepared=None):
+        logits = self.class_logits(arrays, prompts, multimask, prepared)
         results = []
         for i, array in enumerate(arrays):
             native = F.interpolate(logits[i : i + 1], size=array.shape[:2], mode="bilinear", align_corners=False)

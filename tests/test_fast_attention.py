@@ -285,7 +285,9 @@ def _throughput_bench():
 
     from conftest import REPO_ROOT
 
-    spec = importlib.util.spec_from_file_location("throughput_bench_cat", str(REPO_ROOT / "benchmarks" / "throughput.py"))
+    spec = importlib.util.spec_from_file_location(
+        "throughput_bench_cat", str(REPO_ROOT / "benchmarks" / "throughput.py")
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -296,12 +298,21 @@ def _throughput_bench():
     [
         ("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matrix products"),
         ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopB_NNT", "matrix products"),
-        ("cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_256x128x64_1x2x1_0_tnn_align8_warpspecialized", "matrix products"),
-        ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>(...)", "matrix products"),
+        (
+            "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_256x128x64_1x2x1_0_tnn_align8_warpspecialized",
+            "matrix products",
+        ),
+        (
+            "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>(...)",
+            "matrix products",
+        ),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matrix products"),
         ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x4_tn", "matrix products"),
         ("triton_tem_fused_mm_t_0", "matrix products"),
-        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+        (
+            "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)",
+            "attention",
+        ),
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 32, 4>, false>(...)", "attention"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
         ("_bwd_dkdv_kernel", "attention"),

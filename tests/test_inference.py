@@ -446,3 +446,74 @@ def test_inference_speed_benchmark_smoke(tiny_base, capsys):
     assert all("| 100.000 % |" in row for row in rows)  # the fast merged path gives the default's masks
     with pytest.raises(SystemExit):
         bench.main(["--settings", "nonsense"])
+
+
+def _overlay_reference(image, mask, alpha=0.45):
+    """``overlay`` as it was written first (whole-image float64 blend, scipy erosion), the yardstick of the fast one."""
+    from scipy import ndimage
+
+    from octsam.evaluation.plots import class_color
+
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    out = rgb.astype(np.float64)
+    for c in [int(c) for c in np.unique(mask) if c != 0]:
+        region = mask == c
+        color = np.array(class_color(c), dtype=np.float64)
+        out[region] = (1.0 - alpha) * out[region] + alpha * color
+        if c != 255:
+            out[region & ~ndimage.binary_erosion(region)] = color
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def test_overlay_is_bit_identical_to_the_whole_image_blend():
+    """The overlay blends only class pixels and erodes with OpenCV: the same pixels as the original, borders at the
+    image edge and ignored (255) pixels included."""
+    rng = np.random.default_rng(7)
+    for shape in [(37, 53), (5, 7), (64, 64, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        mask = rng.choice([0, 0, 1, 2, 3, 255], size=shape[:2]).astype(np.uint8)
+        mask[: shape[0] // 2, : shape[1] // 2] = 1  # a block touching the image edge
+        np.testing.assert_array_equal(overlay(image, mask, ["bg", "a", "b", "c"]), _overlay_reference(image, mask))
+
+
+def test_parallel_writers_are_deterministic_and_summary_is_natural(adapter, tmp_path, capsys):
+    """Readers and writers in threads write the same files as one of each; summary.csv lists B-scans in natural
+    order (Image 1, Image 2, Image 10); run.json reports each stage's time."""
+    src = tmp_path / "scans"
+    src.mkdir()
+    for i in (10, 1, 2, 11, 3):
+        Image.fromarray(scan(24, 30, seed=i)).save(src / f"Image {i}.png")
+    outputs = {}
+    for workers in ("1", "3"):
+        out = tmp_path / f"out{workers}"
+        flags = ["--read-workers", workers, "--write-workers", workers, "--batch-size", "2"]
+        code, err = run_cli(["--adapter", adapter, "--input", src, "--output", out, "--quiet", *flags], capsys)
+        assert code == 0, err
+        outputs[workers] = out
+    names = [r["scan"] for r in read_summary(outputs["3"] / "summary.csv")]
+    assert names == ["Image 1", "Image 2", "Image 3", "Image 10", "Image 11"]
+    for sub in ("masks", "overlays"):
+        for f in sorted((outputs["1"] / sub).iterdir()):
+            assert f.read_bytes() == (outputs["3"] / sub / f.name).read_bytes(), f
+    assert (outputs["1"] / "summary.csv").read_text() == (outputs["3"] / "summary.csv").read_text()
+    timings = json.loads((outputs["3"] / "run.json").read_text())["timings"]
+    for key in ("read_s_per_scan", "predict_s_per_scan", "write_s_per_scan", "scans_per_s", "steady_scans_per_s"):
+        assert timings[key] > 0, timings
+    assert timings["compile_s"] is None  # CPU, 5 B-scans: not compiled
+
+
+def test_short_batch_of_a_compiled_segmenter_is_padded(adapter):
+    """A compiled encoder is specialised to its batch size: the last, short batch is padded (same logits)."""
+    images = [scan(40, 48, seed=i) for i in range(3)]
+    plain = Segmenter.from_pretrained(adapter, device="cpu", batch_size=4)
+    reference = plain.class_logits(images)
+    seen = []
+    encoder = plain.model.core.vision_encoder
+    hook = encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    plain.compiled = True  # as after compile_encoder(), without compiling
+    try:
+        padded = plain.class_logits(images)
+    finally:
+        hook.remove()
+    assert seen == [4] and padded.shape[0] == 3
+    assert torch.allclose(padded, reference, atol=1e-5, rtol=0)

@@ -4,6 +4,7 @@ folder that is swapped into place only when complete."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,15 @@ def _write_scan(out: Path, scan: ScanInput, image: np.ndarray, result, labels: l
     return row
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: "Image 2" before "Image 10" (case-insensitive otherwise)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+
+
 def _write_summary(path: Path, rows: list[dict], failures: list[dict], labels: list[str], spacing) -> None:
+    """One row per segmented B-scan in natural order of its name, then one per failed B-scan (same order)."""
+    rows = sorted(rows, key=lambda r: natural_key(r["scan"]))
+    failures = sorted(failures, key=lambda f: natural_key(f["scan"]))
     columns = ["scan", "source", "height", "width"]
     for name in labels[1:]:
         columns += [f"{name}_area_px"] + ([f"{name}_area_mm2"] if spacing else []) + [f"{name}_components"]

@@ -37,10 +37,10 @@ def legend_geometry(width: int, labels: list[str]) -> tuple[int, int, int]:
 
 @lru_cache(maxsize=1)
 def _font():
+    from pathlib import Path
+
     import matplotlib
     from PIL import ImageFont
-
-    from pathlib import Path
 
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     try:

@@ -24,10 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from octsam.cli.common import parse_pixel_spacing
@@ -35,7 +38,8 @@ from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, 
 from octsam.errors import OctSamError
 from octsam.infer.inputs import ScanInput, collect_inputs
 from octsam.infer.outputs import _write_scan, _write_summary, commit_output, prepare_output
-from octsam.segmenter import device_name
+from octsam.segmenter import device_name, resolve_device
+from octsam.speed import plan_speed
 
 #: octsam.models.fast_attention.MODES, repeated so that ``--help`` needs no torch import (a test keeps them equal).
 
@@ -57,6 +61,47 @@ def _file_prompts(prompt_file: dict[str, list[PromptSpec]], scans: list[ScanInpu
     return matched, unmatched
 
 
+def default_workers() -> int:
+    """Reader and writer threads each: up to 8, at most the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def _prefetch(pool: Executor, fn: Callable, items: list, ahead: int) -> Iterator:
+    """``fn(item)`` for each item, computed up to ``ahead`` items in advance in ``pool``, yielded in order."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _timings(timings, load_s, compile_s, done, loop_start, loop_end, first_done, first_scans, started) -> dict:
+    """run.json's timings: model load, compilation (the first batch of a compiled run) and B-scans/s end to end,
+    overall and in steady state (after the first batch), besides the work of each stage summed over its threads
+    (read, write) and the main thread's waits for them."""
+    loop_s = loop_end - loop_start
+    steady_s = loop_end - first_done if first_done is not None else 0.0
+    out = {"load_s": round(load_s, 3), "compile_s": None if compile_s is None else round(compile_s, 3)}
+    out.update({k: round(v, 3) for k, v in timings.items()})
+    out.update(
+        {
+            "segment_s": round(loop_s, 3),
+            "total_s": round(time.perf_counter() - started, 3),
+            "predict_s_per_scan": round(timings["predict_s"] / done, 4) if done else None,
+            "read_s_per_scan": round(timings["read_s"] / done, 4) if done else None,
+            "write_s_per_scan": round(timings["write_s"] / done, 4) if done else None,
+            "scans_per_s": round(done / loop_s, 3) if done and loop_s > 0 else None,
+            "steady_scans_per_s": round((done - first_scans) / steady_s, 3)
+            if done > first_scans and steady_s > 0
+            else None,
+        }
+    )
+    return out
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -74,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.batch_size is not None and args.batch_size < 1:
         raise OctSamError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    for name in ("read_workers", "write_workers"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise OctSamError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     spacing = parse_pixel_spacing(args.pixel_spacing_mm)
     cli_specs = [parse_box(b) for b in args.box] + [parse_point(p) for p in args.point]
     prompt_file = read_prompt_file(args.prompts) if args.prompts else {}
@@ -87,14 +135,22 @@ def run(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         folder = resolve_adapter(args.adapter, revision=args.revision)
+        plan = plan_speed(
+            resolve_device(args.device).type,
+            "infer",
+            fast_attention=not args.no_fast_attention,
+            attention_mode=args.attention_mode,
+            compile=args.compile,
+            num_scans=len(scans),
+        )
         segmenter = Segmenter.from_pretrained(
             folder,
             revision=args.revision,
             device=args.device,
             merge=not args.no_merge,
             base_model=args.base_model,
-            fast_attention=False if args.no_fast_attention else args.attention_mode,
-            compile=args.compile,
+            fast_attention=plan.attention or False,
+            compile=plan.compile,
         )
         load_s = time.perf_counter() - t0
         batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
@@ -107,39 +163,97 @@ def run(args: argparse.Namespace) -> int:
                 f"Adapter {args.adapter} was trained in prompted mode: give prompts with --box CLASS:x1,y1,x2,y2, "
                 "--point CLASS:x,y or --prompts FILE.json."
             )
+        if not args.quiet and segmenter.compiled:
+            print(f"torch.compile: on ({plan.why}); the first batch compiles", file=sys.stderr)
 
-        rows, failures = [], []
+        def load(scan: ScanInput):
+            """Read, decode and resize one B-scan (a reader thread); an error is returned, not raised."""
+            t = time.perf_counter()
+            try:
+                image = scan.read()
+                prompts = None
+                if prompted:
+                    specs = cli_specs + file_specs.get(scan.name, [])
+                    prompts = build_prompts(specs, labels, image.shape[:2], scan.source)
+                item = (scan, image, prompts, segmenter.prepare(image)), None
+            except Exception as err:  # noqa: BLE001 - any unreadable B-scan is reported and skipped
+                message = str(err) if isinstance(err, OctSamError) else f"{type(err).__name__}: {err}"
+                item = None, {"scan": scan.name, "source": scan.source, "error": message}
+            return item, time.perf_counter() - t
+
+        def write(scan: ScanInput, image, result):
+            t = time.perf_counter()
+            row = _write_scan(tmp, scan, image, result, labels, spacing)
+            return row, time.perf_counter() - t
+
+        read_workers = getattr(args, "read_workers", None) or default_workers()
+        write_workers = getattr(args, "write_workers", None) or default_workers()
+        failures = []
+        rows_pending: list = []  # futures of written rows, in scan order
+        drained = 0  # rows_pending[:drained] are known to be written
         no_prompts = 0
-        timings = {"read_s": 0.0, "predict_s": 0.0, "write_s": 0.0}
+        timings = {"read_s": 0.0, "predict_s": 0.0, "write_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
+        compile_s = None
+        first_batch_done = None
+        first_batch_scans = 0
         bar = tqdm(total=len(scans), unit="scan", desc="segmenting", disable=args.quiet)
-        for batch in _batches(scans, batch_size):
-            t0 = time.perf_counter()
-            ready = []
-            for scan in batch:
-                try:
-                    image = scan.read()
-                    prompts = None
-                    if prompted:
-                        specs = cli_specs + file_specs.get(scan.name, [])
-                        no_prompts += not specs
-                        prompts = build_prompts(specs, labels, image.shape[:2], scan.source)
-                    ready.append((scan, image, prompts))
-                except Exception as err:  # noqa: BLE001 - any unreadable B-scan is reported and skipped
-                    message = str(err) if isinstance(err, OctSamError) else f"{type(err).__name__}: {err}"
-                    failures.append({"scan": scan.name, "source": scan.source, "error": message})
-                    bar.update(1)
-            timings["read_s"] += time.perf_counter() - t0
-            if not ready:
-                continue
-            t0 = time.perf_counter()
-            results = _predict(segmenter, ready, prompted, args.save_probabilities, failures)
-            timings["predict_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for (scan, image, _), result in zip(ready, results):
-                if result is not None:
-                    rows.append(_write_scan(tmp, scan, image, result, labels, spacing))
-                bar.update(1)
-            timings["write_s"] += time.perf_counter() - t0
+        loop_start = time.perf_counter()
+        with (
+            ThreadPoolExecutor(read_workers, thread_name_prefix="octsam-read") as readers,
+            ThreadPoolExecutor(write_workers, thread_name_prefix="octsam-write") as writers,
+        ):
+            try:
+                loaded = _prefetch(readers, load, scans, ahead=2 * batch_size + read_workers)
+                for batch in _batches(scans, batch_size):
+                    t0 = time.perf_counter()
+                    ready = []
+                    for _ in batch:
+                        (item, error), seconds = next(loaded)
+                        timings["read_s"] += seconds
+                        if error is not None:
+                            failures.append(error)
+                            bar.update(1)
+                            continue
+                        if prompted:
+                            no_prompts += not (cli_specs + file_specs.get(item[0].name, []))
+                        ready.append(item)
+                    timings["wait_read_s"] += time.perf_counter() - t0
+                    if not ready:
+                        continue
+                    t0 = time.perf_counter()
+                    results = _predict(segmenter, ready, prompted, args.save_probabilities, failures)
+                    seconds = time.perf_counter() - t0
+                    timings["predict_s"] += seconds
+                    if first_batch_done is None:
+                        first_batch_done, first_batch_scans = time.perf_counter(), len(ready)
+                        if segmenter.compiled:
+                            compile_s = seconds
+                            if not args.quiet:
+                                print(
+                                    f"torch.compile: first batch took {seconds:.1f} s (compilation)", file=sys.stderr
+                                )
+                    t0 = time.perf_counter()
+                    for (scan, image, _, _), result in zip(ready, results):
+                        if result is not None:
+                            rows_pending.append(writers.submit(write, scan, image, result))
+                        bar.update(1)
+                    # bounded memory: at most a few batches of B-scans waiting for the writers
+                    while len(rows_pending) - drained > 4 * batch_size + write_workers:
+                        rows_pending[drained].result()
+                        drained += 1
+                    timings["wait_write_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                rows = []
+                for future in rows_pending:
+                    row, seconds = future.result()
+                    rows.append(row)
+                    timings["write_s"] += seconds
+                timings["wait_write_s"] += time.perf_counter() - t0
+            except BaseException:
+                for future in rows_pending:
+                    future.cancel()
+                raise
+        loop_end = time.perf_counter()
         bar.close()
 
         t0 = time.perf_counter()
@@ -157,11 +271,14 @@ def run(args: argparse.Namespace) -> int:
             "mode": "prompted" if prompted else "automatic",
             "merged": not args.no_merge,
             "attention": "transformers" if args.no_fast_attention else f"octsam fast ({args.attention_mode})",
-            "compiled": args.compile,
+            "compiled": segmenter.compiled,
+            "compile_reason": plan.why,
             "device": str(segmenter.device),
             "device_name": device_name(segmenter.device),
             "dtype": str(segmenter.dtype).replace("torch.", ""),
             "batch_size": batch_size,
+            "read_workers": read_workers,
+            "write_workers": write_workers,
             "pixel_spacing_mm": list(spacing) if spacing else None,
             "inputs": len(scans),
             "segmented": done,
@@ -169,13 +286,9 @@ def run(args: argparse.Namespace) -> int:
             "failures": failures,
             "scans_without_prompts": no_prompts if prompted else None,
             "unmatched_prompt_keys": unmatched,
-            "timings": {
-                "load_s": round(load_s, 3),
-                **{k: round(v, 3) for k, v in timings.items()},
-                "total_s": round(time.perf_counter() - started, 3),
-                "predict_s_per_scan": round(timings["predict_s"] / done, 4) if done else None,
-                "scans_per_s": round(done / timings["predict_s"], 3) if done and timings["predict_s"] else None,
-            },
+            "timings": _timings(
+                timings, load_s, compile_s, done, loop_start, loop_end, first_batch_done, first_batch_scans, started
+            ),
             "octsam_version": __version__,
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -196,10 +309,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _predict(segmenter, ready: list, prompted: bool, probabilities: bool, failures: list) -> list:
     """Segment a batch; if the batch fails, retry each B-scan alone so that one bad scan does not sink the rest."""
-    images = [image for _, image, _ in ready]
-    prompts = [p for _, _, p in ready] if prompted else None
+    images = [image for _, image, _, _ in ready]
+    prompts = [p for _, _, p, _ in ready] if prompted else None
+    prepared = [x for _, _, _, x in ready]
     try:
-        return segmenter(images, prompts=prompts, return_probabilities=probabilities)
+        return segmenter(images, prompts=prompts, return_probabilities=probabilities, prepared=prepared)
     except (OctSamError, RuntimeError, ValueError) as batch_error:
         if len(ready) == 1:
             scan = ready[0][0]

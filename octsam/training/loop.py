@@ -426,7 +426,9 @@ def train_one_epoch(
     speed_log["train_images_per_s"] = images * procs / elapsed if elapsed > 0 else 0.0
     rest = elapsed - (after_first - started) if after_first is not None else 0.0
     speed_log["train_images_per_s_after_first_step"] = (
-        (images - first_images) * procs / rest if rest > 0 and images > first_images else speed_log["train_images_per_s"]
+        (images - first_images) * procs / rest
+        if rest > 0 and images > first_images
+        else speed_log["train_images_per_s"]
     )
     return mean_loss
 

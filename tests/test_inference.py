@@ -477,16 +477,16 @@ def test_overlay_is_bit_identical_to_the_whole_image_blend():
 
 
 def test_parallel_writers_are_deterministic_and_summary_is_natural(adapter, tmp_path, capsys):
-    """Readers and writers in threads write the same files as one of each; summary.csv lists B-scans in natural
-    order (Image 1, Image 2, Image 10); run.json reports each stage's time."""
+    """Three readers and three writer processes write the same files as one reader and one writer thread;
+    summary.csv lists B-scans in natural order (Image 1, Image 2, Image 10); run.json reports each stage's time."""
     src = tmp_path / "scans"
     src.mkdir()
     for i in (10, 1, 2, 11, 3):
         Image.fromarray(scan(24, 30, seed=i)).save(src / f"Image {i}.png")
     outputs = {}
-    for workers in ("1", "3"):
+    for workers, kind in (("1", "thread"), ("3", "process")):
         out = tmp_path / f"out{workers}"
-        flags = ["--read-workers", workers, "--write-workers", workers, "--batch-size", "2"]
+        flags = ["--read-workers", workers, "--write-workers", workers, "--writer", kind, "--batch-size", "2"]
         code, err = run_cli(["--adapter", adapter, "--input", src, "--output", out, "--quiet", *flags], capsys)
         assert code == 0, err
         outputs[workers] = out

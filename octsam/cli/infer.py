@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-workers",
         type=int,
         default=None,
-        help="Threads that write masks, overlays and areas while the model runs (default: CPUs, at most 8).",
+        help="Workers that write masks, overlays and areas while the model runs (default: CPUs, at most 8).",
+    )
+    p.add_argument(
+        "--writer",
+        default="auto",
+        choices=["auto", "thread", "process"],
+        help="Writer workers as threads or processes (auto: processes with a GPU, threads on the CPU).",
     )
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     return p

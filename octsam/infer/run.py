@@ -30,8 +30,10 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 from octsam.cli.common import parse_pixel_spacing
 from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, parse_point, read_prompt_file
@@ -102,6 +104,38 @@ def _timings(timings, load_s, compile_s, done, loop_start, loop_end, first_done,
     return out
 
 
+def start_writers(kind: str, workers: int, device_type: str) -> Executor:
+    """The pool that writes masks, overlays and areas. ``auto``: processes when the model runs on a GPU (the main
+    thread then only launches kernels and must not wait for the GIL held by numpy work in writer threads), threads
+    on the CPU (where the model's own threads use every core and release the GIL in their kernels)."""
+    if kind == "auto":
+        kind = "process" if device_type == "cuda" else "thread"
+    if kind == "thread":
+        return ThreadPoolExecutor(workers, thread_name_prefix="octsam-write")
+    if kind != "process":
+        raise OctSamError(f"--writer must be auto, thread or process, got {kind!r}.")
+    import multiprocessing
+
+    # fork: the children need no imports of their own (spawn would re-import the calling script and torch);
+    # started now, before the model and any CUDA context exist.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    for future in [pool.submit(os.getpid) for _ in range(workers)]:
+        future.result()
+    return pool
+
+
+def write_one(out: Path, name: str, source: str, image, mask, probabilities, labels, spacing) -> tuple[dict, float]:
+    """Write one B-scan's outputs (a writer thread or process); returns its summary row and the seconds it took."""
+    t = time.perf_counter()
+    row = _write_scan(out, ScanInput(name, source, None), image, _Result(mask, probabilities), labels, spacing)
+    return row, time.perf_counter() - t
+
+
+class _Result(NamedTuple):
+    mask: object
+    probabilities: object
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -126,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     cli_specs = [parse_box(b) for b in args.box] + [parse_point(p) for p in args.point]
     prompt_file = read_prompt_file(args.prompts) if args.prompts else {}
     final, tmp = prepare_output(args.output, args.overwrite)
+    stack = ExitStack()  # the writer pool, shut down however the run ends
     try:
         scans = collect_inputs(args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp])
         file_specs, unmatched = _file_prompts(prompt_file, scans)
@@ -133,10 +168,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: --prompts key {key!r} matches no input B-scan", file=sys.stderr)
         prompted = bool(cli_specs or prompt_file)
 
+        device_type = resolve_device(args.device).type
+        write_workers = getattr(args, "write_workers", None) or default_workers()
+        # The writer pool starts first: worker processes are forked before the model is loaded (no CUDA context,
+        # no torch threads yet), so they hold no copy of either.
+        writers = start_writers(getattr(args, "writer", "auto"), write_workers, device_type)
+        stack.callback(writers.shutdown, wait=True, cancel_futures=True)
+
         t0 = time.perf_counter()
         folder = resolve_adapter(args.adapter, revision=args.revision)
         plan = plan_speed(
-            resolve_device(args.device).type,
+            device_type,
             "infer",
             fast_attention=not args.no_fast_attention,
             attention_mode=args.attention_mode,
@@ -181,13 +223,7 @@ def run(args: argparse.Namespace) -> int:
                 item = None, {"scan": scan.name, "source": scan.source, "error": message}
             return item, time.perf_counter() - t
 
-        def write(scan: ScanInput, image, result):
-            t = time.perf_counter()
-            row = _write_scan(tmp, scan, image, result, labels, spacing)
-            return row, time.perf_counter() - t
-
         read_workers = getattr(args, "read_workers", None) or default_workers()
-        write_workers = getattr(args, "write_workers", None) or default_workers()
         failures = []
         rows_pending: list = []  # futures of written rows, in scan order
         drained = 0  # rows_pending[:drained] are known to be written
@@ -198,10 +234,7 @@ def run(args: argparse.Namespace) -> int:
         first_batch_scans = 0
         bar = tqdm(total=len(scans), unit="scan", desc="segmenting", disable=args.quiet)
         loop_start = time.perf_counter()
-        with (
-            ThreadPoolExecutor(read_workers, thread_name_prefix="octsam-read") as readers,
-            ThreadPoolExecutor(write_workers, thread_name_prefix="octsam-write") as writers,
-        ):
+        with ThreadPoolExecutor(read_workers, thread_name_prefix="octsam-read") as readers:
             try:
                 loaded = _prefetch(readers, load, scans, ahead=2 * batch_size + read_workers)
                 for batch in _batches(scans, batch_size):
@@ -235,7 +268,19 @@ def run(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     for (scan, image, _, _), result in zip(ready, results):
                         if result is not None:
-                            rows_pending.append(writers.submit(write, scan, image, result))
+                            rows_pending.append(
+                                writers.submit(
+                                    write_one,
+                                    tmp,
+                                    scan.name,
+                                    scan.source,
+                                    image,
+                                    result.mask,
+                                    result.probabilities,
+                                    labels,
+                                    spacing,
+                                )  # fmt: skip
+                            )
                         bar.update(1)
                     # bounded memory: at most a few batches of B-scans waiting for the writers
                     while len(rows_pending) - drained > 4 * batch_size + write_workers:
@@ -255,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
                 raise
         loop_end = time.perf_counter()
         bar.close()
+        writers.shutdown(wait=True)
 
         t0 = time.perf_counter()
         _write_summary(tmp / "summary.csv", rows, failures, labels, spacing)
@@ -297,8 +343,10 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         commit_output(tmp, final)
     except BaseException:
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    stack.close()
     if prompted and no_prompts:
         print(f"warning: {no_prompts} B-scan(s) had no prompt; their masks are empty.", file=sys.stderr)
     print(f"segmented {done} of {len(scans)} B-scan(s) into {final}", file=sys.stderr)

@@ -174,25 +174,26 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.base or args.model} (random weights), {record['device_name']}; {hardware(record['device'])}; "
         f"batch {record['batch_size']}, {record['read_workers']} reader / {record['write_workers']} writer threads, "
         f"attention {record['attention']}, compiled {record['compiled']} ({record['compile_reason']}), "
-        f"exit status {code}, {wall:.1f} s wall in all:",
+        f"exit status {code}, {wall:.1f} s wall in all, 1-minute load average {os.getloadavg()[0]:.1f}:",
         "",
-        "| B-scans | read ms/scan | predict ms/scan | write ms/scan | wait read ms/scan | wait write ms/scan "
-        "| B-scans/s | steady B-scans/s | write share | load s | compile s |",
+        "| B-scans | read ms/scan (CPU) | predict ms/scan | write ms/scan (CPU) | wait read ms/scan "
+        "| wait write ms/scan | B-scans/s | steady B-scans/s | write CPU share | load s | compile s |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     segment_per_scan = t["segment_s"] / done if done else None
-    share = t["write_s_per_scan"] / segment_per_scan if done and segment_per_scan else None
+    share = t["write_cpu_s_per_scan"] / segment_per_scan if done and segment_per_scan else None
     lines.append(
-        f"| {done} | {ms(t['read_s_per_scan'])} | {ms(t['predict_s_per_scan'])} | {ms(t['write_s_per_scan'])} | "
+        f"| {done} | {ms(t['read_s_per_scan'])} ({ms(t['read_cpu_s_per_scan'])}) | {ms(t['predict_s_per_scan'])} | "
+        f"{ms(t['write_s_per_scan'])} ({ms(t['write_cpu_s_per_scan'])}) | "
         f"{ms(per('wait_read_s'))} | {ms(per('wait_write_s'))} | {t['scans_per_s']} | {t['steady_scans_per_s']} | "
         f"{'-' if share is None else f'{share:.1%}'} | {t['load_s']:.1f} | "
         f"{ms(t['compile_s'] and t['compile_s'] / 1e3)} |"
     )
     lines += [
         "",
-        "read / write ms/scan: work summed over the threads (thread wall time); predict: the main thread; wait: the "
-        "main thread blocked on readers / writers; write share: write ms/scan over the wall ms per B-scan "
-        "(segment_s / B-scans).",
+        "read / write ms/scan: work summed over the reader / writer workers, wall (and the workers' own CPU time, "
+        "which other load on the machine does not inflate); predict: the main thread; wait: the main thread blocked "
+        "on readers / writers; write CPU share: write CPU ms over the wall ms per B-scan (segment_s / B-scans).",
         "",
         "One B-scan's writer cost by part (process CPU ms, one thread):",
         "",

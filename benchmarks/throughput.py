@@ -55,7 +55,8 @@ GIB = 1024**3
 
 
 def sam_config(model: str, image_size: int | None):
-    """``tiny``: the team's test config; ``vit-base``: ``SamConfig()`` defaults, which are SAM ViT-B."""
+    """``tiny``: the team's test config; ``vit-base``: ``SamConfig()`` defaults, which are SAM ViT-B; anything else:
+    the ``SamConfig`` of that folder or Hub id (another base, e.g. LiteMedSAM), with random weights."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
     if model == "tiny":
@@ -82,8 +83,17 @@ def sam_config(model: str, image_size: int | None):
         vision = SamVisionConfig(image_size=size, initializer_range=0.02)
         prompt = SamPromptEncoderConfig(image_size=size)
         decoder = SamMaskDecoderConfig()
-    else:
-        raise SystemExit(f"--model {model!r}: use tiny or vit-base")
+    else:  # another base (e.g. LiteMedSAM once it lands): its config, random weights
+        try:
+            config = SamConfig.from_pretrained(model)
+        except Exception as err:  # noqa: BLE001 - any loading problem is a usage error here
+            raise SystemExit(f"--model {model!r}: not tiny, vit-base or a SamModel folder/Hub id ({err})") from err
+        if image_size:
+            config.vision_config.image_size = config.prompt_encoder_config.image_size = image_size
+        config.vision_config.initializer_range = 0.02
+        config._attn_implementation = "sdpa"
+        config.vision_config._attn_implementation = "sdpa"
+        return config
     config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
     config._attn_implementation = "sdpa"
     config.vision_config._attn_implementation = "sdpa"
@@ -659,7 +669,11 @@ def dataloader_bench(args) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "vit-base"], default="tiny")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny, vit-base, or another base: a SamModel folder or Hub id (its config, random weights)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="default: 24 (tiny), 1024 (vit-base)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 2 on the CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on the CPU)")

@@ -346,3 +346,16 @@ def test_layer_subclass_keeps_its_class_and_stays_exact(inputs):
     assert enable_fast_attention(model, mode="fold") == 2
     assert all(type(layer) is WrappedLayer for layer in model.vision_encoder.layers)
     assert_same(ref, encoder_out_and_grads(model, *inputs))
+
+
+def test_throughput_benchmark_takes_another_base(tiny_base):
+    """``--model FOLDER``: the benchmark builds that base's architecture (random weights), e.g. a base added later."""
+    from transformers import SamConfig
+
+    config = _throughput_bench().sam_config(tiny_base, None)
+    saved = SamConfig.from_pretrained(tiny_base)
+    assert config.vision_config.hidden_size == saved.vision_config.hidden_size
+    assert config.vision_config.image_size == saved.vision_config.image_size
+    assert _throughput_bench().sam_config(tiny_base, 32).vision_config.image_size == 32
+    with pytest.raises(SystemExit):
+        _throughput_bench().sam_config("/nonexistent/base", None)

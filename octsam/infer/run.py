@@ -95,6 +95,8 @@ def _timings(timings, load_s, compile_s, done, loop_start, loop_end, first_done,
             "predict_s_per_scan": round(timings["predict_s"] / done, 4) if done else None,
             "read_s_per_scan": round(timings["read_s"] / done, 4) if done else None,
             "write_s_per_scan": round(timings["write_s"] / done, 4) if done else None,
+            "read_cpu_s_per_scan": round(timings["read_cpu_s"] / done, 4) if done else None,
+            "write_cpu_s_per_scan": round(timings["write_cpu_s"] / done, 4) if done else None,
             "scans_per_s": round(done / loop_s, 3) if done and loop_s > 0 else None,
             "steady_scans_per_s": round((done - first_scans) / steady_s, 3)
             if done > first_scans and steady_s > 0
@@ -125,10 +127,10 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
 
 
 def write_one(out: Path, name: str, source: str, image, mask, probabilities, labels, spacing) -> tuple[dict, float]:
-    """Write one B-scan's outputs (a writer thread or process); returns its summary row and the seconds it took."""
-    t = time.perf_counter()
+    """Write one B-scan's outputs (a writer thread or process); returns its summary row and (wall, CPU) seconds."""
+    t, cpu = time.perf_counter(), time.thread_time()
     row = _write_scan(out, ScanInput(name, source, None), image, _Result(mask, probabilities), labels, spacing)
-    return row, time.perf_counter() - t
+    return row, (time.perf_counter() - t, time.thread_time() - cpu)
 
 
 class _Result(NamedTuple):
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
         def load(scan: ScanInput):
             """Read, decode and resize one B-scan (a reader thread); an error is returned, not raised."""
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.thread_time()
             try:
                 image = scan.read()
                 prompts = None
@@ -221,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             except Exception as err:  # noqa: BLE001 - any unreadable B-scan is reported and skipped
                 message = str(err) if isinstance(err, OctSamError) else f"{type(err).__name__}: {err}"
                 item = None, {"scan": scan.name, "source": scan.source, "error": message}
-            return item, time.perf_counter() - t
+            return item, (time.perf_counter() - t, time.thread_time() - cpu)
 
         read_workers = getattr(args, "read_workers", None) or default_workers()
         failures = []
@@ -229,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         drained = 0  # rows_pending[:drained] are known to be written
         no_prompts = 0
         timings = {"read_s": 0.0, "predict_s": 0.0, "write_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
+        timings.update(read_cpu_s=0.0, write_cpu_s=0.0)
         compile_s = None
         first_batch_done = None
         first_batch_scans = 0
@@ -241,8 +244,9 @@ def run(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     ready = []
                     for _ in batch:
-                        (item, error), seconds = next(loaded)
+                        (item, error), (seconds, cpu_seconds) = next(loaded)
                         timings["read_s"] += seconds
+                        timings["read_cpu_s"] += cpu_seconds
                         if error is not None:
                             failures.append(error)
                             bar.update(1)
@@ -290,9 +294,10 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 rows = []
                 for future in rows_pending:
-                    row, seconds = future.result()
+                    row, (seconds, cpu_seconds) = future.result()
                     rows.append(row)
                     timings["write_s"] += seconds
+                    timings["write_cpu_s"] += cpu_seconds
                 timings["wait_write_s"] += time.perf_counter() - t0
             except BaseException:
                 for future in rows_pending:

@@ -89,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-workers",
         type=int,
         default=None,
-        help="Threads that read, decode and resize B-scans ahead of the model (default: CPUs, at most 8).",
+        help="Threads that read, decode and resize B-scans ahead of the model (default: CPUs, at most 4).",
     )
     p.add_argument(
         "--write-workers",
         type=int,
         default=None,
-        help="Workers that write masks, overlays and areas while the model runs (default: CPUs, at most 8).",
+        help="Workers that write masks, overlays and areas while the model runs (default: CPUs - 4, 1 to 16).",
     )
     p.add_argument(
         "--writer",

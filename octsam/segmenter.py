@@ -195,14 +195,21 @@ class Segmenter:
 
     def _predict_batch(self, arrays, prompts, return_probabilities: bool, multimask: bool, prepared=None):
         logits = self.class_logits(arrays, prompts, multimask, prepared)
-        results = []
+        results: list[SegmentationResult | None] = [None] * len(arrays)
+        # B-scans of one size are upsampled together and copied to the host in one transfer (a batch from one
+        # device usually shares a size); the per-image arithmetic is the same as one at a time.
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, array in enumerate(arrays):
-            native = F.interpolate(logits[i : i + 1], size=array.shape[:2], mode="bilinear", align_corners=False)
-            mask = predict_index_mask(native)[0].to(torch.uint8).cpu().numpy()
+            groups.setdefault(tuple(array.shape[:2]), []).append(i)
+        for size, indices in groups.items():
+            index = torch.tensor(indices, device=logits.device)
+            native = F.interpolate(logits.index_select(0, index), size=size, mode="bilinear", align_corners=False)
+            masks = predict_index_mask(native).to(torch.uint8).cpu().numpy()
             probs = None
             if return_probabilities:
-                probs = class_probabilities(native, self.config.class_activation)[0].half().cpu().numpy()
-            results.append(SegmentationResult(mask=mask, probabilities=probs))
+                probs = class_probabilities(native, self.config.class_activation).half().cpu().numpy()
+            for j, i in enumerate(indices):
+                results[i] = SegmentationResult(mask=masks[j], probabilities=None if probs is None else probs[j])
         return results
 
 

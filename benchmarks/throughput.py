@@ -12,7 +12,7 @@ is ONE markdown table (printed last, and written to ``--out``):
   variant's time. The fast path does more arithmetic than that (its q.k product is wider); it is not credited.
 
 Variants: ``default`` (transformers' SDPA attention), ``fast`` (``octsam.models.fast_attention`` in ``--fast-mode``),
-``fast:MODE`` (that mode, e.g. ``fast:flex``), ``+compile`` on any (``torch.compile`` of the whole model, compile
+``fast:MODE`` (that mode, e.g. ``fast:fold_flash``), ``+compile`` on any (``torch.compile`` of the whole model, compile
 time excluded: it happens in the warm-up steps).
 
 Examples::
@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:  # run as ``python benchmarks/throughput.py`` from
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_name, log  # noqa: E402
-from octsam.models import fast_attention, triton_attention  # noqa: E402
+from octsam.models import triton_attention  # noqa: E402
 from octsam.models.fast_attention import MODES, disable_fast_attention, enable_fast_attention  # noqa: E402
 
 GIB = 1024**3
@@ -55,7 +55,8 @@ GIB = 1024**3
 
 
 def sam_config(model: str, image_size: int | None):
-    """``tiny``: the team's test config; ``vit-base``: ``SamConfig()`` defaults, which are SAM ViT-B."""
+    """``tiny``: the team's test config; ``vit-base``: ``SamConfig()`` defaults, which are SAM ViT-B; anything else:
+    the ``SamConfig`` of that folder or Hub id (another base, e.g. LiteMedSAM), with random weights."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
     if model == "tiny":
@@ -82,8 +83,17 @@ def sam_config(model: str, image_size: int | None):
         vision = SamVisionConfig(image_size=size, initializer_range=0.02)
         prompt = SamPromptEncoderConfig(image_size=size)
         decoder = SamMaskDecoderConfig()
-    else:
-        raise SystemExit(f"--model {model!r}: use tiny or vit-base")
+    else:  # another base (e.g. LiteMedSAM once it lands): its config, random weights
+        try:
+            config = SamConfig.from_pretrained(model)
+        except Exception as err:  # noqa: BLE001 - any loading problem is a usage error here
+            raise SystemExit(f"--model {model!r}: not tiny, vit-base or a SamModel folder/Hub id ({err})") from err
+        if image_size:
+            config.vision_config.image_size = config.prompt_encoder_config.image_size = image_size
+        config.vision_config.initializer_range = 0.02
+        config._attn_implementation = "sdpa"
+        config.vision_config._attn_implementation = "sdpa"
+        return config
     config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
     config._attn_implementation = "sdpa"
     config.vision_config._attn_implementation = "sdpa"
@@ -172,16 +182,41 @@ def timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[float, flo
 
 
 #: Kernel-name patterns -> category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, FlashAttention,
-#: cuDNN, inductor's Triton kernels and aten's elementwise/copy kernels).
+#: cuDNN, octsam's Triton attention, inductor's Triton kernels and aten's elementwise/copy kernels). Attention comes
+#: first (the memory-efficient kernel is ``fmha_cutlass*``); cuBLAS's Hopper kernels are ``nvjet_*`` (no "gemm" in the
+#: name), CUTLASS ones ``cutlass*``, inductor's product templates ``triton_tem_fused_mm_*``: all matrix products
+#: (``tests/test_fast_attention.py`` pins these names).
 _KERNEL_CATEGORIES = (
-    ("attention", ("flash", "fmha", "attention", "flex", "cudnn_generated", "sdpa", "scaled_dot_product")),
-    ("matrix products", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "addmm", "bmm", "aten::mm", "conv")),
+    (
+        "attention",
+        (
+            "flash",
+            "fmha",
+            "attention",
+            "cudnn_generated",
+            "sdpa",
+            "scaled_dot_product",
+            "_fwd_kernel",  # octsam.models.triton_attention
+            "_bwd_dkdv_kernel",
+            "_bwd_dq_kernel",
+        ),
+    ),
+    (
+        "matrix products",
+        ("nvjet", "cutlass", "gemm", "gemv", "xmma", "cublas", "matmul", "addmm", "bmm", "aten::mm", "_mm_", "conv"),
+    ),
     ("copies / cat / layout", ("copy", "cat", "memcpy", "memset", "transpose", "permute", "fill")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
     ("normalisation / softmax", ("layer_norm", "layernorm", "softmax", "norm")),
     ("fused elementwise (triton)", ("triton_",)),
     ("elementwise", ("elementwise", "vectorized", "gelu", "add", "mul", "reduce")),
 )
+
+
+def kernel_category(name: str) -> str:
+    """The profile category of a kernel (or CPU op) name: first pattern that matches, else ``other``."""
+    low = name.lower()
+    return next((c for c, pats in _KERNEL_CATEGORIES if any(p in low for p in pats)), "other")
 
 
 def profile(fn, device: torch.device, steps: int = 2, top: int = 25) -> str:
@@ -211,8 +246,7 @@ def profile(fn, device: torch.device, steps: int = 2, top: int = 25) -> str:
     total = sum(k[1] for k in kernels) or 1.0
     categories: dict[str, float] = {}
     for name, ms, _ in kernels:
-        low = name.lower()
-        cat = next((c for c, pats in _KERNEL_CATEGORIES if any(p in low for p in pats)), "other")
+        cat = kernel_category(name)
         categories[cat] = categories.get(cat, 0.0) + ms
     lines = ["| category | ms per step | share |", "| --- | ---: | ---: |"]
     lines += [f"| {c} | {ms:.1f} | {ms / total:.0%} |" for c, ms in sorted(categories.items(), key=lambda c: -c[1])]
@@ -408,7 +442,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def exactness(args, config, device: torch.device) -> str:
     """Image-encoder outputs and gradients (input, qkv weights, rel-pos tables) of the fast path against
     transformers' fp32 (no TF32) result, in fp32 and bf16 autocast; the bf16 default is the yardstick for bf16."""
-    torch._dynamo.reset()  # compiled FlexAttention caches one entry per shape and dtype: start empty
+    torch._dynamo.reset()
     batch = max(1, min(args.batch_size, 2))
     model = build_sam(config, device)
     encoder = model.vision_encoder
@@ -423,8 +457,6 @@ def exactness(args, config, device: torch.device) -> str:
         xi = x.clone().requires_grad_(grad)
         with autocast(device, dtype), torch.set_grad_enabled(grad):
             out = encoder(xi).last_hidden_state.float()
-        if not grad:  # flex runs only without gradients
-            return out, None
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(device)
         grads = torch.autograd.grad((out * w).sum(), [xi, *watch])
         return out.detach(), torch.cat([g.flatten().float() for g in grads])
@@ -433,11 +465,9 @@ def exactness(args, config, device: torch.device) -> str:
         ref = run(None)
         rows = ["| path | dtype | output rel. err | gradient rel. err |", "| --- | --- | ---: | ---: |"]
         cases = [("default", None, None), ("fast auto", "auto", None), ("fast fold", "fold", None)]
-        cases += [("fast flex (no grad)", "flex", None)]
         if device.type == "cuda" or args.amp == "bf16":
             cases += [("default", None, torch.bfloat16), ("fast auto", "auto", torch.bfloat16)]
             cases += [("fast fold", "fold", torch.bfloat16), ("fast bias", "bias", torch.bfloat16)]
-            cases += [("fast flex (no grad)", "flex", torch.bfloat16)]
         if device.type == "cuda":
             cases += [("fast triton", "triton", None), ("fast triton", "triton", torch.bfloat16)]
         for name, mode, dtype in cases:
@@ -445,9 +475,10 @@ def exactness(args, config, device: torch.device) -> str:
             if mode:
                 enable_fast_attention(model, mode=mode)
             try:
-                out, grad = run(dtype, grad=mode != "flex")
-                grad_err = "n/a" if grad is None else f"{rel_err(grad, ref[1]):.2e}"
-                rows.append(f"| {name} | {'bf16' if dtype else 'fp32'} | {rel_err(out, ref[0]):.2e} | {grad_err} |")
+                out, grad = run(dtype)
+                rows.append(
+                    f"| {name} | {'bf16' if dtype else 'fp32'} | {rel_err(out, ref[0]):.2e} | {rel_err(grad, ref[1]):.2e} |"
+                )
             except Exception as exc:  # one failing path keeps the others' rows
                 log(traceback.format_exc())
                 rows.append(f"| {name} | {'bf16' if dtype else 'fp32'} | failed: {exc!s:.80} | |")
@@ -466,28 +497,26 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.models.sam.modeling_sam import SamVisionLayer
 
-    torch._dynamo.reset()  # compiled FlexAttention caches one entry per shape and dtype: start empty
+    torch._dynamo.reset()
     v = config.vision_config
     grid = v.image_size // v.patch_size
-    # (name, fast-attention mode, SDPA backend, FlexAttention's own backward, Triton launch configuration)
+    # (name, fast-attention mode, SDPA backend, Triton launch configuration)
     cases = [
-        ("default", None, None, False, None),
-        ("bias", "bias", None, False, None),
-        ("fold", "fold", None, False, None),
-        ("fold_flash", "fold_flash", None, False, None),
-        ("flex", "flex", None, False, None),
+        ("default", None, None, None),
+        ("bias", "bias", None, None),
+        ("fold", "fold", None, None),
+        ("fold_flash", "fold_flash", None, None),
     ]
     if device.type == "cuda":
         cases += [
-            ("fold (efficient)", "fold", SDPBackend.EFFICIENT_ATTENTION, False, None),
-            ("fold (cudnn)", "fold", SDPBackend.CUDNN_ATTENTION, False, None),
-            ("fold_flash (cudnn)", "fold_flash", SDPBackend.CUDNN_ATTENTION, False, None),
-            ("flex, flex backward", "flex", None, True, None),
-            ("triton", "triton", None, False, None),
+            ("fold (efficient)", "fold", SDPBackend.EFFICIENT_ATTENTION, None),
+            ("fold (cudnn)", "fold", SDPBackend.CUDNN_ATTENTION, None),
+            ("fold_flash (cudnn)", "fold_flash", SDPBackend.CUDNN_ATTENTION, None),
+            ("triton", "triton", None, None),
         ]
-        # untuned launch configurations of the Triton kernel: (query rows, warps, forward stages, backward stages)
+        # other launch configurations of the Triton kernel: (query rows, warps, forward stages, backward stages)
         configs = ((128, 8, 3, 1), (64, 8, 3, 1), (64, 4, 3, 2))
-        cases += [(f"triton {cfg}", "triton", None, False, cfg) for cfg in configs]
+        cases += [(f"triton {cfg}", "triton", None, cfg) for cfg in configs]
     rows = [
         "| layer | path | fwd+bwd ms | peak GiB | fwd ms (no grad) |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -498,7 +527,7 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
         with torch.device(device):
             layer = SamVisionLayer(v, window_size=window)
         x = torch.randn(args.batch_size, grid, grid, v.hidden_size, device=device)
-        for name, mode, backend, flex_grad, launch in cases:
+        for name, mode, backend, launch in cases:
             disable_fast_attention(layer)
             if mode:
                 enable_fast_attention(layer, mode=mode)
@@ -519,18 +548,11 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
                     layer(x)
 
             cells = []
-            fast_attention.FLEX_WITH_GRADIENTS = flex_grad
             saved_launch = dict(triton_attention.LAUNCH)
             if launch:
                 triton_attention.LAUNCH.update(zip(("block_m", "num_warps", "fwd_stages", "bwd_stages"), launch))
             try:
                 for fn, warm in ((step, 2), (forward, 3)):
-                    if mode == "flex" and fn is step and not flex_grad:
-                        cells += ["(as auto)", ""]  # flex trains on auto's path
-                        continue
-                    if flex_grad and fn is forward:
-                        cells.append("")
-                        continue
                     try:
                         free_memory(device)
                         if device.type == "cuda":
@@ -540,7 +562,6 @@ def layer_bench(args, config, device: torch.device, amp) -> str:
                     except Exception as exc:  # a backend that refuses these shapes
                         cells += [f"failed: {exc!s:.60}"] + ([""] if fn is step else [])
             finally:
-                fast_attention.FLEX_WITH_GRADIENTS = False
                 triton_attention.LAUNCH.update(saved_launch)
             rows.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
             log("    " + rows[-1])
@@ -648,7 +669,11 @@ def dataloader_bench(args) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "vit-base"], default="tiny")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny, vit-base, or another base: a SamModel folder or Hub id (its config, random weights)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="default: 24 (tiny), 1024 (vit-base)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 2 on the CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on the CPU)")

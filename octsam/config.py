@@ -64,8 +64,8 @@ class ModelArguments:
     attention_mode: str = field(
         default="auto",
         metadata={
-            "help": "Fast-attention mode: auto (fold on CUDA, bias elsewhere), fold, fold_flash, bias, flex "
-            "(FlexAttention at inference, auto when training) or triton (fused Triton kernel for global layers)."
+            "help": "Fast-attention mode: auto (fold on CUDA, bias elsewhere), fold, fold_flash, bias "
+            "or triton (fused Triton kernel for global layers)."
         },
     )
     unet_channels: list[int] = field(
@@ -125,7 +125,13 @@ class TrainArguments:
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU unless the launch config says), no, bf16."}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)."})
+    compile: bool = field(
+        default=True,
+        metadata={
+            "help": "torch.compile the model on CUDA (on by default there; --no-compile: off). The CPU trains "
+            "uncompiled (octsam.speed.plan_speed)."
+        },
+    )
     seed: int = field(default=42, metadata={"help": "Random seed."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, trackio, wandb or none."})

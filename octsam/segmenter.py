@@ -49,6 +49,7 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.batch_size = batch_size
+        self.compiled = False
 
     @classmethod
     def from_pretrained(
@@ -65,7 +66,7 @@ class Segmenter:
         """Load an adapter folder or Hub repo; LoRA is merged into the base weights unless ``merge=False``.
 
         ``fast_attention``: True (mode ``auto``), False (transformers' attention) or an ``octsam.models.fast_attention``
-        mode such as ``"flex"``. ``compile``: ``torch.compile`` the image encoder (see ``compile_encoder``).
+        mode such as ``"fold"``. ``compile``: ``torch.compile`` the image encoder (see ``compile_encoder``).
         """
         model = load_model(adapter, revision=revision, base_model=base_model)
         if merge:
@@ -84,12 +85,14 @@ class Segmenter:
 
         On the CPU inductor also *freezes* the weights (constant-folds them and pre-packs them for oneDNN): SAM
         ViT-B took 12.2 instead of 12.7 s per B-scan on 2 cores (benchmarks/RESULTS.md). The first batch of each
-        new batch size compiles (about a minute for ViT-B on 2 cores), so it pays for many B-scans, not for one.
+        new batch size would compile again (about a minute for ViT-B on 2 cores), so a short last batch is padded to
+        ``batch_size``; it pays for many B-scans, not for one.
         """
         if self.config.architecture != "sam":
             return  # the U-Net baseline is small; nothing to gain
         options = {"freezing": True} if self.device.type == "cpu" else None
         self.model.core.vision_encoder.compile(dynamic=False, options=options)
+        self.compiled = True
 
     def segment_volume(self, volume):
         """Segment every B-scan of an ``octsam.volumes.OctVolume`` and measure it per eye (mm³ per biomarker, 3-D
@@ -108,9 +111,11 @@ class Segmenter:
         prompts: list[list[Prompt] | None] | None = None,
         return_probabilities: bool = False,
         multimask: bool = False,
+        prepared: list[torch.Tensor] | None = None,
     ) -> list[SegmentationResult]:
         """Segment ``images`` (paths, PIL images or arrays). ``prompts`` gives a list of ``Prompt`` per image
-        (prompted mode); ``multimask`` picks the best of SAM's 3 masks by predicted IoU (zero-shot protocol)."""
+        (prompted mode); ``multimask`` picks the best of SAM's 3 masks by predicted IoU (zero-shot protocol).
+        ``prepared``: ``prepare(image)`` of each image, done ahead (e.g. in reader threads), else done here."""
         from octsam.data.dataset import read_scan
 
         arrays = [to_uint8_image(read_scan(i) if isinstance(i, (str, os.PathLike)) else i) for i in images]
@@ -120,22 +125,33 @@ class Segmenter:
         for start in range(0, len(arrays), self.batch_size):
             batch = arrays[start : start + self.batch_size]
             batch_prompts = prompts[start : start + self.batch_size] if prompts is not None else None
-            results.extend(self._predict_batch(batch, batch_prompts, return_probabilities, multimask))
+            batch_prepared = prepared[start : start + self.batch_size] if prepared is not None else None
+            results.extend(self._predict_batch(batch, batch_prompts, return_probabilities, multimask, batch_prepared))
         return results
 
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """A uint8 B-scan -> the model's uint8 input (C, S, S), resized: CPU work that can run ahead of the model."""
+        return image_tensor(resize_image(to_uint8_image(image), self.config.image_size, self.config.resize))
+
     @torch.inference_mode()
-    def class_logits(self, arrays: list[np.ndarray], prompts=None, multimask: bool = False) -> torch.Tensor:
+    def class_logits(
+        self, arrays: list[np.ndarray], prompts=None, multimask: bool = False, prepared: list | None = None
+    ) -> torch.Tensor:
         """(B, K, h, w) class logits at the model's output resolution for a batch of uint8 images."""
-        size = self.config.image_size
-        tensors = [image_tensor(resize_image(a, size, self.config.resize)) for a in arrays]
+        tensors = list(prepared) if prepared is not None else [self.prepare(a) for a in arrays]
         channels = max(t.shape[0] for t in tensors)
+        count = len(tensors)
+        if self.compiled and count < self.batch_size:
+            # The compiled encoder is specialised to one batch size: a short (last) batch is padded with copies of
+            # its last image instead of compiling again, and their outputs are dropped.
+            tensors += [tensors[-1]] * (self.batch_size - count)
         pixels = torch.stack([t.expand(channels, -1, -1) for t in tensors]).to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             pixel_values = self.model.preprocess(pixels)
             if prompts is None:
                 logits, _ = self.model(pixel_values)
-                return logits.float()
-            embeddings = self.model.image_embeddings(pixel_values)
+                return logits[:count].float()
+            embeddings = self.model.image_embeddings(pixel_values)[:count]
             return torch.cat(
                 [
                     self._prompted_logits(embeddings[i : i + 1], arrays[i].shape[:2], prompts[i], multimask)
@@ -184,7 +200,7 @@ class Segmenter:
         return class_logits_from_prompts(logits, classes_t, torch.ones_like(classes_t, dtype=torch.bool), num_classes)
 
     def to_native(self, logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """(1, K, h, w) logits in the model's input frame -> (1, K, H, W) on the B-scan: the valid region (all of it
+        """(B, K, h, w) logits in the model's input frame -> (B, K, H, W) on the B-scan: the valid region (all of it
         when stretched, the unpadded part when padded) resized bilinearly."""
         size = self.config.image_size
         _, _, height, width = input_frame(shape, size, self.config.resize)
@@ -194,16 +210,23 @@ class Segmenter:
             logits = logits[..., :height, :width]
         return F.interpolate(logits, size=tuple(shape), mode="bilinear", align_corners=False)
 
-    def _predict_batch(self, arrays, prompts, return_probabilities: bool, multimask: bool):
-        logits = self.class_logits(arrays, prompts, multimask)
-        results = []
+    def _predict_batch(self, arrays, prompts, return_probabilities: bool, multimask: bool, prepared=None):
+        logits = self.class_logits(arrays, prompts, multimask, prepared)
+        results: list[SegmentationResult | None] = [None] * len(arrays)
+        # B-scans of one size are upsampled together and copied to the host in one transfer (a batch from one
+        # device usually shares a size); the per-image arithmetic is the same as one at a time.
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, array in enumerate(arrays):
-            native = self.to_native(logits[i : i + 1], array.shape[:2])
-            mask = predict_index_mask(native)[0].to(torch.uint8).cpu().numpy()
+            groups.setdefault(tuple(array.shape[:2]), []).append(i)
+        for size, indices in groups.items():
+            index = torch.tensor(indices, device=logits.device)
+            native = self.to_native(logits.index_select(0, index), size)
+            masks = predict_index_mask(native).to(torch.uint8).cpu().numpy()
             probs = None
             if return_probabilities:
-                probs = class_probabilities(native, self.config.class_activation)[0].half().cpu().numpy()
-            results.append(SegmentationResult(mask=mask, probabilities=probs))
+                probs = class_probabilities(native, self.config.class_activation).half().cpu().numpy()
+            for j, i in enumerate(indices):
+                results[i] = SegmentationResult(mask=masks[j], probabilities=None if probs is None else probs[j])
         return results
 
     # ----------------------------------------------------------------- interactive use (octsam.app)

@@ -3,6 +3,7 @@ gradient checkpointing, torch.compile and DDP; switching it on and off changes n
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -85,60 +86,6 @@ def test_single_layer_matches(layer, inputs):
     for mode in ("fold", "fold_flash", "bias"):
         enable_fast_attention(block, mode=mode)
         assert_same(ref, run())
-
-
-def _count_flex_calls(monkeypatch) -> list[int]:
-    """Spy on the FlexAttention path (it still runs) so a test can tell it ran rather than a fallback."""
-    calls = [0]
-    original = FastSamVisionAttention._flex_attention
-
-    def spy(self, *args, **kwargs):
-        calls[0] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(FastSamVisionAttention, "_flex_attention", spy)
-    return calls
-
-
-@pytest.mark.parametrize("window_size", [4, 5], ids=["window-divides", "window-pads"])
-@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
-def test_flex_inference_matches_transformers(window_size, lora, inputs, monkeypatch):
-    """``flex`` adds the bias per score inside FlexAttention (no gradients): windowed and global layers, with and
-    without LoRA, batch 2, random non-zero rel-pos tables."""
-    model = lora_sam(window_size) if lora else tiny_sam(window_size)
-    encoder = model.base_model.model.vision_encoder if lora else model.vision_encoder
-    with torch.no_grad():
-        ref = encoder(inputs[0]).last_hidden_state
-    calls = _count_flex_calls(monkeypatch)
-    enable_fast_attention(model, mode="flex")
-    with torch.no_grad():
-        out = encoder(inputs[0]).last_hidden_state
-    assert calls[0] == 2, "both layers must take the FlexAttention path without gradients"
-    assert rel_err(out, ref) <= TOL
-
-
-def test_flex_with_gradients_falls_back_exactly(inputs, monkeypatch):
-    """Training under ``flex`` takes ``auto``'s path (FlexAttention has no CPU backward and would scatter the
-    bias gradient with atomics): outputs and gradients still match transformers."""
-    model = tiny_sam(window_size=5)
-    ref = encoder_out_and_grads(model, *inputs)
-    calls = _count_flex_calls(monkeypatch)
-    enable_fast_attention(model, mode="flex")
-    assert_same(ref, encoder_out_and_grads(model, *inputs))
-    assert calls[0] == 0
-
-
-def test_flex_traces_without_graph_breaks(inputs):
-    """FlexAttention inside a compiled model (fullgraph: a graph break fails), no gradients."""
-    model = tiny_sam(window_size=5)
-    enable_fast_attention(model, mode="flex")
-    torch.manual_seed(5)
-    for block in model.vision_encoder.layers:
-        x = torch.randn(2, IMAGE // 2, IMAGE // 2, 36)
-        torch._dynamo.reset()
-        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-        with torch.no_grad():
-            assert rel_err(compiled(x), block(x)) <= TOL
 
 
 def test_eager_attention_class_is_switched_and_restored(inputs):
@@ -315,21 +262,75 @@ def test_throughput_benchmark_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "table.md"
-    argv = ["--model", "tiny", "--device", "cpu", "--variants", "default,fast,fast:flex", "--steps", "1"]
+    argv = ["--model", "tiny", "--device", "cpu", "--variants", "default,fast,fast:fold", "--steps", "1"]
     argv += ["--warmup", "0", "--check-exact", "--dataloader", "synthetic", "--workers", "0", "--loader-images", "4"]
     argv += ["--loader-size", "64", "--profile", "fast", "--layer-bench", "--layer-steps", "1", "--out", str(out)]
     assert bench.main(argv) == 0
     text = out.read_text()
     table = text.split("\n\n")[0].splitlines()
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| default", "| fast", "| fast:flex"]
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| default", "| fast", "| fast:fold"]
     for row in table[2:]:  # train img/s, step ms and infer img/s are numbers
         cells = row.strip("| ").split(" | ")
         assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0
     assert "model FLOPs per image: training step" in text and "Exactness" in text and "Data loader alone" in text
-    assert "| fast flex (no grad) | fp32 |" in text and "| global | flex | (as auto) |" in text
+    assert "| fast fold | fp32 |" in text and "| global | fold |" in text and "flex" not in text
     assert "Profile of one `fast` training step" in text and "| matrix products |" in text
     with pytest.raises(SystemExit):  # a profile of a variant that does not run is refused up front
         bench.parse_args(["--variants", "default", "--profile", "fast"])
+
+
+@functools.cache
+def _throughput_bench():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "throughput_bench_cat", str(REPO_ROOT / "benchmarks" / "throughput.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize(
+    "name, category",
+    [
+        ("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matrix products"),
+        ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopB_NNT", "matrix products"),
+        (
+            "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_256x128x64_1x2x1_0_tnn_align8_warpspecialized",
+            "matrix products",
+        ),
+        (
+            "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>(...)",
+            "matrix products",
+        ),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matrix products"),
+        ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x4_tn", "matrix products"),
+        ("triton_tem_fused_mm_t_0", "matrix products"),
+        (
+            "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)",
+            "attention",
+        ),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 32, 4>, false>(...)", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+        ("_bwd_dkdv_kernel", "attention"),
+        ("_bwd_dq_kernel", "attention"),
+        ("_fwd_kernel", "attention"),
+        ("void at::native::elementwise_kernel<128, 2, ...>", "elementwise"),
+        ("triton_poi_fused_add_gelu_3", "fused elementwise (triton)"),
+        ("triton_per_fused_native_layer_norm_5", "normalisation / softmax"),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>", "copies / cat / layout"),
+        ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda...>", "copies / cat / layout"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("something_new", "other"),
+    ],
+)
+def test_profile_kernel_categories(name, category):
+    """The profile files each kernel by name: cuBLAS (``nvjet_*``), CUTLASS and ``*gemm*`` kernels are matrix
+    products, attention kernels (including octsam's Triton ones and ``fmha_cutlass*``) attention."""
+    assert _throughput_bench().kernel_category(name) == category
 
 
 def test_layer_subclass_keeps_its_class_and_stays_exact(inputs):
@@ -345,3 +346,16 @@ def test_layer_subclass_keeps_its_class_and_stays_exact(inputs):
     assert enable_fast_attention(model, mode="fold") == 2
     assert all(type(layer) is WrappedLayer for layer in model.vision_encoder.layers)
     assert_same(ref, encoder_out_and_grads(model, *inputs))
+
+
+def test_throughput_benchmark_takes_another_base(tiny_base):
+    """``--model FOLDER``: the benchmark builds that base's architecture (random weights), e.g. a base added later."""
+    from transformers import SamConfig
+
+    config = _throughput_bench().sam_config(tiny_base, None)
+    saved = SamConfig.from_pretrained(tiny_base)
+    assert config.vision_config.hidden_size == saved.vision_config.hidden_size
+    assert config.vision_config.image_size == saved.vision_config.image_size
+    assert _throughput_bench().sam_config(tiny_base, 32).vision_config.image_size == 32
+    with pytest.raises(SystemExit):
+        _throughput_bench().sam_config("/nonexistent/base", None)

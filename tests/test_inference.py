@@ -384,7 +384,7 @@ def test_cli_on_real_duke_bscans(adapter, tmp_path, capsys):
 
 
 def test_attention_paths_and_compiled_encoder_agree(adapter):
-    """transformers' attention, the fast path (auto and flex) and the inductor-compiled, weight-frozen encoder
+    """transformers' attention, the fast path (auto and fold) and the inductor-compiled, weight-frozen encoder
     give the same logits."""
     from octsam.models.fast_attention import fast_attention_mode
 
@@ -393,7 +393,7 @@ def test_attention_paths_and_compiled_encoder_agree(adapter):
     assert fast_attention_mode(plain.model) is None
     reference = plain.class_logits(images)
     assert reference.abs().max() > 0.1
-    for mode in (True, "flex"):
+    for mode in (True, "fold"):
         segmenter = Segmenter.from_pretrained(adapter, device="cpu", fast_attention=mode)
         assert fast_attention_mode(segmenter.model) == ("auto" if mode is True else mode)
         assert torch.allclose(segmenter.class_logits(images), reference, atol=1e-5, rtol=0)
@@ -413,7 +413,7 @@ def test_cli_attention_flags_give_the_same_masks(adapter, tmp_path, capsys):
     runs = {
         "default": ([], "octsam fast (auto)", False),
         "transformers": (["--no-fast-attention"], "transformers", False),
-        "flex": (["--attention-mode", "flex"], "octsam fast (flex)", False),
+        "fold": (["--attention-mode", "fold"], "octsam fast (fold)", False),
         "compiled": (["--compile"], "octsam fast (auto)", True),
     }
     masks = {}
@@ -493,3 +493,74 @@ def test_cli_on_volumes_writes_eye_reports(adapter, tmp_path, capsys):
         ["--adapter", adapter, "--input", folder, "--output", tmp_path / "g", "--spacing", "0,1"], capsys
     )
     assert code == 2 and "spacing" in err.lower() and not (tmp_path / "g").exists()
+
+
+def _overlay_reference(image, mask, alpha=0.45):
+    """``overlay`` as it was written first (whole-image float64 blend, scipy erosion), the yardstick of the fast one."""
+    from scipy import ndimage
+
+    from octsam.evaluation.plots import class_color
+
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    out = rgb.astype(np.float64)
+    for c in [int(c) for c in np.unique(mask) if c != 0]:
+        region = mask == c
+        color = np.array(class_color(c), dtype=np.float64)
+        out[region] = (1.0 - alpha) * out[region] + alpha * color
+        if c != 255:
+            out[region & ~ndimage.binary_erosion(region)] = color
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def test_overlay_is_bit_identical_to_the_whole_image_blend():
+    """The overlay blends only class pixels and erodes with OpenCV: the same pixels as the original, borders at the
+    image edge and ignored (255) pixels included."""
+    rng = np.random.default_rng(7)
+    for shape in [(37, 53), (5, 7), (64, 64, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        mask = rng.choice([0, 0, 1, 2, 3, 255], size=shape[:2]).astype(np.uint8)
+        mask[: shape[0] // 2, : shape[1] // 2] = 1  # a block touching the image edge
+        np.testing.assert_array_equal(overlay(image, mask, ["bg", "a", "b", "c"]), _overlay_reference(image, mask))
+
+
+def test_parallel_writers_are_deterministic_and_summary_is_natural(adapter, tmp_path, capsys):
+    """Three readers and three writer processes write the same files as one reader and one writer thread;
+    summary.csv lists B-scans in natural order (Image 1, Image 2, Image 10); run.json reports each stage's time."""
+    src = tmp_path / "scans"
+    src.mkdir()
+    for i in (10, 1, 2, 11, 3):
+        Image.fromarray(scan(24, 30, seed=i)).save(src / f"Image {i}.png")
+    outputs = {}
+    for workers, kind in (("1", "thread"), ("3", "process")):
+        out = tmp_path / f"out{workers}"
+        flags = ["--read-workers", workers, "--write-workers", workers, "--writer", kind, "--batch-size", "2"]
+        code, err = run_cli(["--adapter", adapter, "--input", src, "--output", out, "--quiet", *flags], capsys)
+        assert code == 0, err
+        outputs[workers] = out
+    names = [r["scan"] for r in read_summary(outputs["3"] / "summary.csv")]
+    assert names == ["Image 1", "Image 2", "Image 3", "Image 10", "Image 11"]
+    for sub in ("masks", "overlays"):
+        for f in sorted((outputs["1"] / sub).iterdir()):
+            assert f.read_bytes() == (outputs["3"] / sub / f.name).read_bytes(), f
+    assert (outputs["1"] / "summary.csv").read_text() == (outputs["3"] / "summary.csv").read_text()
+    timings = json.loads((outputs["3"] / "run.json").read_text())["timings"]
+    for key in ("read_s_per_scan", "predict_s_per_scan", "write_s_per_scan", "scans_per_s", "steady_scans_per_s"):
+        assert timings[key] > 0, timings
+    assert timings["compile_s"] is None  # CPU, 5 B-scans: not compiled
+
+
+def test_short_batch_of_a_compiled_segmenter_is_padded(adapter):
+    """A compiled encoder is specialised to its batch size: the last, short batch is padded (same logits)."""
+    images = [scan(40, 48, seed=i) for i in range(3)]
+    plain = Segmenter.from_pretrained(adapter, device="cpu", batch_size=4)
+    reference = plain.class_logits(images)
+    seen = []
+    encoder = plain.model.core.vision_encoder
+    hook = encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    plain.compiled = True  # as after compile_encoder(), without compiling
+    try:
+        padded = plain.class_logits(images)
+    finally:
+        hook.remove()
+    assert seen == [4] and padded.shape[0] == 3
+    assert torch.allclose(padded, reference, atol=1e-5, rtol=0)

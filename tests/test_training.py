@@ -135,6 +135,11 @@ def test_early_stopping_stops_after_patience(tmp_path, shape_dataset, tiny_base)
     results = train(model_args, data_args, train_args)
     # With lr 0 the validation Dice never improves after epoch 1: epochs 2 and 3 use up the patience.
     assert results["stopped_early"] and results["epochs_trained"] == 3 and results["best_epoch"] == 1
+    # training speed per epoch, measured by the loop itself, in the results a user reads (no profiler needed)
+    on_disk = json.loads((out / "all_results.json").read_text())
+    for key in ("train_images_per_s_per_epoch", "train_images_per_s_after_first_step_per_epoch"):
+        assert len(on_disk[key]) == 3 and all(v > 0 for v in on_disk[key]), on_disk
+    assert "compile_s" not in on_disk  # the CPU trains uncompiled by default
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["epoch-0001", "epoch-0002", "epoch-0003"]  # best + latest + 2 kept
 

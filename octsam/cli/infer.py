@@ -9,6 +9,7 @@ from octsam.errors import cli_main
 from octsam.infer.run import run
 from octsam.infer.volumes import run_volumes, wants_volumes
 from octsam.models import ATTENTION_MODES
+from octsam.speed import COMPILE_MIN_SCANS
 
 EPILOG = """examples:
   python inference.py --adapter ORG/NAME --input scans/ --output predictions/
@@ -82,13 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-mode",
         default="auto",
         choices=list(ATTENTION_MODES),
-        help="Fast-attention mode (octsam.models.fast_attention): auto picks per device; flex is FlexAttention (GPU).",
+        help="Fast-attention mode (octsam.models.fast_attention): auto picks per device and layer (CUDA: the Triton "
+        "kernel where a layer qualifies, the fold elsewhere; CPU: the bias).",
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the image encoder (on the CPU with frozen weights): faster for many B-scans, "
-        "about a minute of compilation first.",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the image encoder (on the CPU with frozen weights). Default: on with CUDA for more "
+        f"than {COMPILE_MIN_SCANS} B-scans (compilation takes tens of seconds once), off otherwise; --no-compile "
+        "turns it off.",
+    )
+    p.add_argument(
+        "--read-workers",
+        type=int,
+        default=None,
+        help="Threads that read, decode and resize B-scans ahead of the model (default: CPUs, at most 4).",
+    )
+    p.add_argument(
+        "--write-workers",
+        type=int,
+        default=None,
+        help="Workers that write masks, overlays and areas while the model runs (default: CPUs - 4, 1 to 16).",
+    )
+    p.add_argument(
+        "--writer",
+        default="auto",
+        choices=["auto", "thread", "process"],
+        help="Writer workers as threads or processes (auto: processes with a GPU, threads on the CPU).",
     )
     p.add_argument("--quiet", action="store_true", help="No progress bars (also none while loading weights).")
     return p

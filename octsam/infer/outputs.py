@@ -4,6 +4,7 @@ folder that is swapped into place only when complete."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import numpy as np
 from octsam.errors import OctSamError
 from octsam.folders import remove_stale_staging, staging_path, swap_into_place
 from octsam.infer.inputs import ScanInput
+from octsam.infer.overlay import overlay_with_legend
 
-LEGEND_FONT_PT = 9
+PNG_LEVEL = 1  # zlib level of written PNGs
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -28,57 +30,17 @@ def class_areas(mask: np.ndarray, num_labels: int) -> tuple[list[int], list[int]
     return areas, components
 
 
-def overlay_with_legend(image: np.ndarray, mask: np.ndarray, labels: list[str]) -> np.ndarray:
-    """``octsam.evaluation.plots.overlay`` at native size with the class legend in a white strip below (RGB uint8).
-
-    The top-left H x W pixels are exactly the overlay; the canvas is widened only when the legend needs more room
-    than a narrow B-scan gives.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from octsam.evaluation.plots import add_legend, overlay
-
-    blended = overlay(image, mask, labels)
-    height, width = blended.shape[:2]
-    names = labels[1:]
-    entry_px = 34 + 7 * max(len(n) for n in names)
-    canvas_w = max(width, entry_px)
-    ncol = max(1, min(len(names), canvas_w // entry_px))
-    rows = -(-len(names) // ncol)
-    strip = 10 + 18 * rows
-    canvas_h = height + strip
-    dpi = 100
-    fig = Figure(figsize=(canvas_w / dpi, canvas_h / dpi), dpi=dpi, facecolor="white")
-    ax = fig.add_axes((0, strip / canvas_h, width / canvas_w, height / canvas_h))
-    ax.imshow(blended, interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
-    add_legend(
-        fig,
-        labels,
-        loc="lower left",
-        bbox_to_anchor=(0, 0),
-        ncol=ncol,
-        fontsize=LEGEND_FONT_PT,
-        handlelength=1.2,
-        handleheight=0.9,
-        borderaxespad=0.3,
-        columnspacing=1.0,
-        borderpad=0.2,
-    )
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())
-    out = np.ascontiguousarray(rgba[..., :3])
-    out[:height, :width] = blended  # exact pixels (the rendered image is the same; this rules out resampling)
-    return out
-
-
 def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
+    """PNG through OpenCV at zlib level 1 (the same pixels as PIL's default level 6 at a quarter of the time, and
+    for noisy B-scans no bigger; benchmarks/RESULTS.md). RGB arrays are written as RGB."""
+    import cv2
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, optimize=False)
+    pixels = array[..., ::-1] if array.ndim == 3 else array  # OpenCV writes BGR
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(pixels), [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+    if not ok:
+        raise OctSamError(f"could not encode {path.name} as PNG")
+    path.write_bytes(data.tobytes())
 
 
 def prepare_output(output: str, overwrite: bool) -> tuple[Path, Path]:
@@ -122,7 +84,15 @@ def _write_scan(out: Path, scan: ScanInput, image: np.ndarray, result, labels: l
     return row
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: "Image 2" before "Image 10" (case-insensitive otherwise)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+
+
 def _write_summary(path: Path, rows: list[dict], failures: list[dict], labels: list[str], spacing) -> None:
+    """One row per segmented B-scan in natural order of its name, then one per failed B-scan (same order)."""
+    rows = sorted(rows, key=lambda r: natural_key(r["scan"]))
+    failures = sorted(failures, key=lambda f: natural_key(f["scan"]))
     columns = ["scan", "source", "height", "width"]
     for name in labels[1:]:
         columns += [f"{name}_area_px"] + ([f"{name}_area_mm2"] if spacing else []) + [f"{name}_components"]

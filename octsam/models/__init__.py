@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 
 #: Modes of octsam's exact fast attention for SAM's image encoder (``octsam.models.fast_attention``); listed here,
 #: without importing torch, so that command lines can offer them in ``--help`` cheaply.
-ATTENTION_MODES = ("auto", "fold", "fold_flash", "bias", "flex", "triton")
+ATTENTION_MODES = ("auto", "fold", "fold_flash", "bias", "triton")
 
 
 def load_model(

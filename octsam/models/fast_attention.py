@@ -21,14 +21,10 @@ back to the image layout by the one copy that merges the heads.
 
 The fold adds arithmetic (the q.k product is three times wider), which pays on a GPU, where the materialised
 bias is the bottleneck, but not on a CPU, where matrix products are the bottleneck (benchmarks/RESULTS.md: 12.5 s instead of
-10.5 s per B-scan). ``mode="auto"`` therefore folds on CUDA and, elsewhere, adds the bias through SDPA's
-``attn_mask`` exactly as transformers does, without the window copies.
-
-``mode="flex"`` (opt-in, for inference on a GPU) keeps the head dimension at 64: without gradients the bias is
-added to each score inside a fused FlexAttention kernel (``torch.nn.attention.flex_attention`` with a
-``score_mod`` that reads ``q . Rh`` and ``q . Rw``), so the global layers do a third of the folded q.k work and
-build no q'/k'. With gradients (training) it falls back to ``auto``'s choice: FlexAttention's backward would
-scatter the bias gradient with one atomic add per score, and has no CPU implementation.
+10.5 s per B-scan). ``mode="auto"`` therefore, on CUDA, runs the fused Triton kernel
+(``octsam.models.triton_attention``: the bias added per score tile at head dim 64) in the global layers it handles
+and folds the others (windowed layers); elsewhere it adds the bias through SDPA's ``attn_mask`` exactly as
+transformers does, without the window copies.
 
 Parameter names, shapes and state-dict keys do not change (only the module classes are swapped), so PEFT LoRA
 on ``qkv`` keeps wrapping the same ``nn.Linear`` and adapters load into either path. Switch before
@@ -36,8 +32,6 @@ on ``qkv`` keeps wrapping the same ``nn.Linear`` and adapters load into either p
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +43,15 @@ from octsam.models import ATTENTION_MODES
 
 __all__ = ["MODES", "FastSamVisionAttention", "disable_fast_attention", "enable_fast_attention", "fast_attention_mode"]
 
-#: ``auto``: ``fold_flash`` on CUDA in fp16/bf16, ``fold`` on CUDA in fp32, ``bias`` elsewhere.
+#: ``auto``: on CUDA ``triton`` where a layer qualifies and otherwise ``fold_flash`` (fp16/bf16) or ``fold`` (fp32) -
+#: the fastest exact combination measured on an H200 (benchmarks/RESULTS.md); ``bias`` elsewhere.
 #: ``fold``: relative-position bias folded into q/k (value left at its own width: SDPA picks the
 #: memory-efficient or cuDNN kernel). ``fold_flash``: same, with the value zero-padded to the q/k width so
 #: that FlashAttention-2 qualifies (it needs equal head dims, at most 256). ``bias``: the bias is built as in
-#: transformers and passed to SDPA as ``attn_mask``. ``flex``: without gradients, FlexAttention adds the bias
-#: inside the kernel at the model's own head dim (compiled on CUDA; uncompiled, slow but exact, elsewhere unless
-#: the whole model runs under ``torch.compile``); with gradients, as ``auto``.
+#: transformers and passed to SDPA as ``attn_mask``.
 #: ``triton``: global layers whose grid width is a power of two (64 at 1024) run ``octsam.models.triton_attention``, a
 #: fused kernel that adds the bias per score tile at the model's head dim, with its own backward (CUDA; Triton's
-#: interpreter on the CPU); other layers as ``auto``.
+#: interpreter on the CPU); other layers fold (CUDA) or add the bias (elsewhere).
 MODES = ATTENTION_MODES
 
 _FLASH_MAX_HEAD_DIM = 256
@@ -83,18 +76,18 @@ def _rel_pos_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
     return rel_pos[index]
 
 
-#: Benchmark switch: let ``flex`` run with gradients too (FlexAttention's own backward, CUDA only), to measure
-#: the atomic-add bias gradient against the fold (``benchmarks/throughput.py --layer-bench``).
-FLEX_WITH_GRADIENTS = False
-
-
 def _resolve_mode(mode: str, qkv: torch.Tensor) -> str:
-    if mode == "flex" and torch.is_grad_enabled() and qkv.requires_grad and not FLEX_WITH_GRADIENTS:
-        mode = "auto"
+    """``auto`` on CUDA is ``triton`` (the fastest exact path measured: forward checks per layer whether the kernel
+    applies and folds otherwise); on other devices ``bias``."""
     if mode != "auto":
         return mode
-    if qkv.device.type == "cuda":
-        return "fold_flash" if qkv.dtype in (torch.float16, torch.bfloat16) else "fold"
+    return "triton" if qkv.device.type == "cuda" else "bias"
+
+
+def _fallback_mode(query: torch.Tensor) -> str:
+    """Where the Triton kernel does not apply: the fold on CUDA (flash-padded in fp16/bf16), the bias elsewhere."""
+    if query.device.type == "cuda":
+        return "fold_flash" if query.dtype in (torch.float16, torch.bfloat16) else "fold"
     return "bias"
 
 
@@ -145,14 +138,12 @@ class FastSamVisionAttention(SamVisionAttention):
             from octsam.models import triton_attention
 
             if dropout or not triton_attention.qualifies(query, grid_h, grid_w):
-                mode = _resolve_mode("auto", query)  # e.g. windowed layers: the kernel needs a power-of-two grid
+                mode = _fallback_mode(query)  # e.g. windowed layers: the kernel needs a power-of-two grid
 
         if mode == "bias" or not self.use_rel_pos:
             out = self._bias_attention(query, key, value, groups, tokens, dropout)
         elif mode in ("fold", "fold_flash"):
             out = self._folded_attention(query, key, value, groups, tokens, dropout, mode == "fold_flash")
-        elif mode == "flex":
-            out = self._flex_attention(query, key, value, groups, tokens)
         elif mode == "triton":
             out = self._triton_attention(query, key, value, groups, tokens)
         else:
@@ -229,20 +220,6 @@ class FastSamVisionAttention(SamVisionAttention):
         rel_h, rel_w = self._rel_terms(query, 1.0)
         return rel_h.reshape(groups, heads, tokens, grid_h), rel_w.reshape(groups, heads, tokens, grid_w)
 
-    def _flex_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int
-    ) -> torch.Tensor:
-        """Attention with the bias added per score inside FlexAttention (no gradients; see the module docstring)."""
-        heads, grid_w = query.shape[3], query.shape[-2]
-        rel_h, rel_w = self._flat_rel_terms(query, groups, tokens)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            # key token kv_idx sits at (row, column) = divmod(kv_idx, grid_w) of its window or grid.
-            return score + rel_h[b, h, q_idx, kv_idx // grid_w] + rel_w[b, h, q_idx, kv_idx % grid_w]
-
-        query, key, value = (t.reshape(groups, heads, tokens, -1) for t in (query, key, value))
-        return _flex(query, key, value, score_mod=score_mod, scale=self.scale)
-
     def _triton_attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, tokens: int
     ) -> torch.Tensor:
@@ -253,25 +230,6 @@ class FastSamVisionAttention(SamVisionAttention):
         rel_h, rel_w = self._flat_rel_terms(query, groups, tokens)
         query, key, value = (t.reshape(groups, heads, tokens, -1) for t in (query, key, value))
         return triton_attention.relpos_attention(query, key, value, rel_h, rel_w, self.scale)
-
-
-_COMPILED_FLEX = None
-
-
-def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
-    """FlexAttention: compiled (one fused kernel) on CUDA or inside ``torch.compile``, uncompiled elsewhere."""
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if torch.compiler.is_compiling():  # the enclosing torch.compile fuses it
-        return flex_attention(query, key, value, **kwargs)
-    if query.device.type != "cuda":
-        with warnings.catch_warnings():  # uncompiled flex warns that it is slow; it is exact, which tests need
-            warnings.simplefilter("ignore", UserWarning)
-            return flex_attention(query, key, value, **kwargs)
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX(query, key, value, **kwargs)
 
 
 class FastSamVisionLayer(SamVisionLayer):

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -282,7 +283,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         num_warmup_steps=int(train_args.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    if train_args.compile:
+    from octsam.speed import plan_speed
+
+    speed = plan_speed(
+        accelerator.device.type,
+        "train",
+        fast_attention=model_args.fast_attention,
+        attention_mode=model_args.attention_mode,
+        compile=None if train_args.compile else False,
+        architecture=model_args.model,
+    )
+    logger.info(
+        f"attention: {'transformers' if speed.attention is None else 'octsam fast (' + speed.attention + ')'}; "
+        f"torch.compile {'on' if speed.compile else 'off'} ({speed.why})"
+    )
+    if speed.compile:
         model = torch.compile(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     loss_fn = SegmentationLoss(config.class_activation, train_args.dice_weight, train_args.ce_weight)
@@ -315,6 +330,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model.train()
     stopped_early = False
     first_epoch = state["epoch"]
+    speed_log = {"compiled": speed.compile, "compile_reported": False}
     for epoch in range(first_epoch, train_args.num_train_epochs):
         if train_args.stop_after_epochs is not None and epoch >= train_args.stop_after_epochs:
             logger.info(f"stopping after epoch {epoch} as asked (--stop-after-epochs)")
@@ -335,15 +351,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             epoch,
             out,
             steps_per_epoch,
+            speed_log,
         )
         metrics = validate(accelerator, model, val_loader, loss_fn, config.mode, config.num_labels)
         metrics.update(epoch=epoch + 1, train_loss=epoch_loss, lr=scheduler.get_last_lr()[0])
+        metrics.update({k: speed_log[k] for k in ("train_images_per_s", "train_images_per_s_after_first_step")})
+        if "compile_s" in speed_log:
+            state.setdefault("compile_s", speed_log["compile_s"])
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
         per_class = ", ".join(f"{n} {d:.3f}" for n, d in zip(config.labels[1:], metrics["val_dice_per_class"]))
         logger.info(
             f"epoch {epoch + 1}: train loss {epoch_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
-            f"val mean Dice {metrics['val_mean_dice']:.4f} ({per_class})"
+            f"val mean Dice {metrics['val_mean_dice']:.4f} ({per_class}); "
+            f"{metrics['train_images_per_s']:.1f} training images/s "
+            f"({metrics['train_images_per_s_after_first_step']:.1f} after the epoch's first step)"
         )
         log = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         log.update({f"val_dice/{n}": d for n, d in zip(config.labels[1:], metrics["val_dice_per_class"])})
@@ -383,14 +405,26 @@ def train_one_epoch(
     epoch,
     out,
     steps_per_epoch,
+    speed_log: dict | None = None,
 ) -> float:
-    """One pass over the training data; returns the mean training loss. Stops the run on a non-finite loss."""
+    """One pass over the training data; returns the mean training loss. Stops the run on a non-finite loss.
+
+    ``speed_log`` receives the epoch's training images/s (all processes; data loading included, validation not),
+    once over the whole epoch and once after its first step (which holds the compilation in a compiled run), and
+    ``compile_s`` (the first step of a compiled run, logged once). One device sync after the first step of an
+    epoch is the only one this adds; the epoch's end syncs anyway (the loss reduce).
+    """
+    speed_log = {} if speed_log is None else speed_log
     total = torch.zeros((), device=accelerator.device)
     count = 0
     first_bad = None
     epoch_steps = 0
+    images = 0
+    first_images, after_first = 0, None
+    started = time.perf_counter()
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
     for batch in loader:
+        images += int(batch["pixels"].shape[0])
         with accelerator.accumulate(model):
             kind = pick_prompt_kind(data_args, train_args.seed, epoch, state["global_step"])
             loss, _ = compute_loss(model, batch, loss_fn, config.mode, kind)
@@ -404,6 +438,13 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         total += loss.detach().float()
         count += 1
+        if after_first is None:
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize(accelerator.device)
+            after_first, first_images = time.perf_counter(), images
+            if speed_log.get("compiled") and not speed_log.get("compile_reported"):
+                speed_log.update(compile_s=after_first - started, compile_reported=True)
+                logger.info(f"torch.compile: the first training step took {after_first - started:.1f} s (compilation)")
         if accelerator.sync_gradients:
             scheduler.step()
             state["global_step"] += 1
@@ -418,7 +459,17 @@ def train_one_epoch(
     bar.close()
     if first_bad is not None:
         check_finite(accelerator, first_bad, out)
-    return accelerator.reduce(total / max(count, 1), "mean").item()
+    mean_loss = accelerator.reduce(total / max(count, 1), "mean").item()  # syncs: the epoch's work is done
+    elapsed = time.perf_counter() - started
+    procs = accelerator.num_processes
+    speed_log["train_images_per_s"] = images * procs / elapsed if elapsed > 0 else 0.0
+    rest = elapsed - (after_first - started) if after_first is not None else 0.0
+    speed_log["train_images_per_s_after_first_step"] = (
+        (images - first_images) * procs / rest
+        if rest > 0 and images > first_images
+        else speed_log["train_images_per_s"]
+    )
+    return mean_loss
 
 
 def check_finite(accelerator, first_bad: torch.Tensor, out: Path) -> None:
@@ -441,7 +492,13 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
         "global_step": state["global_step"],
         "stopped_early": stopped_early,
         "labels": labels,
+        "train_images_per_s_per_epoch": [round(h.get("train_images_per_s", 0.0), 2) for h in state["history"]],
+        "train_images_per_s_after_first_step_per_epoch": [
+            round(h.get("train_images_per_s_after_first_step", 0.0), 2) for h in state["history"]
+        ],
     }
+    if state.get("compile_s") is not None:
+        results["compile_s"] = round(state["compile_s"], 2)
     if accelerator.is_main_process:
         from octsam.evaluation.plots import plot_training_curves
 

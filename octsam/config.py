@@ -132,6 +132,16 @@ class TrainArguments:
             "uncompiled (octsam.speed.plan_speed)."
         },
     )
+    cache_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute image embeddings once and reuse them every epoch when that is exact: no LoRA on the "
+            "image encoder and no augmentation (octsam.training.embedding_cache; not with torch.compile)."
+        },
+    )
+    embedding_cache_dir: str | None = field(
+        default=None, metadata={"help": "Also keep cached embeddings in this folder, shared by runs on the same data."}
+    )
     seed: int = field(default=42, metadata={"help": "Random seed."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, trackio, wandb or none."})

@@ -252,3 +252,53 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, shape_dataset
     err = capsys.readouterr().err
     assert "Non-finite loss at optimizer step 5" in err and "epoch-0001" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001"]
+
+
+def test_embedding_cache_is_exact_and_only_for_a_frozen_encoder(tiny_base):
+    """With LoRA only on the decoder and no augmentation the embeddings are reused (same values); with LoRA on the
+    encoder, or with augmentation, nothing is cached."""
+    from octsam.training.embedding_cache import enable_embedding_cache
+
+    frozen = OctSamModel.from_base(
+        OctSamConfig(
+            labels=list(TINY_LABELS),
+            base_model=tiny_base,
+            lora_target_modules=["decoder_attention"],
+            train_mask_decoder=False,
+        )
+    )
+    pixels = frozen.preprocess(torch.randint(0, 255, (3, 1, 24, 24), dtype=torch.uint8))
+    expected, _ = frozen(pixels)
+    cache = enable_embedding_cache(frozen, augmented=False)
+    assert cache is not None
+    first, _ = frozen(pixels)
+    second, _ = frozen(pixels[[2, 0]])
+    assert torch.equal(first, expected) and torch.equal(second, expected[[2, 0]])
+    assert (cache.misses, cache.hits) == (3, 2)
+    first.sum().backward()  # the decoder still trains
+    assert any(p.grad is not None for n, p in frozen.named_parameters() if "lora" in n)
+    lora = OctSamModel.from_base(OctSamConfig(labels=list(TINY_LABELS), base_model=tiny_base))
+    assert enable_embedding_cache(lora, augmented=False) is None
+    assert enable_embedding_cache(frozen, augmented=True) is None
+
+
+def test_embedding_cache_on_disk_is_shared_between_runs(tiny_base, tmp_path):
+    from octsam.training.embedding_cache import enable_embedding_cache
+
+    def frozen_model():
+        config = OctSamConfig(
+            labels=list(TINY_LABELS),
+            base_model=tiny_base,
+            lora_target_modules=["decoder_attention"],
+            train_mask_decoder=False,
+        )
+        return OctSamModel.from_base(config)
+
+    pixels = torch.rand(2, 3, 24, 24)
+    first = frozen_model()
+    cache = enable_embedding_cache(first, augmented=False, directory=tmp_path / "cache")
+    expected = first.image_embeddings(pixels)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    second = frozen_model()
+    cache = enable_embedding_cache(second, augmented=False, directory=tmp_path / "cache")
+    assert torch.equal(second.image_embeddings(pixels), expected) and cache.misses == 0

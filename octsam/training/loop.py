@@ -249,6 +249,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if config.mode == "prompted" and config.architecture == "sam":
         prompts = prompt_config(data_args)
     augment = augment_config(data_args)
+    if train_args.cache_embeddings and not (train_args.compile and torch.cuda.is_available()):
+        from octsam.training.embedding_cache import enable_embedding_cache
+
+        enable_embedding_cache(model, augmented=augment is not None, directory=train_args.embedding_cache_dir)
     train_data = SegmentationSamples(
         train_split, config.image_size, config.num_labels, augment, prompts, seed=train_args.seed, resize=config.resize
     )

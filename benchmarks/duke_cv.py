@@ -1,0 +1,215 @@
+"""Duke DME fluid by patient-level 5-fold cross-validation with the pretrained LiteMedSAM base, on the CPU.
+
+Every one of the 10 patients is tested exactly once (``dataset_builder --folds 5``: fold k's patients are its test
+split, the next fold validates - early stopping - and the rest train; nothing is chosen on a test fold). Per fold:
+
+- zero-shot LiteMedSAM with one ground-truth box per fluid region (one mask per box, as LiteMedSAM was trained);
+- LiteMedSAM + LoRA, automatic mode (no prompts at test time), ``configs/duke_litemedsam.yaml``;
+- LiteMedSAM + LoRA, prompted mode (the same ground-truth boxes at test time);
+- the MONAI U-Net baseline (same data, splits and loss).
+
+The per-B-scan fluid Dice of the 5 test folds are pooled (110 B-scans, 78 with fluid) and summarised with 95%
+percentile bootstrap intervals over the 10 patients. Printed as a Markdown table and written to
+``WORK/cv_results.json`` and ``WORK/cv_table.md``; ``benchmarks/DUKE_RESULTS.md`` quotes them.
+
+    python benchmarks/duke_cv.py                   # everything (CPU: see DUKE_RESULTS.md for the wall time)
+    python benchmarks/duke_cv.py --folds-to-run 0 1  # some folds; rerun later for the rest, then --stage summary
+
+A benchmark, not a test. Image embeddings of the frozen encoder are cached on disk (``WORK/embeddings``) and shared by
+every fold, mode and the evaluation (exact: the encoder's weights are the base's in every model here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import cpu_name, log  # noqa: E402
+
+RAW = REPO.parent / "shared" / "data" / "duke_dme_fluid"
+METHODS = ("zero-shot", "LoRA automatic", "LoRA prompted", "U-Net")
+
+
+def build_folds(data: Path, folds: int) -> None:
+    if (data / "folds.json").is_file():
+        return
+    from dataset_builder.__main__ import main as build_main
+
+    status = build_main([
+        "folder", "--images", str(RAW / "images"), "--masks", str(RAW / "masks"), "--labels", "background,fluid",
+        "--patient-regex", r"duke_s(\d+)_", "--disease", "dme", "--output", str(data), "--folds", str(folds),
+    ])  # fmt: skip
+    if status:
+        raise SystemExit(f"building the folds failed ({status})")
+
+
+def cache_embeddings_everywhere(directory: Path) -> None:
+    """Every Segmenter this process builds reuses the on-disk embeddings (all models here share the base's frozen
+    encoder: LoRA is only in the mask decoder, so the merged encoder equals the base's)."""
+    from octsam import segmenter as seg
+    from octsam.training.embedding_cache import enable_embedding_cache
+
+    original = seg.Segmenter.__init__
+
+    def init(self, model, *args, **kwargs):
+        original(self, model, *args, **kwargs)
+        if getattr(model.config, "encoder", None) == "litemedsam":
+            enable_embedding_cache(self.model, augmented=False, directory=directory)
+
+    seg.Segmenter.__init__ = init
+
+
+def train_fold(fold_data: Path, out: Path, mode: str, args, cache: Path) -> None:
+    from octsam.cli.train import main as train_main
+
+    if (out / "best_adapter" / "octsam_config.json").is_file():
+        return
+    common = ["--dataset", str(fold_data), "--output-dir", str(out), "--overwrite-output-dir", "true",
+              "--evaluate-test", "false", "--seed", str(args.seed)]  # fmt: skip
+    if mode == "unet":
+        argv = [*common, "--model", "unet", "--unet-image-size", "256", "--unet-channels", "8", "16", "32", "64",
+                "128", "--learning-rate", "0.003", "--num-train-epochs", str(args.unet_epochs),
+                "--effective-batch-size", "4", "--per-device-train-batch-size", "4", "--num-workers", "0",
+                "--report-to", "none", "--early-stopping-patience", "8", "--keep-checkpoints", "0"]  # fmt: skip
+    else:
+        argv = ["--config", str(REPO / "configs" / "duke_litemedsam.yaml"), *common, "--mode", mode,
+                "--num-train-epochs", str(args.epochs), "--embedding-cache-dir", str(cache)]  # fmt: skip
+    status = train_main(argv)
+    if status:
+        raise SystemExit(f"training {out} failed ({status})")
+
+
+def evaluate_fold(fold_data: Path, work: Path, out: Path, args) -> None:
+    from octsam.evaluation.compare import run_comparison
+
+    if (out / "comparison.json").is_file():
+        return
+    run_comparison(
+        str(fold_data),
+        adapters={
+            "LoRA automatic": str(work / "auto" / "best_adapter"),
+            "LoRA prompted": str(work / "prompted" / "best_adapter"),
+            "U-Net": str(work / "unet" / "best_adapter"),
+        },
+        zero_shot_base="litemedsam",
+        output_dir=out,
+        n_bootstrap=200,
+        seed=args.seed,
+        overwrite=True,
+        verbose=False,
+    )
+
+
+def summarise(work: Path, folds: int, n_bootstrap: int, seed: int) -> dict:
+    """Pool the per-B-scan fluid Dice of the test folds; bootstrap over patients."""
+    import numpy as np
+    import pandas as pd
+
+    from octsam.evaluation.report import _slug
+
+    rows = []
+    for fold in range(folds):
+        results = work / f"fold-{fold}" / "results"
+        if not (results / "comparison.json").is_file():
+            continue
+        for method in METHODS:
+            name = "zero-shot" if method == "zero-shot" else method
+            table = pd.read_csv(results / f"{_slug(name)}_per_image.csv")
+            table = table[table["class_name"] == "fluid"].assign(method=method, fold=fold)
+            rows.append(table)
+    if not rows:
+        raise SystemExit("no fold has results yet")
+    data = pd.concat(rows, ignore_index=True)
+    rng = np.random.default_rng(seed)
+    summary = {"folds_done": sorted(int(f) for f in data["fold"].unique())}
+    for method in METHODS:
+        part = data[data["method"] == method]
+        with_fluid = part[part["area_true_px"] > 0]
+        patients = sorted(part["patient_id"].astype(str).unique())
+        by_patient = {p: with_fluid[with_fluid["patient_id"].astype(str) == p]["dice"].to_numpy() for p in patients}
+        boot = []
+        for _ in range(n_bootstrap):
+            draw = rng.choice(patients, size=len(patients), replace=True)
+            values = np.concatenate([by_patient[p] for p in draw])
+            boot.append(np.nanmean(values) if values.size else np.nan)
+        low, high = np.nanpercentile(boot, [2.5, 97.5])
+        summary[method] = {
+            "mean_dice_fluid_bscans": float(np.nanmean(with_fluid["dice"])),
+            "median_dice_fluid_bscans": float(np.nanmedian(with_fluid["dice"])),
+            "ci95": [float(low), float(high)],
+            "n_bscans_with_fluid": int(len(with_fluid)),
+            "n_bscans": int(len(part)),
+            "n_patients": len(patients),
+            "mean_dice_all_scored": float(np.nanmean(part["dice"])),
+            "n_scored": int(part["dice"].notna().sum()),
+        }
+    return summary
+
+
+def table(summary: dict) -> str:
+    lines = [
+        "| method | mean per-B-scan fluid Dice [95% CI] | median | B-scans with fluid | patients |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for method in METHODS:
+        s = summary[method]
+        lines.append(
+            f"| {method} | {s['mean_dice_fluid_bscans']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
+            f"{s['median_dice_fluid_bscans']:.3f} | {s['n_bscans_with_fluid']} | {s['n_patients']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(REPO / "outputs" / "duke_cv"))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds-to-run", type=int, nargs="*", default=None, help="default: all")
+    parser.add_argument("--stage", choices=("all", "summary"), default="all")
+    parser.add_argument("--epochs", type=int, default=25, help="LiteMedSAM + LoRA epochs (early stopping on)")
+    parser.add_argument("--unet-epochs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-bootstrap", type=int, default=2000)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data, cache = work / "data", work / "embeddings"
+    started = time.perf_counter()
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    if args.stage == "all":
+        build_folds(data, args.folds)
+        cache_embeddings_everywhere(cache)
+        for fold in args.folds_to_run if args.folds_to_run is not None else range(args.folds):
+            fold_data, fold_work = data / f"fold-{fold}", work / f"fold-{fold}"
+            t0 = time.perf_counter()
+            for mode, folder in (("automatic", "auto"), ("prompted", "prompted"), ("unet", "unet")):
+                log(f"fold {fold}: training {mode}")
+                train_fold(fold_data, fold_work / folder, mode, args, cache)
+            log(f"fold {fold}: evaluating")
+            evaluate_fold(fold_data, fold_work, fold_work / "results", args)
+            timings[f"fold {fold}"] = round(time.perf_counter() - t0, 1)
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    summary = summarise(work, args.folds, args.n_bootstrap, args.seed)
+    summary["hardware"] = f"{cpu_name()}, {os.cpu_count()} logical CPUs"
+    summary["fold_wall_s"] = timings
+    summary["this_run_wall_s"] = round(time.perf_counter() - started, 1)
+    (work / "cv_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = table(summary)
+    (work / "cv_table.md").write_text(text + "\n")
+    print(text)
+    print(f"\nfolds done: {summary['folds_done']}; hardware: {summary['hardware']}; fold wall times (s): {timings}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -495,7 +495,7 @@ def test_cli_on_volumes_writes_eye_reports(adapter, tmp_path, capsys):
     assert code == 2 and "spacing" in err.lower() and not (tmp_path / "g").exists()
 
 
-def _overlay_reference(image, mask, alpha=0.45):
+def _overlay_reference(image, mask, labels, alpha=0.45):
     """``overlay`` as it was written first (whole-image float64 blend, scipy erosion), the yardstick of the fast one."""
     from scipy import ndimage
 
@@ -505,7 +505,7 @@ def _overlay_reference(image, mask, alpha=0.45):
     out = rgb.astype(np.float64)
     for c in [int(c) for c in np.unique(mask) if c != 0]:
         region = mask == c
-        color = np.array(class_color(c), dtype=np.float64)
+        color = np.array(class_color(c, labels), dtype=np.float64)
         out[region] = (1.0 - alpha) * out[region] + alpha * color
         if c != 255:
             out[region & ~ndimage.binary_erosion(region)] = color
@@ -520,7 +520,9 @@ def test_overlay_is_bit_identical_to_the_whole_image_blend():
         image = rng.integers(0, 256, shape, dtype=np.uint8)
         mask = rng.choice([0, 0, 1, 2, 3, 255], size=shape[:2]).astype(np.uint8)
         mask[: shape[0] // 2, : shape[1] // 2] = 1  # a block touching the image edge
-        np.testing.assert_array_equal(overlay(image, mask, ["bg", "a", "b", "c"]), _overlay_reference(image, mask))
+        np.testing.assert_array_equal(
+            overlay(image, mask, ["bg", "a", "b", "c"]), _overlay_reference(image, mask, ["bg", "a", "b", "c"])
+        )
 
 
 def test_parallel_writers_are_deterministic_and_summary_is_natural(adapter, tmp_path, capsys):

@@ -497,6 +497,8 @@ def evaluate_predictions(
                 key = f"mean_{metric}{suffix}"
                 headline[key] = float(np.nanmean(rows[f"{metric}_mean"][cls])) if cls else float("nan")
                 low, high = _percentile_ci(np.nanmean(replicates[metric][:, cls], axis=1), confidence)
+                if n_patients < 2:  # CI_RULE
+                    low = high = float("nan")
                 headline_ci[key] = (float(low), float(high))
 
     # Detection table: B-scan-level presence in truth vs prediction, scored with MONAI's confusion-matrix metrics.

@@ -167,7 +167,7 @@ def overlay(
         if outline and c != IGNORE_INDEX:
             # pixels outside the image count as background (binary_erosion's border_value=0)
             inner = cv2.erode(region.view(np.uint8), cross, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-            out[region & ~inner.view(bool)] = np.array(class_color(c), dtype=np.uint8)
+            out[region & ~inner.view(bool)] = np.array(class_color(c, labels), dtype=np.uint8)
     return out
 
 

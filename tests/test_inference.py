@@ -40,10 +40,10 @@ def no_network(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def make_adapter(base: str, folder: Path, mode: str = "automatic", seed: int = 0) -> Path:
+def make_adapter(base: str, folder: Path, mode: str = "automatic", seed: int = 0, labels=TINY_LABELS) -> Path:
     """A tiny adapter standing in for a trained one: LoRA B weights perturbed (so LoRA is not the identity) and the
     trained decoder's output layers scaled so that mask logits are O(1) rather than the random base's 1e-4."""
-    config = OctSamConfig(labels=list(TINY_LABELS), base_model=base, mode=mode)
+    config = OctSamConfig(labels=list(labels), base_model=base, mode=mode)
     model = OctSamModel.from_base(config, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -566,3 +566,25 @@ def test_short_batch_of_a_compiled_segmenter_is_padded(adapter):
         hook.remove()
     assert seen == [4] and padded.shape[0] == 3
     assert torch.allclose(padded, reference, atol=1e-5, rtol=0)
+
+
+def test_evaluate_cli_on_annotated_volumes(tiny_base, tmp_path, capsys):
+    """octsam-evaluate --volumes: per eye predicted vs true fluid mm³ and their error, over eyes Pearson r."""
+    from test_volumes import write_duke_mat
+
+    from octsam.cli.evaluate import main as evaluate_main
+
+    fluid_adapter = make_adapter(tiny_base, tmp_path / "fluid", labels=["background", "fluid"])
+    files = [write_duke_mat(tmp_path / f"Subject_0{i}.mat")[0] for i in (1, 2)]
+    code = evaluate_main(
+        ["--adapter", str(fluid_adapter), "--volumes", *map(str, files), "--spacing", "0.0039,0.0117,0.12",
+         "--output", str(tmp_path / "ev"), "--device", "cpu"]
+    )  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads((tmp_path / "ev" / "volumes.json").read_text())
+    assert len(result["eyes"]) == 2 and result["eyes"][0]["annotated_bscans"] == 2
+    assert result["eyes"][0]["true_mm3"]["fluid"] > 0 and "pearson_r" in result["agreement"]["fluid"]
+    assert "mean absolute volume error" in out.out
+    rows = (tmp_path / "ev" / "volumes_eval.csv").read_text().splitlines()
+    assert rows[0].startswith("volume_id,class") and len(rows) == 3

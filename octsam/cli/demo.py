@@ -17,6 +17,8 @@ from octsam.errors import OctSamError, cli_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MARKER = ".octsam-demo"
+
+
 def prepare_output(path: Path, overwrite: bool) -> None:
     """The demo rewrites only its own folder (marked); anything else needs --overwrite."""
     if path.exists() and any(path.iterdir()):

@@ -36,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR_OR_REPO",
                    help="Adapter folder or Hub repo (repeat for several; NAME is its row in the tables).")  # fmt: skip
-    p.add_argument("--dataset", required=True, help="Dataset folder (dataset_builder) or Hub dataset id.")
+    p.add_argument("--dataset", default=None, help="Dataset folder (dataset_builder) or Hub dataset id.")
+    p.add_argument(
+        "--volumes",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="Instead of --dataset: annotated volumes (Duke .mat, RETOUCH .mhd folder, eyepy .eye); per eye the "
+        "predicted and true biomarker volume in mm³, the error, and over eyes the mean errors and Pearson r.",
+    )
+    p.add_argument("--spacing", default=None, metavar="AXIAL,LATERAL,BSCAN", help="Volume spacing in mm if missing.")
+    p.add_argument("--grader", type=int, default=1, choices=[1, 2], help="Duke .mat: whose annotations (default 1).")
     p.add_argument("--dataset-revision", default=None, help="Hub revision of --dataset.")
     p.add_argument("--split", default="test", help="Split to evaluate (default: test).")
     p.add_argument("--output", required=True, help="Results folder (never replaced without --overwrite).")
@@ -77,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         raise OctSamError(f"--n-bootstrap must be at least 1, got {args.n_bootstrap}.")
     if args.batch_size < 1:
         raise OctSamError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.volumes:
+        return evaluate_volume_files(args)
+    if not args.dataset:
+        raise OctSamError("give --dataset DIR_OR_ID (B-scans) or --volumes FILE... (annotated volumes).")
     adapters: dict[str, str] = {}
     for text in args.adapter:
         name, adapter = parse_adapter_arg(text)
@@ -106,3 +120,41 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def evaluate_volume_files(args: argparse.Namespace) -> int:
+    """``--volumes``: one adapter on annotated volumes; writes volumes.json and volumes_eval.csv under --output."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from octsam.folders import FolderLock, atomic_folder
+    from octsam.segmenter import Segmenter
+    from octsam.volumes.segment import evaluate_volumes
+
+    if len(args.adapter) != 1:
+        raise OctSamError("--volumes evaluates one adapter: give exactly one --adapter.")
+    _, adapter = parse_adapter_arg(args.adapter[0])
+    final = Path(args.output)
+    if final.exists() and any(final.iterdir()) and not args.overwrite:
+        raise OctSamError(f"Output folder {final} is not empty; choose another --output or pass --overwrite.")
+    segmenter = Segmenter.from_pretrained(resolve_adapter(adapter), device=args.device, batch_size=args.batch_size)
+    result = evaluate_volumes(segmenter, args.volumes, spacing=args.spacing, grader=args.grader)
+    with FolderLock(final, "evaluation"), atomic_folder(final) as tmp:
+        (tmp / "volumes.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+        with open(tmp / "volumes_eval.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["volume_id", "class", "annotated_bscans", "predicted_mm3", "true_mm3", "error_mm3"])
+            for eye in result["eyes"]:
+                for name in result["labels"][1:]:
+                    writer.writerow([
+                        eye["volume_id"], name, eye["annotated_bscans"], eye["predicted_mm3"].get(name),
+                        eye["true_mm3"].get(name), eye["error_mm3"].get(name),
+                    ])  # fmt: skip
+    for name, agreement in result["agreement"].items():
+        print(
+            f"{name}: {agreement['n']} eyes, mean absolute volume error {agreement['mean_abs_error_mm3']:.4f} mm³, "
+            f"mean error {agreement['mean_error_mm3']:+.4f} mm³, Pearson r {agreement['pearson_r']:.3f}"
+        )
+    print(f"wrote {final / 'volumes.json'} and volumes_eval.csv")
+    return 0

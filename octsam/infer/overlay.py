@@ -68,7 +68,9 @@ def legend_strip(labels: tuple[str, ...], canvas_w: int, ncol: int, strip_h: int
                 index, name = entries[int(e)]
                 bottom = strip_h - 9 - _ROW_PITCH * (rows - 1 - r)  # last filled row of the patch
                 top = bottom - _PATCH[1] + 3
-                draw.rectangle((x, top - 1, x + _PATCH[0] - 1, bottom + 1), fill=class_color(index, list(labels)), outline="black")
+                draw.rectangle(
+                    (x, top - 1, x + _PATCH[0] - 1, bottom + 1), fill=class_color(index, list(labels)), outline="black"
+                )
                 text_x = x + _PATCH[0] + _TEXT_GAP - 1
                 draw.text((text_x, bottom), str(name), fill="black", font=font, anchor="ls")
                 widest = max(widest, draw.textlength(str(name), font=font))

@@ -33,9 +33,8 @@ from octsam.training.checkpoint import (
     CHECKPOINT_DIR,
     find_checkpoint,
     list_checkpoints,
-    load_trainable_state,
+    load_checkpoint,
     save_checkpoint,
-    set_rng_state,
     write_atomic_folder,
 )
 from octsam.training.losses import SegmentationLoss, prompted_loss
@@ -250,17 +249,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     state = {"epoch": 0, "global_step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume_path is not None:
-        from safetensors.torch import load_file
-
-        load_trainable_state(
-            accelerator.unwrap_model(model), load_file(str(resume_path / "trainable.safetensors")), str(resume_path)
-        )
-        optimizer.load_state_dict(torch.load(resume_path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(resume_path / "scheduler.pt", weights_only=False))
-        state = json.loads((resume_path / "trainer_state.json").read_text())
-        rng_file = resume_path / f"rng_state_{accelerator.process_index}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        state = load_checkpoint(resume_path, accelerator, model, optimizer, scheduler)
         logger.info(f"resumed from {resume_path} (epoch {state['epoch']}, step {state['global_step']})")
 
     if accelerator.is_main_process and train_args.report_to != "none":

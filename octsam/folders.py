@@ -9,7 +9,6 @@ never one whose process is still alive (``remove_stale_staging``). ``FolderLock`
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, disk_full_message, is_disk_full  # noqa: F401 (re-exported)
 
 STAGING_TAGS = (".tmp-", ".partial-", ".old-")
 LOCK_NAME = ".octsam.lock"
@@ -219,29 +218,6 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-# ------------------------------------------------------------------------------------------------ faults
-def is_disk_full(err: BaseException | None) -> bool:
-    """True if ``err`` (or an exception it wraps) says the disk or quota is full, whatever library raised it."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(err)
-        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def disk_full_message(err: BaseException, where: str | os.PathLike | None = None) -> str:
-    place = f" writing {where}" if where else ""
-    return (
-        f"the disk is full{place} ({err.__class__.__name__}: {str(err)[:200]}). Nothing half-written was kept: "
-        "free some space (or choose a folder on another disk) and run the command again."
-    )
 
 
 @contextlib.contextmanager

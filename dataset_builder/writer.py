@@ -34,7 +34,7 @@ from octsam.data.dataset import (
     labels_to_id2label,
 )
 from octsam.errors import OctSamError
-from octsam.folders import remove_stale_staging, swap_into_place
+from octsam.folders import FolderLock, remove_stale_staging, require_utf8_name, swap_into_place
 
 logger = logging.getLogger("dataset_builder")
 
@@ -193,6 +193,14 @@ def build_dataset(
     if not labels or labels[0] != "background":
         raise OctSamError(f"label names must start with 'background', got {labels}; e.g. --labels background,fluid")
     out = Path(output).expanduser().resolve() if output is not None else None
+    if out is None:
+        return _build(records, labels, None, meta, split, seed, split_file, overwrite, push_to_hub, private, token)
+    require_utf8_name(out)
+    with FolderLock(out, "dataset build"):
+        return _build(records, labels, out, meta, split, seed, split_file, overwrite, push_to_hub, private, token)
+
+
+def _build(records, labels, out, meta, split, seed, split_file, overwrite, push_to_hub, private, token) -> BuildResult:
     if out is not None:
         check_output(out, overwrite)
     assignment = assign_splits(records, split, seed, split_file)

@@ -250,3 +250,12 @@ def is_utf8_name(path: str | os.PathLike) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def require_utf8_name(path: str | os.PathLike) -> None:
+    """Refuse a path whose name is not valid UTF-8, naming it (ids, cards, CSV and Arrow tables need text)."""
+    if not is_utf8_name(path):
+        raise OctSamError(
+            f"{printable(path)}: the file name is not valid UTF-8 (undecodable bytes shown as \\xNN); rename it "
+            "(e.g. with `convmv -f latin1 -t utf8`) and run again."
+        )

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from octsam.errors import cli_main
+from octsam.folders import sigterm_as_interrupt
 from octsam.infer.run import run
 from octsam.models import ATTENTION_MODES
 
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
     try:
-        failed = run(args)
+        with sigterm_as_interrupt():
+            failed = run(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output folder.", file=sys.stderr)
         return 130

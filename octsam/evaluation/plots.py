@@ -92,6 +92,9 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(image), 0, 255).astype(np.uint8)
 
 
+OVERLAY_BAND_PIXELS = 1 << 20  # pixels blended at a time in overlay()
+
+
 def overlay(
     image: np.ndarray,
     mask: np.ndarray,
@@ -108,20 +111,37 @@ def overlay(
     mask = np.asarray(mask)
     if mask.shape != rgb.shape[:2]:
         raise OctSamError(f"mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
-    classes = [int(c) for c in np.unique(mask) if c != 0]
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=1)) if mask.dtype == np.uint8 else np.unique(mask)
+    classes = [int(c) for c in present if c != 0]
     if labels is not None:
         unknown = [c for c in classes if c >= len(labels) and c != IGNORE_INDEX]
         if unknown:
             raise OctSamError(f"mask holds class indices {unknown} but only {len(labels)} labels were given")
-    out = rgb.astype(np.float64)
-    for c in classes:
-        region = mask == c
-        color = np.array(class_color(c), dtype=np.float64)
-        out[region] = (1.0 - alpha) * out[region] + alpha * color
-        if outline and c != IGNORE_INDEX:
-            border = region & ~ndimage.binary_erosion(region)
-            out[border] = color
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    colors = {c: np.array(class_color(c), dtype=np.float64) for c in classes}
+    height, width = mask.shape
+    # Blend in bands of rows (one row of context above and below for the outline): the float copy is one band, not
+    # the whole B-scan (a 10000 x 10000 scan would need 2.4 GB per float copy); the result is the same pixel for pixel.
+    step = max(1, OVERLAY_BAND_PIXELS // max(width, 1))
+    for r0 in range(0, height, step):
+        r1 = min(height, r0 + step)
+        a0, a1 = max(0, r0 - 1), min(height, r1 + 1)
+        band = mask[a0:a1]
+        inner = slice(r0 - a0, r0 - a0 + (r1 - r0))
+        block = None
+        for c in classes:
+            region_ext = band == c
+            region = region_ext[inner]
+            if not region.any():
+                continue
+            if block is None:
+                block = rgb[r0:r1].astype(np.float64)
+            block[region] = (1.0 - alpha) * block[region] + alpha * colors[c]
+            if outline and c != IGNORE_INDEX:
+                border = region & ~ndimage.binary_erosion(region_ext)[inner]
+                block[border] = colors[c]
+        if block is not None:
+            rgb[r0:r1] = np.clip(np.round(block), 0, 255).astype(np.uint8)
+    return rgb
 
 
 def legend_handles(labels: Sequence[str], include_background: bool = False, ignore: bool = False) -> list[Patch]:

@@ -49,10 +49,9 @@ def overlay_with_legend(image: np.ndarray, mask: np.ndarray, labels: list[str]) 
     strip = 10 + 18 * rows
     canvas_h = height + strip
     dpi = 100
-    fig = Figure(figsize=(canvas_w / dpi, canvas_h / dpi), dpi=dpi, facecolor="white")
-    ax = fig.add_axes((0, strip / canvas_h, width / canvas_w, height / canvas_h))
-    ax.imshow(blended, interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
+    # Only the legend strip is drawn by matplotlib; the overlay is pasted above it as is (no resampled float copies
+    # of a large B-scan: the canvas is uint8, allocated once).
+    fig = Figure(figsize=(canvas_w / dpi, strip / dpi), dpi=dpi, facecolor="white")
     add_legend(
         fig,
         labels,
@@ -68,9 +67,11 @@ def overlay_with_legend(image: np.ndarray, mask: np.ndarray, labels: list[str]) 
     )
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())
-    out = np.ascontiguousarray(rgba[..., :3])
-    out[:height, :width] = blended  # exact pixels (the rendered image is the same; this rules out resampling)
+    legend = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = np.full((canvas_h, canvas_w, 3), 255, np.uint8)
+    out[:height, :width] = blended
+    rows, cols = min(strip, legend.shape[0]), min(canvas_w, legend.shape[1])
+    out[height : height + rows, :cols] = legend[:rows, :cols]
     return out
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from octsam.cli.common import parse_pixel_spacing
 from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, parse_point, read_prompt_file
 from octsam.errors import OctSamError
+from octsam.folders import FolderLock
 from octsam.infer.inputs import ScanInput, collect_inputs
 from octsam.infer.outputs import _write_scan, _write_summary, commit_output, prepare_output
 from octsam.segmenter import device_name
@@ -77,7 +78,12 @@ def run(args: argparse.Namespace) -> int:
     spacing = parse_pixel_spacing(args.pixel_spacing_mm)
     cli_specs = [parse_box(b) for b in args.box] + [parse_point(p) for p in args.point]
     prompt_file = read_prompt_file(args.prompts) if args.prompts else {}
-    final, tmp = prepare_output(args.output, args.overwrite)
+    lock = FolderLock(Path(args.output).expanduser(), "inference").acquire()  # one run per --output
+    try:
+        final, tmp = prepare_output(args.output, args.overwrite)
+    except BaseException:
+        lock.release()
+        raise
     try:
         scans = collect_inputs(args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp])
         file_specs, unmatched = _file_prompts(prompt_file, scans)
@@ -186,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     if prompted and no_prompts:
         print(f"warning: {no_prompts} B-scan(s) had no prompt; their masks are empty.", file=sys.stderr)
     print(f"segmented {done} of {len(scans)} B-scan(s) into {final}", file=sys.stderr)

@@ -27,7 +27,10 @@ def is_disk_full(err: BaseException | None) -> bool:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(err)
-        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+        if any(
+            s in text
+            for s in ("No space left on device", "StorageFull", "Disk quota exceeded", "Not enough disk space")
+        ):
             return True
         err = err.__cause__ or err.__context__
     return False

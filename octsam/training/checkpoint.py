@@ -135,11 +135,8 @@ def save_optimizer(optimizer, folder: Path) -> None:
     (folder / OPTIMIZER_JSON).write_text(_json_bytes(structure, "optimizer"))
 
 
-def load_optimizer_state(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
-    structure = json.loads((folder / OPTIMIZER_JSON).read_text())
+def optimizer_state_from(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    """The optimizer state dict from ``optimizer.safetensors`` and ``optimizer.json`` (see ``save_optimizer``)."""
     state = {}
     for index, values in structure["state"].items():
         state[int(index)] = {
@@ -216,13 +213,15 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
     try:
         trainable = load_file(str(current))
         current = path / TRAINER_STATE
-        state = json.loads(current.read_text())
+        state = json.loads(current.read_text(encoding="utf-8"))
         if not isinstance(state, dict) or not {"epoch", "global_step", "best_epoch", "history"} <= set(state):
             raise ValueError("not an octsam trainer state")
         current = path / OPTIMIZER_TENSORS
-        optimizer_state = load_optimizer_state(path)
+        optimizer_tensors = load_file(str(current))
+        current = path / OPTIMIZER_JSON
+        optimizer_state = optimizer_state_from(optimizer_tensors, json.loads(current.read_text(encoding="utf-8")))
         current = path / SCHEDULER_JSON
-        scheduler_state = json.loads(current.read_text())
+        scheduler_state = json.loads(current.read_text(encoding="utf-8"))
         if not isinstance(scheduler_state, dict):
             raise ValueError("not a scheduler state")
         current = path / rng_file(accelerator.process_index)

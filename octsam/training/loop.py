@@ -139,8 +139,14 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
 
 def best_checkpoint_for(resume_path: Path) -> Path | None:
     """The checkpoint of the best epoch recorded in ``resume_path`` (itself or a sibling); None before any best."""
-    state = json.loads((resume_path / "trainer_state.json").read_text())
-    best = int(state.get("best_epoch", 0))
+    try:
+        state = json.loads((resume_path / "trainer_state.json").read_text(encoding="utf-8"))
+        best = int(state.get("best_epoch", 0))
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        raise OctSamError(
+            f"Checkpoint {resume_path} cannot be resumed: trainer_state.json is damaged or not what octsam writes "
+            f"({type(err).__name__}); resume from another checkpoint or start a new run."
+        ) from None
     if best <= 0:
         return None
     candidate = resume_path.parent / f"epoch-{best:04d}"

@@ -623,8 +623,12 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
             proc = start(tmp, "train", args, hook)
             if hook:
                 wait_for(proc, "REACHED")
-            else:
-                wait_for(proc, "STARTED")
+            else:  # a random moment after the first checkpoint: mid-step, mid-validation or mid-write
+                deadline = time.monotonic() + 300
+                while not (run / "checkpoints" / "epoch-0001").is_dir() and proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
                 time.sleep(delay)
             code, err = stop(proc, sig)
             if sig != signal.SIGKILL and code not in (130, 0):
@@ -662,7 +666,7 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
     )
     rng = random.Random(11)
     for i in range(3):
-        train_fault(f"kill -9 at a random time #{i + 1}", signal.SIGKILL, delay=rng.uniform(2, 12))
+        train_fault(f"kill -9 at a random time #{i + 1}", signal.SIGKILL, delay=rng.uniform(0, 2.5))
     train_fault(
         "SIGTERM during a checkpoint write", signal.SIGTERM, ("octsam.training.checkpoint", "save_optimizer", 2)
     )

@@ -3,7 +3,10 @@
 Every command that writes a folder (a dataset build, an inference run, an evaluation, an adapter, a checkpoint)
 writes into a hidden staging sibling ``.NAME.tmp-PID-RANDOM`` and swaps it into place only when complete
 (``atomic_folder``). A staging folder left by a killed process is removed by the next run that writes next to it,
-never one whose process is still alive (``remove_stale_staging``). ``FolderLock`` gives one run at a time a folder.
+never one whose process is still alive (``remove_stale_staging``); the old folder of a swap killed between its two
+renames is put back rather than removed. ``FolderLock`` gives one run at a time a folder (a kill -9 frees it).
+``sigterm_as_interrupt`` makes SIGTERM run the same clean-up as Ctrl-C; ``printable``/``require_utf8_name`` keep file
+names that are not UTF-8 out of CSV, JSON, Arrow tables and cards.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ class FolderLock:
         import fcntl
 
         for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

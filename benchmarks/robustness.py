@@ -48,7 +48,9 @@ from PIL import Image  # noqa: E402
 
 HOOK = textwrap.dedent(
     """
-    import importlib, sys, time
+    import importlib, signal, sys, time
+    # Ctrl-C as from a terminal, even when this script was started in the background (which ignores SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     module, name, nth, entry, *args = sys.argv[1:]
     if module != "-":
         target = importlib.import_module(module)
@@ -169,7 +171,7 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
@@ -666,7 +668,7 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
     )
     rng = random.Random(11)
     for i in range(3):
-        train_fault(f"kill -9 at a random time #{i + 1}", signal.SIGKILL, delay=rng.uniform(0, 2.5))
+        train_fault(f"kill -9 at a random time #{i + 1}", signal.SIGKILL, delay=rng.uniform(0, 1.0))
     train_fault(
         "SIGTERM during a checkpoint write", signal.SIGTERM, ("octsam.training.checkpoint", "save_optimizer", 2)
     )

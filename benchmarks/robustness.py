@@ -617,11 +617,21 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
     probes = []
     three = ("--num_train_epochs", "3")
 
+    references = {3: reference}
+
+    def reference_for(epochs: int) -> Path:
+        if epochs not in references:
+            references[epochs] = w.root / f"reference-{epochs}"
+            assert cli("train", w.train_args(references[epochs], "--num_train_epochs", str(epochs)))[0] == 0
+        return references[epochs]
+
     def train_fault(name, sig, hook=None, delay=None):
+        epochs = 3 if hook else 8  # random kills: a longer run, so that they land inside it
+
         def probe():
             tmp = w.fresh(name)
             run = tmp / "run"
-            args = w.train_args(run, *three)
+            args = w.train_args(run, "--num_train_epochs", str(epochs))
             proc = start(tmp, "train", args, hook)
             if hook:
                 wait_for(proc, "REACHED")
@@ -630,7 +640,7 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
                 while not (run / "checkpoints" / "epoch-0001").is_dir() and proc.poll() is None:
                     if time.monotonic() > deadline:
                         break
-                    time.sleep(0.05)
+                    time.sleep(0.02)
                 time.sleep(delay)
             code, err = stop(proc, sig)
             if sig != signal.SIGKILL and code not in (130, 0):
@@ -642,14 +652,11 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
             if run.exists() and not ckpts:
                 resume = ["--overwrite_output_dir"]
             code, err = cli("train", [*args, *resume])
-            final = run / "checkpoints" / "epoch-0003" / "trainable.safetensors"
-            ok = (
-                code == 0
-                and final.is_file()
-                and same_weights(final, reference / "checkpoints/epoch-0003/trainable.safetensors")
-            )
+            last = f"checkpoints/epoch-{epochs:04d}/trainable.safetensors"
+            ok = code == 0 and (run / last).is_file() and same_weights(run / last, reference_for(epochs) / last)
             ok = ok and not list((run / "checkpoints").glob("*.tmp")) and not litter(tmp)
-            return ok, f"resumed from {ckpts[-1].name if ckpts else 'scratch'}: exit {code}, bit-identical {ok}", False
+            where = ckpts[-1].name if ckpts else "scratch"
+            return ok, f"killed after {where} of {epochs}, resumed: exit {code}, bit-identical {ok}", False
 
         probes.append((f"training: {name}", probe))
 

@@ -1,7 +1,7 @@
 """Robustness probes: bad inputs and injected faults against the real command lines, with counts (issue 11).
 
-    python benchmarks/robustness.py            # all probes (about 5 minutes on 2 CPU cores)
-    python benchmarks/robustness.py --quick    # bad inputs only (in-process, under a minute)
+    python benchmarks/robustness.py            # all probes (about 3 minutes on 2 CPU cores)
+    python benchmarks/robustness.py --quick    # bad inputs only (in-process, about 15 s)
 
 A bad input is *handled cleanly* when the command ends with the expected exit status, a message that names the
 problem (``error:``/``failed:``/``warning:``), no traceback, no code executed from a file it read, and no litter or

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from dataset_builder.splits import parse_fractions
 from octsam.errors import OctSamError, cli_main
+from octsam.folders import printable, sigterm_as_interrupt
 
 EPILOG = """examples:
   python -m dataset_builder synthetic --disease amd --num-patients 20 --scans-per-patient 4 --seed 0 --output data/amd_synth
@@ -238,8 +240,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("datasets").setLevel(logging.WARNING)
-    run(args, command="python -m dataset_builder " + shlex.join(argv))
+    try:
+        with sigterm_as_interrupt():
+            run(args, command="python -m dataset_builder " + _public_command(argv))
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written (the partial build was removed).", file=sys.stderr)
+        return 130
     return 0
+
+
+def _public_command(argv: list[str]) -> str:
+    """The command for the dataset card, with absolute paths reduced to their last part (no paths of this machine)."""
+    shown = []
+    for arg in argv:
+        if os.path.isabs(os.path.expanduser(arg)):
+            arg = os.path.basename(os.path.normpath(arg)) or arg
+        shown.append(printable(arg))
+    return shlex.join(shown)
 
 
 if __name__ == "__main__":

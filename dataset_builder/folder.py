@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from dataset_builder.palettes import Palette, colors_to_index, load_palette
 from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
-from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan
+from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, open_image, read_scan
 from octsam.errors import OctSamError
+from octsam.folders import require_utf8_name
 
 logger = logging.getLogger("dataset_builder")
 
@@ -38,12 +39,14 @@ def list_images(folder: Path, what: str, suffixes: Sequence[str] = IMAGE_SUFFIXE
         raise OctSamError(f"{what} folder not found: {folder}")
     found: dict[str, Path] = {}
     clashes = []
+    require_utf8_name(folder)
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
         suffix = next((s for s in suffixes if path.name.lower().endswith(s)), None)
         if suffix is None:
             continue
+        require_utf8_name(path)
         stem = path.name[: -len(suffix)]
         if stem in found:
             clashes.append(f"{found[stem].name} / {path.name}")
@@ -109,7 +112,7 @@ def patient_ids(stems: Sequence[str], regex: str | None) -> dict[str, str]:
 def read_mask(path: Path, num_labels: int, palette: Palette | None = None) -> np.ndarray:
     """A mask file as a uint8 class-index array; colour masks go through ``palette``."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if palette is not None:
                 return colors_to_index(np.asarray(im.convert("RGB")), palette, path)
             array = np.asarray(im if im.mode not in ("RGBA", "LA", "PA") else im.convert(im.mode[:-1] or "L"))
@@ -153,7 +156,7 @@ def index_mask(array: np.ndarray, num_labels: int, path: Path | str, colour_hint
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image file, from its header where possible."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.size[1], im.size[0]
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return read_scan(path).shape[:2]  # e.g. a TIFF only tifffile reads; raises OctSamError if unreadable

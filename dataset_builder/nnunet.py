@@ -23,6 +23,7 @@ from dataset_builder.folder import check_pairs, index_mask, listing, patient_ids
 from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
 from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan, to_uint8
 from octsam.errors import OctSamError
+from octsam.folders import require_utf8_name
 
 logger = logging.getLogger("dataset_builder")
 
@@ -100,9 +101,9 @@ def _read_label(path: Path, num_labels: int, remap: dict[int, int]) -> np.ndarra
                 array[array == old] = new
         return index_mask(array, num_labels, path)
     if remap:
-        from PIL import Image
+        from octsam.data.dataset import open_image
 
-        with Image.open(path) as im:
+        with open_image(path) as im:
             array = np.asarray(im).copy()
         for old, new in remap.items():
             array[array == old] = new
@@ -124,13 +125,16 @@ def _cases(folder: Path, images: str, labels: str, ending: str | None) -> list[t
     """(case, image, label) for one of the Tr/Ts pairs of folders; unpaired files are an error."""
     label_dir, image_dir = folder / labels, folder / images
     found_labels: dict[str, Path] = {}
+    require_utf8_name(folder)
     for path in sorted(label_dir.iterdir()):
+        require_utf8_name(path)
         parts = _split_name(path.name)
         if parts and not path.name.startswith(".") and (ending is None or parts[1] == ending.lower()):
             found_labels[parts[0]] = path
     found_images: dict[str, Path] = {}
     extra_channels = []
     for path in sorted(image_dir.iterdir()) if image_dir.is_dir() else []:
+        require_utf8_name(path)
         parts = _split_name(path.name)
         if not parts or path.name.startswith(".") or (ending is not None and parts[1] != ending.lower()):
             continue

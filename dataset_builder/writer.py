@@ -41,7 +41,7 @@ from octsam.data.dataset import (
     labels_to_id2label,
 )
 from octsam.errors import OctSamError
-from octsam.folders import remove_stale_staging, swap_into_place
+from octsam.folders import FolderLock, remove_stale_staging, require_utf8_name, swap_into_place
 
 logger = logging.getLogger("dataset_builder")
 
@@ -219,6 +219,44 @@ def build_dataset(
     extra_features = dict(extra_features or {})
     _check_extra(records, extra_features)
     out = Path(output).expanduser().resolve() if output is not None else None
+    if out is None:
+        return _build(
+            records,
+            labels,
+            None,
+            meta,
+            split,
+            seed,
+            split_file,
+            folds,
+            overwrite,
+            push_to_hub,
+            private,
+            token,
+            extra_features,
+        )
+    require_utf8_name(out)
+    with FolderLock(out, "dataset build"):
+        return _build(
+            records,
+            labels,
+            out,
+            meta,
+            split,
+            seed,
+            split_file,
+            folds,
+            overwrite,
+            push_to_hub,
+            private,
+            token,
+            extra_features,
+        )
+
+
+def _build(
+    records, labels, out, meta, split, seed, split_file, folds, overwrite, push_to_hub, private, token, extra_features
+) -> BuildResult:
     if out is not None:
         check_output(out, overwrite)
     assignment = assign_splits(records, split, seed, split_file, labels, folds)

@@ -9,7 +9,9 @@ card. This module imports no torch: checking and resolving a folder is cheap.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,11 @@ class OctSamConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.labels, (list, tuple)) or not all(isinstance(n, str) and n for n in self.labels):
+            raise OctSamError(f"labels must be a list of class names, got {self.labels!r}.")
+        self.labels = list(self.labels)
+        if len(set(self.labels)) != len(self.labels):
+            raise OctSamError(f"labels must be distinct, got {self.labels}.")
         if len(self.labels) < 2 or self.labels[0] != "background":
             raise OctSamError(
                 f"labels must start with 'background' and name at least one biomarker, got {self.labels}."
@@ -122,8 +129,27 @@ class OctSamConfig:
                 "lora_target_modules 'decoder_attention' and train_mask_decoder=true both train the mask decoder; "
                 "set train_mask_decoder false to use LoRA on the decoder instead."
             )
-        self.image_mean = tuple(self.image_mean)
-        self.image_std = tuple(self.image_std)
+        for name in ("image_size", "tokens_per_class", "lora_r", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OctSamError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) not in (1, 3)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or not all(math.isfinite(v) for v in value)
+            ):
+                raise OctSamError(f"{name} must be 1 or 3 finite numbers (0-255 scale), got {value!r}.")
+            setattr(self, name, tuple(float(v) for v in value))
+        if min(self.image_std) <= 0:
+            raise OctSamError(
+                f"image_std must be positive (it divides the pixels), got {list(self.image_std)}: with 0 every pixel "
+                "becomes infinite and every mask empty."
+            )
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise OctSamError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
 
     @property
     def num_labels(self) -> int:
@@ -135,15 +161,22 @@ class OctSamConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> OctSamConfig:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
             raise OctSamError(f"Cannot read adapter config {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise OctSamError(
+                f"{path} must hold a JSON object (an octsam adapter config), not a {type(data).__name__}."
+            )
         if data.get("format") != ADAPTER_FORMAT:
             raise OctSamError(
                 f"{path} is not an octsam adapter (format={data.get('format')!r}); "
                 "pass a folder written by octsam's train.py or `python -m octsam.cli.hub push`."
             )
-        if int(data.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+        version = data.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise OctSamError(f"{path}: format_version must be a positive integer, got {version!r}.")
+        if version > ADAPTER_FORMAT_VERSION:
             raise OctSamError(
                 f"{path} was written by a newer octsam (format_version {data['format_version']} > "
                 f"{ADAPTER_FORMAT_VERSION}); upgrade octsam to load it."
@@ -152,7 +185,14 @@ class OctSamConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise OctSamError(f"{path} has unknown keys {unknown}; it was written by another octsam version.")
-        return cls(**data)
+        if "labels" not in data:
+            raise OctSamError(f"{path} has no labels (the class names the adapter was trained for).")
+        try:
+            return cls(**data)
+        except OctSamError as err:
+            raise OctSamError(f"{path}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise OctSamError(f"{path} is not a valid octsam adapter config: {err}") from None
 
 
 def hub_unreachable() -> bool:
@@ -233,6 +273,19 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
     missing = [name for name in WEIGHT_FILES.get(config.architecture, ()) if not (folder / name).is_file()]
     if missing:
         raise OctSamError(f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.")
+    weights = WEIGHT_FILES.get(config.architecture, ())
+    for name in weights:
+        if name.endswith(".safetensors"):
+            keys = safetensors_keys(folder / name)
+            if config.architecture == "sam":
+                has_prompts = any(CLASS_PROMPTS_MODULE in k for k in keys)
+                if has_prompts != (config.mode == "automatic"):
+                    trained = "automatic" if has_prompts else "prompted"
+                    raise OctSamError(
+                        f"Adapter folder {folder}: octsam_config.json says mode {config.mode!r} but {name} holds "
+                        f"{trained}-mode weights ({'with' if has_prompts else 'without'} class prompt tokens); "
+                        "fix the mode in octsam_config.json or use the folder train.py wrote."
+                    )
     return config
 
 
@@ -243,3 +296,34 @@ def check_same_labels(adapter_labels, dataset_labels, adapter: str, dataset: str
             f"Adapter {adapter} predicts labels {list(adapter_labels)} but dataset {dataset} has "
             f"{list(dataset_labels)}; use a dataset with the same label set (same names, same order)."
         )
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file after checking its header and length (no torch, nothing executed):
+    a truncated or foreign file is refused with a message naming it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            length = struct.unpack("<Q", head)[0]
+            if length > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = 0
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, stop = info["data_offsets"]
+            end = max(end, int(stop))
+        if 8 + length + end > size:
+            raise ValueError(f"the tensors need {8 + length + end} bytes, the file has {size} (truncated?)")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise OctSamError(
+            f"{path} is not a complete safetensors file ({err}); download or copy the adapter again."
+        ) from None
+    return [k for k in header if k != "__metadata__"]

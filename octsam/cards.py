@@ -53,6 +53,15 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(_REPO_ID.match(name)) and not os.path.exists(name)
 
 
+def public_name(name: str | None) -> str | None:
+    """What a card may say about a base model or dataset: a Hub id as it is, a local path only by its last part
+    (a card is published; the author's folders are not)."""
+    if not name or is_hub_id(name):
+        return name
+    last = Path(os.path.normpath(os.path.expanduser(str(name)))).name or str(name)
+    return f"{last} (a local folder)"
+
+
 def is_octsam_card(text: str) -> bool:
     """True when ``text`` is a card written by ``render_adapter_card`` (not PEFT's template)."""
     return f"<!-- {CARD_MARKER} -->" in text
@@ -184,6 +193,8 @@ def render_adapter_card(
     from huggingface_hub import ModelCard
 
     metrics = metrics or None
+    dataset = public_name(dataset)
+    base_shown = public_name(config.base_model)
     data = card_data(config, metrics, dataset, repo_id, license)
     biomarkers = ", ".join(config.labels[1:])
     model_ref = repo_id or REPO_PLACEHOLDER
@@ -236,11 +247,11 @@ def render_adapter_card(
     if is_hub_id(config.base_model):
         base_model_link = f"[`{config.base_model}`](https://huggingface.co/{config.base_model})"
     else:
-        base_model_link = f"`{config.base_model}` (a local folder)"
+        base_model_link = f"`{base_shown}`"
     config_rows = [
         (
             "base model",
-            f"`{config.base_model}`" + (f" @ `{config.base_model_revision}`" if config.base_model_revision else ""),
+            f"`{base_shown}`" + (f" @ `{config.base_model_revision}`" if config.base_model_revision else ""),
         ),
         ("mode", config.mode),
         ("class activation", config.class_activation),
@@ -272,7 +283,7 @@ def render_adapter_card(
         marker=CARD_MARKER,
         title=f"octsam: SAM + LoRA for {biomarkers} in OCT" + (f" ({repo_id})" if repo_id else ""),
         base_model_link=base_model_link,
-        base_model_code=f"`{config.base_model}`",
+        base_model_code=f"`{base_shown}`",
         biomarkers=biomarkers,
         label_list=", ".join(f"{i} {name}" for i, name in enumerate(config.labels)),
         mode=config.mode,

@@ -3,7 +3,10 @@
 Every command that writes a folder (a dataset build, an inference run, an evaluation, an adapter, a checkpoint)
 writes into a hidden staging sibling ``.NAME.tmp-PID-RANDOM`` and swaps it into place only when complete
 (``atomic_folder``). A staging folder left by a killed process is removed by the next run that writes next to it,
-never one whose process is still alive (``remove_stale_staging``). ``FolderLock`` gives one run at a time a folder.
+never one whose process is still alive (``remove_stale_staging``); the old folder of a swap killed between its two
+renames is put back rather than removed. ``FolderLock`` gives one run at a time a folder (a kill -9 frees it).
+``sigterm_as_interrupt`` makes SIGTERM run the same clean-up as Ctrl-C; ``printable``/``require_utf8_name`` keep file
+names that are not UTF-8 out of CSV, JSON, Arrow tables and cards.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from octsam.errors import OctSamError
+from octsam.errors import OctSamError, disk_full_message, is_disk_full  # noqa: F401 (re-exported)
 
 STAGING_TAGS = (".tmp-", ".partial-", ".old-")
 LOCK_NAME = ".octsam.lock"
@@ -58,6 +63,13 @@ def remove_stale_staging(parent: Path, name: str | None = None) -> list[Path]:
         pid = _staging_pid(entry.name)
         if pid is None or _pid_alive(pid):
             continue
+        if ".old-" in entry.name:
+            # A swap killed between its two renames: the old folder is the only copy; put it back.
+            final = parent / entry.name[1:].rsplit(".old-", 1)[0]
+            if not final.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(entry, final)
+                    continue
         shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
@@ -105,9 +117,11 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
 class FolderLock:
     """An exclusive lock on an output folder for one run: ``FolderLock(path, what="training")``.
 
-    The lock is a file ``.octsam.lock`` beside the folder's contents (in its parent, named after it) created with
-    ``O_EXCL`` and holding the owner's pid, host and command. A second run is refused with a message that names the
-    first; a lock whose process is gone (same host) is stale and taken over.
+    The lock is a file ``.NAME.octsam.lock`` beside the folder (in its parent, named after it) holding the owner's
+    pid, host and what it runs. Where the platform has ``fcntl`` the file is also ``flock``-ed while held: the kernel
+    drops that lock when the owner dies (even by kill -9), so a lock file left by a crash is stale by construction and
+    taken over, and two runs can never both hold it. Elsewhere the file is created with ``O_EXCL`` and a lock whose
+    process is gone (same host) is taken over. A second run is refused with a message that names the first.
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "run"):
@@ -115,16 +129,54 @@ class FolderLock:
         self.what = what
         self.path = self.folder.with_name(f".{self.folder.name}{LOCK_NAME}")
         self.held = False
+        self.took_over: dict | None = None
+        self._fd: int | None = None
 
     def _owner(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            owner = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return owner if isinstance(owner, dict) else {}
 
-    def acquire(self) -> FolderLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _record(self) -> bytes:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what, "since": time.time()}
+        return json.dumps(record).encode()
+
+    def _refuse(self, owner: dict) -> OctSamError:
+        return OctSamError(
+            f"{self.folder} is in use by another octsam {owner.get('what', 'run')} (pid {owner.get('pid', '?')} on "
+            f"{owner.get('host', '?')}); wait for it to finish or choose another output folder. If that process "
+            f"is gone, delete {self.path}."
+        )
+
+    def _acquire_flock(self) -> None:
+        import fcntl
+
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._refuse(self._owner()) from None
+            try:
+                linked = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                linked = False
+            if not linked:  # the previous owner removed the file between our open and flock: try again
+                os.close(fd)
+                continue
+            previous = self._owner()
+            if previous.get("pid") is not None:
+                self.took_over = previous  # left by a process that died without releasing it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._record(), 0)
+            self._fd = fd
+            return
+        raise OctSamError(f"Could not lock {self.folder} (lock file {self.path} keeps disappearing).")
+
+    def _acquire_exclusive(self) -> None:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -132,27 +184,81 @@ class FolderLock:
                 owner = self._owner()
                 same_host = owner.get("host") == socket.gethostname()
                 if not owner or (same_host and not _pid_alive(int(owner.get("pid", -1)))):
+                    self.took_over = owner
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
-                raise OctSamError(
-                    f"{self.folder} is in use by another octsam {owner.get('what', 'run')} (pid {owner.get('pid')} on "
-                    f"{owner.get('host')}); wait for it to finish or choose another output folder. If that process "
-                    f"is gone, delete {self.path}."
-                ) from None
-            with os.fdopen(fd, "w") as handle:
-                json.dump(record, handle)
-            self.held = True
-            return self
+                raise self._refuse(owner) from None
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(self._record())
+            return
         raise OctSamError(f"Could not lock {self.folder} (lock file {self.path} keeps reappearing).")
 
-    def release(self) -> None:
+    def acquire(self) -> FolderLock:
         if self.held:
-            if self._owner().get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl  # noqa: F401
+        except ImportError:
+            self._acquire_exclusive()
+        else:
+            self._acquire_flock()
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        if self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)  # unlink while still flock-ed: a waiting opener re-checks the inode
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.held = False
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises ``KeyboardInterrupt``, so clean-up code runs as for Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------------------------------------ names
+def printable(path: str | os.PathLike) -> str:
+    """A path as text that can always be printed or written as UTF-8 (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(path: str | os.PathLike) -> bool:
+    """True if the path's bytes are valid UTF-8 (a name that can go into CSV, JSON, Arrow and model cards)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def require_utf8_name(path: str | os.PathLike) -> None:
+    """Refuse a path whose name is not valid UTF-8, naming it (ids, cards, CSV and Arrow tables need text)."""
+    if not is_utf8_name(path):
+        raise OctSamError(
+            f"{printable(path)}: the file name is not valid UTF-8 (undecodable bytes shown as \\xNN); rename it "
+            "(e.g. with `convmv -f latin1 -t utf8`) and run again."
+        )

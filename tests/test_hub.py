@@ -286,11 +286,12 @@ def test_card_renders_and_metadata_round_trips(mode, tmp_path):
 
 
 def test_card_without_metrics_or_hub_ids_is_still_valid():
-    config = OctSamConfig(labels=list(TINY_LABELS), base_model="/local/sam")
-    text = render_adapter_card(config)
+    config = OctSamConfig(labels=list(TINY_LABELS), base_model="/home/author/models/sam")
+    text = render_adapter_card(config, dataset="/home/author/data/amd_private")
     data = ModelCard(text).data
     assert data.base_model is None and data.eval_results is None and data.library_name == "peft"
-    assert "No test-split metrics" in text and "`/local/sam` (a local folder)" in text and REPO_PLACEHOLDER in text
+    assert "No test-split metrics" in text and "`sam (a local folder)`" in text and REPO_PLACEHOLDER in text
+    assert "amd_private (a local folder)" in text and "/home/author" not in text  # no paths of the author's machine
 
 
 def test_a_missing_card_template_is_named(monkeypatch, tmp_path):

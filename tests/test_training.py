@@ -156,9 +156,9 @@ def test_two_process_data_parallel_run(tmp_path, tiny_base):
     assert "2 process(es)" in proc.stderr + proc.stdout
     state = json.loads((out / "checkpoints/epoch-0002/trainer_state.json").read_text())
     assert [h["val_scans"] for h in state["history"]] == [5, 5]
-    assert sorted(p.name for p in (out / "checkpoints/epoch-0002").glob("rng_state_*.pt")) == [
-        "rng_state_0.pt",
-        "rng_state_1.pt",
+    assert sorted(p.name for p in (out / "checkpoints/epoch-0002").glob("rng_state_*.safetensors")) == [
+        "rng_state_0.safetensors",
+        "rng_state_1.safetensors",
     ]
     writers = {p.name.split(".")[-2] for p in (out / "logs").rglob("events.out.tfevents*")}
     assert len(writers) == 1  # event files carry the writer's pid: only the main process logs

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from octsam.errors import cli_main
+from octsam.folders import sigterm_as_interrupt
 from octsam.infer.run import run
 from octsam.infer.volumes import run_volumes, wants_volumes
 from octsam.models import ATTENTION_MODES
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     try:
-        failed = run_volumes(args) if wants_volumes(args) else run(args)
+        with sigterm_as_interrupt():
+            failed = run_volumes(args) if wants_volumes(args) else run(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output folder.", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ import sys
 
 from octsam.config import parse_config
 from octsam.errors import cli_main
+from octsam.folders import disk_full_message, is_disk_full
 
 
 @cli_main
@@ -28,6 +29,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+    except KeyboardInterrupt:
+        print(
+            "interrupted; the last complete checkpoint is kept (resume with --resume-from-checkpoint latest).",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as err:  # noqa: BLE001 - only a full disk is handled here
+        if not is_disk_full(err):
+            raise
+        print(
+            f"error: {disk_full_message(err, train_args.output_dir)} The last complete checkpoint is intact: resume "
+            "with --resume-from-checkpoint latest.",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

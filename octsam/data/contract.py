@@ -11,3 +11,17 @@ LABELS_FILE = "id2label.json"
 LABELS_MARKER = "octsam-id2label:"
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+#: The largest B-scan octsam reads (width x height), in pixels: 2**25 = 33.5 megapixels, e.g. 8192 x 4096 - about ten
+#: times the widest clinical OCT B-scans. Reading is refused above it (from the file's header, before any pixel is
+#: decoded), so a corrupt or hostile header (a "decompression bomb") ends with one message in every command, and the
+#: peak memory of segmenting one B-scan stays bounded (see README "Reliability").
+MAX_SCAN_PIXELS = 2**25
+
+
+def too_large_message(source: object, width: int | None = None, height: int | None = None) -> str:
+    size = f"{width} x {height} = {width * height / 1e6:.1f} megapixels" if width and height else "too large"
+    return (
+        f"{source}: image is {size}, more than octsam's limit of {MAX_SCAN_PIXELS / 1e6:.1f} megapixels per B-scan "
+        "(octsam.data.contract.MAX_SCAN_PIXELS); crop or downscale it, or check that the file is not corrupt."
+    )

@@ -13,9 +13,12 @@ patient_id, scan_id, disease, source. Label names travel with the data in three 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -23,7 +26,16 @@ import huggingface_hub
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from octsam.data.contract import COLUMNS, IGNORE_INDEX, IMAGE_SUFFIXES, LABELS_FILE, LABELS_MARKER, SPLITS
+from octsam.data.contract import (
+    COLUMNS,
+    IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    LABELS_FILE,
+    LABELS_MARKER,
+    MAX_SCAN_PIXELS,
+    SPLITS,
+    too_large_message,
+)
 from octsam.errors import OctSamError
 
 __all__ = ["COLUMNS", "IGNORE_INDEX", "IMAGE_SUFFIXES", "LABELS_FILE", "LABELS_MARKER", "SPLITS"]
@@ -236,6 +248,23 @@ def _gray_if_equal(rgb: np.ndarray, tolerance: int = 2) -> np.ndarray:
     return rgb
 
 
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` that refuses an image above ``MAX_SCAN_PIXELS`` from its header (before decoding), with
+    one message whether Pillow's own decompression-bomb guard or ours noticed it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise OctSamError(too_large_message(path)) from None
+    with im:
+        width, height = im.size
+        if width * height > MAX_SCAN_PIXELS:
+            raise OctSamError(too_large_message(path, width, height))
+        yield im
+
+
 def read_scan(path: str | os.PathLike) -> np.ndarray:
     """Read a PNG/JPEG/TIFF/BMP B-scan of any bit depth as uint8: (H, W) grayscale, (H, W, 3) only for colour.
 
@@ -246,7 +275,7 @@ def read_scan(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise OctSamError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if getattr(im, "n_frames", 1) > 1:
                 raise OctSamError(
                     f"{path} holds {im.n_frames} frames (a volume?); export one B-scan per file and build again."
@@ -289,6 +318,10 @@ def _read_with_tifffile(path: Path, err: Exception) -> np.ndarray:
         try:
             import tifffile
 
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.pages[0].shape
+                if int(np.prod(shape[:2])) > MAX_SCAN_PIXELS:
+                    raise OctSamError(too_large_message(path, shape[1], shape[0]))
             array = tifffile.imread(path)
             if array.ndim == 3 and array.shape[0] > 1 and array.shape[-1] not in (3, 4):
                 raise OctSamError(f"{path} holds {array.shape[0]} pages (a volume?); export one B-scan per file.")

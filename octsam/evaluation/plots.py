@@ -132,6 +132,9 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(image), 0, 255).astype(np.uint8)
 
 
+OVERLAY_BAND_PIXELS = 1 << 20  # pixels blended at a time in overlay()
+
+
 def overlay(
     image: np.ndarray,
     mask: np.ndarray,
@@ -148,7 +151,8 @@ def overlay(
     mask = np.asarray(mask)
     if mask.shape != rgb.shape[:2]:
         raise OctSamError(f"mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
-    classes = [int(c) for c in np.unique(mask) if c != 0]
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=1)) if mask.dtype == np.uint8 else np.unique(mask)
+    classes = [int(c) for c in present if c != 0]
     if labels is not None:
         unknown = [c for c in classes if c >= len(labels) and c != IGNORE_INDEX]
         if unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import numpy as np
 
 from octsam.data.contract import IMAGE_SUFFIXES
 from octsam.errors import OctSamError
+from octsam.folders import is_utf8_name, printable
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -23,6 +25,26 @@ class ScanInput:
     source: str
     read: Callable[[], np.ndarray]
     dataset_labels: list[str] | None = None  # the label names of the dataset it came from, if any
+
+
+def safe_output_name(name: str, fallback: str) -> str:
+    """An output name (posix, no suffix) that stays inside the output folder: no ``..``, ``.`` or empty parts, no
+    absolute root, no hidden parts, text that UTF-8 can store (undecodable bytes become ``_xNN``)."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace").replace("\\x", "_x").replace("\\", "/")
+    parts = [re.sub(r"[\x00-\x1f<>:\"|?*]", "_", part) for part in text.split("/")]
+    parts = [part.lstrip(".") for part in parts if part not in ("", ".", "..")]
+    parts = [part for part in parts if part]
+    return "/".join(parts) or fallback
+
+
+def _unreadable_name(path: Path) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        raise OctSamError(
+            f"{printable(path)}: the file name is not valid UTF-8 (undecodable bytes shown as \\xNN); skipped - "
+            "rename it (e.g. with `convmv -f latin1 -t utf8`) to segment it."
+        )
+
+    return read
 
 
 def _has_magic(text: str) -> bool:
@@ -126,8 +148,12 @@ def collect_inputs(
             matches = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
             if not matches:
                 raise OctSamError(f"--input {text!r} matches no image files ({'/'.join(IMAGE_SUFFIXES)}).")
+            root = Path(os.path.normpath(root))
             for m in matches:
-                add_file(m, m.relative_to(root).with_suffix("").as_posix() if m.is_relative_to(root) else m.stem)
+                clean = Path(os.path.normpath(m))  # "a/*/../../x/f.png" -> "x/f.png": no ".." in output names
+                add_file(
+                    m, clean.relative_to(root).with_suffix("").as_posix() if clean.is_relative_to(root) else m.stem
+                )
         else:
             raise OctSamError(
                 f"Input {text} does not exist. Give image files, folders or globs with --input, or a dataset folder "
@@ -141,11 +167,14 @@ def collect_inputs(
         raise OctSamError("No input B-scans: give --input files/folders/globs or --dataset.")
 
     scans, used = [], set()
-    for name, source, read, dataset_labels in found:
+    for i, (name, source, read, dataset_labels) in enumerate(found):
+        if read is None:
+            read = _file_reader(Path(source)) if is_utf8_name(source) else _unreadable_name(Path(source))
+        name = safe_output_name(name, f"scan_{i:05d}")
         unique, n = name, 1
         while unique.lower() in used:
             n += 1
             unique = f"{name}-{n}"
         used.add(unique.lower())
-        scans.append(ScanInput(unique, source, read or _file_reader(Path(source)), dataset_labels))
+        scans.append(ScanInput(unique, printable(source), read, dataset_labels))
     return scans

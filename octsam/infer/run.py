@@ -39,6 +39,7 @@ from octsam.adapter import check_same_labels
 from octsam.cli.common import parse_pixel_spacing
 from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, parse_point, read_prompt_file
 from octsam.errors import OctSamError
+from octsam.folders import FolderLock
 from octsam.infer.inputs import ScanInput, collect_inputs
 from octsam.infer.outputs import _write_scan, _write_summary, commit_output, prepare_output
 from octsam.segmenter import device_name, resolve_device
@@ -172,7 +173,12 @@ def run(args: argparse.Namespace) -> int:
     spacing = parse_pixel_spacing(args.pixel_spacing_mm)
     cli_specs = [parse_box(b) for b in args.box] + [parse_point(p) for p in args.point]
     prompt_file = read_prompt_file(args.prompts) if args.prompts else {}
-    final, tmp = prepare_output(args.output, args.overwrite)
+    lock = FolderLock(Path(args.output).expanduser(), "inference").acquire()  # one run per --output
+    try:
+        final, tmp = prepare_output(args.output, args.overwrite)
+    except BaseException:
+        lock.release()
+        raise
     stack = ExitStack()  # the writer pool, shut down however the run ends
     try:
         scans = collect_inputs(args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp])
@@ -365,6 +371,8 @@ def run(args: argparse.Namespace) -> int:
         stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     stack.close()
     if prompted and no_prompts:
         print(f"warning: {no_prompts} B-scan(s) had no prompt; their masks are empty.", file=sys.stderr)

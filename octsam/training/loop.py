@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,16 +28,18 @@ from tqdm.auto import tqdm
 
 from octsam.adapter import OctSamConfig
 from octsam.config import DataArguments, ModelArguments, TrainArguments, adapter_config, augment_config, prompt_config
+from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
+from octsam.folders import FolderLock, remove_stale_staging, sigterm_as_interrupt, staging_path
 from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
     CHECKPOINT_DIR,
     find_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     load_trainable_state,
     save_checkpoint,
-    set_rng_state,
     write_atomic_folder,
 )
 from octsam.training.losses import SegmentationLoss, prompted_loss
@@ -83,14 +86,91 @@ def build_model(model_args: ModelArguments, labels: list[str], seed: int):
     return model
 
 
-def prepare_output_dir(args: TrainArguments) -> Path:
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def is_main_launch_process() -> bool:
+    """Rank 0 of a ``torch.distributed.run`` / ``accelerate launch`` job (or a single process), before Accelerate."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
+    """Check the run folder (every process) and, on the main process, empty it for ``--overwrite-output-dir``.
+
+    Call with the folder's lock held (``FolderLock``): nothing else writes it meanwhile. Overwriting moves the old
+    run aside with one rename (so a new run never mixes with, prunes against or resumes from the old one) and then
+    deletes it; a crash in between leaves a hidden ``.NAME.old-PID-*`` that the next run puts back or removes.
+    """
     out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+    if out.exists() and not out.is_dir():
+        raise OctSamError(f"--output-dir {out} is a file; give a folder.")
+    resume = args.resume_from_checkpoint
+    if args.overwrite_output_dir and resume and (resume == "latest" or _inside(Path(resume), out)):
         raise OctSamError(
-            f"Output folder {out} is not empty. Resume it with --resume-from-checkpoint latest, choose another "
-            "--output-dir, or pass --overwrite-output-dir to write over it."
+            f"--overwrite-output-dir starts {out} afresh, which deletes the checkpoint "
+            f"--resume-from-checkpoint {resume} would resume from; pass only one of them."
         )
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not args.overwrite_output_dir:
+        if not resume:
+            raise OctSamError(
+                f"Output folder {out} is not empty. Resume it with --resume-from-checkpoint latest, choose another "
+                "--output-dir, or pass --overwrite-output-dir to write over it."
+            )
+        if resume != "latest" and not _inside(Path(resume), out):
+            raise OctSamError(
+                f"--resume-from-checkpoint {resume} is from another run folder, and --output-dir {out} is not empty "
+                "(another run's files would mix with this one); resume into a new, empty folder or into the "
+                "checkpoint's own run folder."
+            )
+    if main_process:
+        remove_stale_staging(out.parent, out.name)
+        if non_empty and args.overwrite_output_dir:
+            aside = staging_path(out, "old")
+            os.replace(out, aside)
+            out.mkdir()
+            shutil.rmtree(aside, ignore_errors=True)
+            logger.info(f"--overwrite-output-dir: removed the previous run in {out}")
+        for stale in (out / CHECKPOINT_DIR).glob("epoch-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write killed half-way (the lock is ours)
     return out
+
+
+def best_checkpoint_for(resume_path: Path) -> Path | None:
+    """The checkpoint of the best epoch recorded in ``resume_path`` (itself or a sibling); None before any best."""
+    try:
+        state = json.loads((resume_path / "trainer_state.json").read_text(encoding="utf-8"))
+        best = int(state.get("best_epoch", 0))
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        raise OctSamError(
+            f"Checkpoint {resume_path} cannot be resumed: trainer_state.json is damaged or not what octsam writes "
+            f"({type(err).__name__}); resume from another checkpoint or start a new run."
+        ) from None
+    if best <= 0:
+        return None
+    candidate = resume_path.parent / f"epoch-{best:04d}"
+    if not (candidate / "trainable.safetensors").is_file():
+        raise OctSamError(
+            f"Cannot resume from {resume_path}: its best epoch ({best}) is the adapter the run must end with, but "
+            f"{candidate} is missing. Copy that checkpoint folder next to {resume_path.name}, or resume in the "
+            "checkpoint's own run folder."
+        )
+    return candidate
+
+
+def restore_best_adapter(accelerator, model, best_ckpt: Path, out: Path) -> None:
+    """Write ``out/best_adapter`` from the best epoch's checkpoint (a resume into a new folder ends with it)."""
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    current = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+    load_trainable_state(unwrapped, load_file(str(best_ckpt / "trainable.safetensors")), str(best_ckpt))
+    if accelerator.is_main_process:
+        write_atomic_folder(unwrapped.save_pretrained, out / BEST_ADAPTER_DIR)
+    load_trainable_state(unwrapped, current, "the resumed state")
+    accelerator.wait_for_everyone()
 
 
 def effective_accumulation(args: TrainArguments, num_processes: int) -> int:
@@ -198,12 +278,27 @@ def warn_about_data(train_split, labels: list[str], data_args: DataArguments) ->
 
 # ------------------------------------------------------------------------------------------------ main loop
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict:
+    """Train with the run folder locked (one run per folder; a crashed run's lock is taken over); SIGTERM stops it
+    like Ctrl-C (the last complete checkpoint stays)."""
+    main_process = is_main_launch_process()
+    lock = FolderLock(train_args.output_dir, "training") if main_process else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        with sigterm_as_interrupt():
+            return _train(model_args, data_args, train_args, main_process)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, main_process: bool):
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     from octsam.data.dataset import load_oct_dataset
 
-    out = prepare_output_dir(train_args)
+    out = prepare_output_dir(train_args, main_process)
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = effective_accumulation(train_args, num_processes)
     accelerator = build_accelerator(train_args, accumulation)
@@ -229,7 +324,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if accelerator.is_main_process:
         warn_about_data(train_split, labels, data_args)
 
+    if effective > len(train_split):
+        raise OctSamError(
+            f"The effective batch ({effective}) is larger than the training split ({len(train_split)} scans): every "
+            f"epoch would be one smaller, uneven step. Set --effective-batch-size to at most {len(train_split)}."
+        )
+
     resume_path = find_checkpoint(train_args) if train_args.resume_from_checkpoint else None
+    best_ckpt = best_checkpoint_for(resume_path) if resume_path is not None else None  # refused before training
     if resume_path is not None:
         saved = OctSamConfig.from_json_file(resume_path / "octsam_config.json")
         if list(saved.labels) != list(labels):
@@ -308,17 +410,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     state = {"epoch": 0, "global_step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if resume_path is not None:
-        from safetensors.torch import load_file
-
-        load_trainable_state(
-            accelerator.unwrap_model(model), load_file(str(resume_path / "trainable.safetensors")), str(resume_path)
-        )
-        optimizer.load_state_dict(torch.load(resume_path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(resume_path / "scheduler.pt", weights_only=False))
-        state = json.loads((resume_path / "trainer_state.json").read_text())
-        rng_file = resume_path / f"rng_state_{accelerator.process_index}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        state = load_checkpoint(resume_path, accelerator, model, optimizer, scheduler)
+        resumed_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        if not math.isclose(resumed_lr, train_args.learning_rate, rel_tol=1e-9):
+            logger.warning(
+                f"warning: --learning-rate {train_args.learning_rate:g} is ignored: a resumed run continues its "
+                f"checkpoint's schedule (learning rate {resumed_lr:g}) so that it equals an uninterrupted run. "
+                "Start a new run to change the learning rate."
+            )
+        if best_ckpt is not None:
+            restore_best_adapter(accelerator, model, best_ckpt, out)
         logger.info(f"resumed from {resume_path} (epoch {state['epoch']}, step {state['global_step']})")
 
     if accelerator.is_main_process and train_args.report_to != "none":
@@ -357,6 +458,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             steps_per_epoch,
             speed_log,
         )
+        if epoch == first_epoch and state.get("foreground_pixels") == 0 and accelerator.is_main_process:
+            logger.warning(
+                f"warning: the training split of {data_args.dataset} has no foreground pixel (every mask is all "
+                "background, or 255 = ignored): the model cannot learn any biomarker and its Dice will be 0. Check "
+                "the masks and --labels of the dataset build."
+            )
         metrics = validate(accelerator, model, val_loader, loss_fn, config.mode, config.num_labels)
         metrics.update(epoch=epoch + 1, train_loss=epoch_loss, lr=scheduler.get_last_lr()[0])
         metrics.update({k: speed_log[k] for k in ("train_images_per_s", "train_images_per_s_after_first_step")})
@@ -427,8 +534,10 @@ def train_one_epoch(
     first_images, after_first = 0, None
     started = time.perf_counter()
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
+    foreground = torch.zeros((), device=accelerator.device)
     for batch in loader:
         images += int(batch["pixels"].shape[0])
+        foreground += ((batch["mask"] > 0) & (batch["mask"] != IGNORE_INDEX)).sum()
         with accelerator.accumulate(model):
             kind = pick_prompt_kind(data_args, train_args.seed, epoch, state["global_step"])
             loss, _ = compute_loss(model, batch, loss_fn, config.mode, kind)
@@ -461,6 +570,7 @@ def train_one_epoch(
                 bar.set_postfix(loss=f"{mean:.4f}")
                 accelerator.log({"train_loss": mean, "lr": scheduler.get_last_lr()[0]}, step=state["global_step"])
     bar.close()
+    state["foreground_pixels"] = int(accelerator.reduce(foreground.float(), "sum").item())
     if first_bad is not None:
         check_finite(accelerator, first_bad, out)
     mean_loss = accelerator.reduce(total / max(count, 1), "mean").item()  # syncs: the epoch's work is done
@@ -503,6 +613,12 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
     }
     if state.get("compile_s") is not None:
         results["compile_s"] = round(state["compile_s"], 2)
+    if state["best_metric"] <= 0:
+        results["warning"] = (
+            "validation Dice stayed 0: the model never found a biomarker (all-background masks, a too short run or "
+            "a broken label set); do not publish this adapter as is"
+        )
+        logger.warning(f"warning: {results['warning']}.")
     if accelerator.is_main_process:
         from octsam.evaluation.plots import plot_training_curves
 

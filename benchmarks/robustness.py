@@ -1,0 +1,920 @@
+"""Robustness probes: bad inputs and injected faults against the real command lines, with counts (issue 11).
+
+    python benchmarks/robustness.py            # all probes (about 3 minutes on 2 CPU cores)
+    python benchmarks/robustness.py --quick    # bad inputs only (in-process, about 15 s)
+
+A bad input is *handled cleanly* when the command ends with the expected exit status, a message that names the
+problem (``error:``/``failed:``/``warning:``), no traceback, no code executed from a file it read, and no litter or
+partial output. A fault is *survived* when, afterwards, no finished output was lost or altered, nothing half-written
+is visible, and the next run succeeds (resumed training is bit-identical to an uninterrupted one). *Data lost* counts
+probes where an existing output, dataset or checkpoint changed or disappeared. Everything runs offline on a tiny
+random SAM in a temporary folder; the disk-full probes need a small tmpfs (``unshare`` + ``mount``) and are counted
+as skipped where it cannot be made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+HOOK = textwrap.dedent(
+    """
+    import importlib, signal, sys, time
+    # Ctrl-C as from a terminal, even when this script was started in the background (which ignores SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    module, name, nth, entry, *args = sys.argv[1:]
+    if module != "-":
+        target = importlib.import_module(module)
+        original = getattr(target, name)
+        calls = [0]
+        def hooked(*a, **k):
+            calls[0] += 1
+            if calls[0] == int(nth):
+                print("REACHED", flush=True)
+                time.sleep(120)
+            return original(*a, **k)
+        setattr(target, name, hooked)
+    if entry == "train":
+        from octsam.cli.train import main
+    elif entry == "build":
+        from dataset_builder.__main__ import main
+    else:
+        from octsam.cli.infer import main
+    print("STARTED", flush=True)
+    sys.exit(main(args))
+    """
+)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def tree_digest(path: Path) -> str | None:
+    """A digest of every file under ``path`` (names and bytes); None if it does not exist."""
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode("utf-8", "backslashreplace"))
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def litter(parent: Path) -> list[str]:
+    return (
+        [
+            p.name
+            for p in parent.iterdir()
+            if p.name.startswith(".") and any(t in p.name for t in (".tmp-", ".partial-", ".old-", ".octsam.lock"))
+        ]
+        if parent.is_dir()
+        else []
+    )  # noqa: E501
+
+
+def cli(entry: str, args: list[str]) -> tuple[int, str]:
+    """Run a command line in this process; return (exit status, stderr + log output). An escaping exception is
+    returned as status -1 with its traceback."""
+    if entry == "train":
+        from octsam.cli.train import main
+    elif entry == "build":
+        from dataset_builder.__main__ import main
+    else:
+        from octsam.cli.infer import main
+    err = io.StringIO()
+    handler = logging.StreamHandler(err)
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 2
+            except BaseException:  # noqa: BLE001 - an escaping exception is what the probe looks for
+                code = -1
+                err.write(traceback.format_exc())
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return code, err.getvalue()
+
+
+def clean(code: int, err: str, expect_code: int | tuple, needles: tuple[str, ...], parent: Path | None = None):
+    codes = expect_code if isinstance(expect_code, tuple) else (expect_code,)
+    problems = []
+    if code not in codes:
+        problems.append(f"exit {code}, expected {codes}")
+    if "Traceback" in err:
+        problems.append("traceback")
+    for needle in needles:
+        if needle not in err:
+            problems.append(f"no {needle!r} in the message")
+    if parent is not None and litter(parent):
+        problems.append(f"litter {litter(parent)}")
+    return not problems, "; ".join(problems) or err.strip().splitlines()[-1][:140] if err.strip() else ""
+
+
+def start(tmp: Path, entry: str, args: list[str], hook: tuple[str, str, int] | None = None) -> subprocess.Popen:
+    script = tmp / "hook.py"
+    script.write_text(HOOK)
+    module, name, nth = hook or ("-", "-", 0)
+    return subprocess.Popen(
+        [sys.executable, str(script), module, name, str(nth), entry, *map(str, args)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(proc: subprocess.Popen, word: str, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if word in line:
+                return True
+            if not line and proc.poll() is not None:
+                return False
+    return False
+
+
+def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+class World:
+    """Tiny base model, a synthetic dataset, a finished training run, an adapter and some scans."""
+
+    def __init__(self, root: Path):
+        from octsam.models.sam import save_random_base
+
+        self.root = root
+        self.base = save_random_base(root / "base", seed=0)
+        self.dataset = root / "dataset"
+        assert cli("build", self.build_args(self.dataset))[0] == 0
+        self.run = root / "run"
+        code, err = cli("train", self.train_args(self.run, "--num-train-epochs", "2"))
+        assert code == 0, err[-2000:]
+        self.adapter = self.run / "best_adapter"
+        self.scans = root / "scans"
+        self.scans.mkdir()
+        for i in range(3):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64), dtype=np.uint8)).save(
+                self.scans / f"scan{i}.png"
+            )
+        self.n = 0
+
+    def fresh(self, name: str = "p") -> Path:
+        self.n += 1
+        path = self.root / "probes" / f"{self.n:03d}-{name}"
+        path.mkdir(parents=True)
+        return path
+
+    def build_args(self, out: Path, *extra: str) -> list[str]:
+        return ["synthetic", "--disease", "amd", "--num-patients", "4", "--scans-per-patient", "2", "--size",
+                "96x64", "--output", str(out), *extra]  # fmt: skip
+
+    def train_args(self, out: Path, *extra: str, dataset: Path | None = None) -> list[str]:
+        return ["--dataset", str(dataset or self.dataset), "--base-model", self.base, "--output-dir", str(out),
+                "--num-workers", "0", "--report-to", "none", "--effective-batch-size", "2",
+                "--per-device-train-batch-size", "2", "--lora-dropout", "0", "--evaluate-test", "false",
+                "--early-stopping-patience", "0", "--learning-rate", "5e-3", *extra]  # fmt: skip
+
+    def folder_source(self, tmp: Path, n: int = 4) -> tuple[Path, Path]:
+        images, masks = tmp / "images", tmp / "masks"
+        images.mkdir()
+        masks.mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((40, 48), 60 + i, np.uint8)).save(images / f"p{i}_scan.png")
+            mask = np.zeros((40, 48), np.uint8)
+            mask[5:15, 5:15] = 1
+            Image.fromarray(mask).save(masks / f"p{i}_scan.png")
+        return images, masks
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
+    probes = []
+
+    def infer_probe(name, make, expect=2, needles=("error:",)):
+        def probe():
+            tmp = w.fresh(name)
+            inputs, adapter, extra = make(tmp)
+            out = tmp / "out"
+            code, err = cli("infer", ["--adapter", adapter, "--input", *inputs, "--output", out, "--quiet", *extra])
+            ok, why = clean(code, err, expect, needles, tmp)
+            if ok and expect == 2 and out.exists() and not (tmp / "keep").exists():
+                ok, why = False, "an output folder was written"
+            return ok, why
+
+        probes.append((f"inference: {name}", probe))
+
+    def adapter_copy(tmp: Path, edit: Callable[[Path], None]) -> str:
+        folder = tmp / "adapter"
+        shutil.copytree(w.adapter, folder)
+        edit(folder)
+        return str(folder)
+
+    def config_edit(change):
+        def edit(folder: Path):
+            cfg = json.loads((folder / "octsam_config.json").read_text())
+            if change == "no-labels":
+                del cfg["labels"]
+            else:
+                cfg.update(change)
+            (folder / "octsam_config.json").write_text(json.dumps(cfg))
+
+        return edit
+
+    scan = lambda: str(w.scans / "scan0.png")  # noqa: E731
+    infer_probe("input does not exist", lambda t: ([str(t / "nope")], str(w.adapter), []))
+    infer_probe("glob matches nothing", lambda t: ([str(t / "*.png")], str(w.adapter), []))
+    infer_probe("empty input folder", lambda t: ([str(t)], str(w.adapter), []))
+    for label, writer in {
+        "decompression-bomb PNG header": lambda p: bomb_png(p),
+        "10000 x 10000 PNG header": lambda p: bomb_png(p, 10_000, 10_000),
+        "truncated PNG": lambda p: p.write_bytes((w.scans / "scan0.png").read_bytes()[:1000]),
+        "zero-byte .png": lambda p: p.write_bytes(b""),
+        "text file named .png": lambda p: p.write_text("not an image"),
+        "pickle named .png": lambda p: p.write_bytes(pickle.dumps(Payload(p.with_name("PWNED")))),
+    }.items():
+
+        def make(t, writer=writer):
+            writer(t / "bad.png")
+            return [str(t / "bad.png"), scan()], str(w.adapter), []
+
+        infer_probe(label, make, expect=1, needles=("failed:", "bad.png"))
+
+    def non_utf8(t):
+        shutil.copy(scan(), t / os.fsdecode(b"bad_\xff.png"))
+        return [str(t), scan()], str(w.adapter), []
+
+    infer_probe("non-UTF-8 file name", non_utf8, expect=1, needles=("bad_\\xff", "not valid UTF-8"))
+
+    def volume(t):
+        import tifffile
+
+        tifffile.imwrite(t / "vol.tif", np.zeros((5, 32, 32), np.uint8))
+        return [str(t / "vol.tif"), scan()], str(w.adapter), []
+
+    infer_probe("multi-page TIFF", volume, expect=1, needles=("failed:", "vol.tif"))
+
+    def dotdot(t):
+        (t / "a" / "sub").mkdir(parents=True)
+        (t / "x").mkdir()
+        shutil.copy(scan(), t / "x" / "s.png")
+        shutil.copy(scan(), t / "a" / "sub" / "s.png")
+        return [str(t / "a" / "*" / ".." / ".." / "x" / "*.png"), str(t / "a" / "sub" / "s.png")], str(w.adapter), []
+
+    def dotdot_probe():
+        tmp = w.fresh("dotdot")
+        inputs, adapter, _ = dotdot(tmp)
+        out = tmp / "a" / "out"
+        code, err = cli("infer", ["--adapter", adapter, "--input", *inputs, "--output", out, "--quiet"])
+        files = [p.resolve() for p in out.rglob("*") if p.is_file()]
+        inside = all(out.resolve() in p.parents for p in files)
+        masks = sorted(p.relative_to(out / "masks") for p in (out / "masks").rglob("*.png")) if out.exists() else []
+        ok = code == 0 and inside and len(masks) == 2 and len(list((tmp / "x").iterdir())) == 1
+        return ok, f"exit {code}, {len(masks)} masks, all inside: {inside}"
+
+    probes.append(("inference: '..' glob stays inside --output, unique names", dotdot_probe))
+
+    def out_is_file(t):
+        (t / "out").write_text("x")
+        (t / "keep").write_text("")
+        return [scan()], str(w.adapter), []
+
+    infer_probe("--output is a file", out_is_file)
+
+    def out_not_empty(t):
+        (t / "out").mkdir()
+        (t / "out" / "precious").write_text("x")
+        (t / "keep").write_text("")
+        return [scan()], str(w.adapter), []
+
+    infer_probe("--output not empty", out_not_empty)
+    infer_probe("--batch-size 0", lambda t: ([scan()], str(w.adapter), ["--batch-size", "0"]))
+    infer_probe("bad --pixel-spacing-mm", lambda t: ([scan()], str(w.adapter), ["--pixel-spacing-mm", "a,b"]))
+    infer_probe("bad --box", lambda t: ([scan()], str(w.adapter), ["--box", "fluid:1,2"]))
+    infer_probe("--box of an unknown class", lambda t: ([scan()], str(w.adapter), ["--box", "cyst:1,2,10,12"]))
+    infer_probe("--prompts file missing", lambda t: ([scan()], str(w.adapter), ["--prompts", str(t / "p.json")]))
+
+    def bad_prompts(t):
+        (t / "p.json").write_text("{not json")
+        return [scan()], str(w.adapter), ["--prompts", str(t / "p.json")]
+
+    infer_probe("--prompts not JSON", bad_prompts)
+    infer_probe("adapter does not exist", lambda t: ([scan()], str(t / "none"), []))
+    infer_probe("adapter is a file", lambda t: ([scan()], str(w.scans / "scan0.png"), []))
+    for label, change in {
+        "labels is an int": {"labels": 3},
+        "labels missing": "no-labels",
+        "labels null": {"labels": None},
+        "labels without background": {"labels": ["fluid", "drusen"]},
+        "format_version 'abc'": {"format_version": "abc"},
+        "format_version from the future": {"format_version": 99},
+        "unknown key": {"colour": "red"},
+        "image_std 0": {"image_std": [0, 0, 0]},
+        "image_size -1": {"image_size": -1},
+        "mode prompted on automatic weights": {"mode": "prompted"},
+        "lora_target_modules unknown": {"lora_target_modules": ["everything"]},
+    }.items():
+        infer_probe(
+            f"octsam_config.json {label}",
+            lambda t, change=change: ([scan()], adapter_copy(t, config_edit(change)), []),
+        )
+    for label, edit in {
+        "octsam_config.json is a JSON list": lambda f: (f / "octsam_config.json").write_text("[1, 2]"),
+        "octsam_config.json is not JSON": lambda f: (f / "octsam_config.json").write_text("{labels:"),
+        "octsam_config.json missing": lambda f: (f / "octsam_config.json").unlink(),
+        "adapter_model.safetensors truncated": lambda f: (f / "adapter_model.safetensors").write_bytes(
+            (f / "adapter_model.safetensors").read_bytes()[:-500]
+        ),
+        "adapter_model.safetensors missing": lambda f: (f / "adapter_model.safetensors").unlink(),
+        "adapter_model.safetensors empty": lambda f: (f / "adapter_model.safetensors").write_bytes(b""),
+        "adapter_model.safetensors is a pickle": lambda f: (f / "adapter_model.safetensors").write_bytes(
+            pickle.dumps(Payload(f.parent / "PWNED"))
+        ),
+        "adapter_config.json missing": lambda f: (f / "adapter_config.json").unlink(),
+    }.items():
+        infer_probe(label, lambda t, edit=edit: ([scan()], adapter_copy(t, edit), []))
+
+    # ---- dataset builder
+    def build_probe(name, make, expect=2, needles=("error:",)):
+        def probe():
+            tmp = w.fresh(name)
+            args, out = make(tmp)
+            before = tree_digest(out)
+            code, err = cli("build", args)
+            ok, why = clean(code, err, expect, needles, tmp)
+            if ok and tree_digest(out) != before:
+                ok, why = False, "the output changed"
+            return ok, why
+
+        probes.append((f"builder: {name}", probe))
+
+    def folder_args(t, *extra, images=None, masks=None):
+        src_images, src_masks = w.folder_source(t)
+        return [
+            "folder", "--images", str(images or src_images), "--masks", str(masks or src_masks), "--labels",
+            "background,fluid", "--patient-regex", r"^(p\d+)_", "--output", str(t / "out"), *extra,
+        ], t / "out"  # fmt: skip
+
+    build_probe("images folder missing", lambda t: folder_args(t, images=t / "none"))
+
+    def with_file(kind):
+        def make(t):
+            args, out = folder_args(t)
+            images, masks = t / "images", t / "masks"
+            if kind == "unpaired":
+                shutil.copy(images / "p0_scan.png", images / "p7_scan.png")
+            elif kind == "size":
+                Image.fromarray(np.zeros((30, 30), np.uint8)).save(masks / "p0_scan.png")
+            elif kind == "value":
+                Image.fromarray(np.full((40, 48), 5, np.uint8)).save(masks / "p0_scan.png")
+            elif kind == "non-utf8":
+                for f in (images, masks):
+                    shutil.copy(f / "p0_scan.png", f / os.fsdecode(b"p5_\xff.png"))
+            elif kind == "bomb":
+                bomb_png(images / "p5_scan.png")
+                shutil.copy(masks / "p0_scan.png", masks / "p5_scan.png")
+            elif kind == "huge":
+                bomb_png(images / "p5_scan.png", 10_000, 10_000)
+                shutil.copy(masks / "p0_scan.png", masks / "p5_scan.png")
+            elif kind == "truncated":
+                noise = np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)
+                Image.fromarray(noise).save(images / "p0_scan.png")
+                (images / "p0_scan.png").write_bytes((images / "p0_scan.png").read_bytes()[:900])
+            elif kind == "text":
+                (images / "p0_scan.png").write_text("hello")
+            return args, out
+
+        return make
+
+    build_probe("unpaired image", with_file("unpaired"))
+    build_probe("mask of another size", with_file("size"))
+    build_probe("mask value above the labels", with_file("value"))
+    build_probe("non-UTF-8 file name", with_file("non-utf8"), needles=("p5_\\xff", "not valid UTF-8"))
+    build_probe("decompression-bomb PNG header", with_file("bomb"), needles=("megapixels",))
+    build_probe("10000 x 10000 PNG header", with_file("huge"), needles=("megapixels",))
+    build_probe("truncated PNG", with_file("truncated"), needles=("p0_scan",))
+    build_probe("text file named .png", with_file("text"), needles=("p0_scan",))
+    build_probe("bad --split", lambda t: folder_args(t, "--split", "0.5,0.6,x"))
+    build_probe("--split-file missing", lambda t: folder_args(t, "--split-file", str(t / "s.json")))
+    build_probe(
+        "invalid --patient-regex",
+        lambda t: (folder_args(t)[0][:-4] + ["--patient-regex", "(", "--output", str(t / "out")], t / "out"),
+    )  # noqa: E501
+    build_probe(
+        "labels without background",
+        lambda t: (["folder", *folder_args(t)[0][1:5], "--labels", "fluid", "--output", str(t / "out")], t / "out"),
+    )  # noqa: E501
+    build_probe("unknown --palette", lambda t: folder_args(t, "--palette", "rainbow"))
+
+    def exists(t):
+        args, out = folder_args(t)
+        out.mkdir()
+        (out / "precious").write_text("x")
+        return args, out
+
+    build_probe("--output exists", exists)
+
+    def overwrite_foreign(t):
+        args, out = exists(t)
+        return args + ["--overwrite"], out
+
+    build_probe("--overwrite of a folder that is not a dataset", overwrite_foreign)
+    build_probe(
+        "synthetic size too small",
+        lambda t: (w.build_args(t / "out")[:-2] + ["--size", "8x8", "--output", str(t / "out")], t / "out"),
+    )  # noqa: E501
+
+    # ---- training
+    def train_probe(name, make, expect=2, needles=("error:",), marker=False):
+        def probe():
+            tmp = w.fresh(name)
+            args, keep = make(tmp)
+            before = {p: tree_digest(p) for p in keep}
+            code, err = cli("train", args)
+            ok, why = clean(code, err, expect, needles, tmp)
+            if marker and list(tmp.rglob("PWNED")):
+                ok, why = False, "A PICKLE PAYLOAD RAN"
+            changed = [p.name for p in keep if tree_digest(p) != before[p]]
+            if ok and changed:
+                ok, why = False, f"changed {changed}"
+            return ok, why
+
+        probes.append((f"training: {name}", probe))
+
+    train_probe("dataset missing", lambda t: (w.train_args(t / "run", dataset=t / "none"), []))
+
+    def yaml(t, text):
+        (t / "c.yaml").write_text(text)
+        return ["--config", str(t / "c.yaml"), *w.train_args(t / "run")], []
+
+    train_probe("unknown config key", lambda t: yaml(t, "learning_rat: 1\n"))
+    train_probe("config not YAML", lambda t: yaml(t, "a: [\n"))
+    train_probe(
+        "effective batch over the training split",
+        lambda t: (w.train_args(t / "run", "--effective-batch-size", "64"), []),
+    )  # noqa: E501
+    train_probe(
+        "checkpoint does not exist",
+        lambda t: (w.train_args(t / "run", "--resume-from-checkpoint", str(t / "none")), []),
+    )  # noqa: E501
+
+    def copy_run(t):
+        run = t / "run"
+        shutil.copytree(w.run, run)
+        return run
+
+    def non_empty(t):
+        run = copy_run(t)
+        return w.train_args(run), [run]
+
+    train_probe("--output-dir not empty", non_empty)
+
+    def overwrite_and_resume(t):
+        run = copy_run(t)
+        return w.train_args(run, "--overwrite-output-dir", "--resume-from-checkpoint", "latest"), [run]
+
+    train_probe("--overwrite-output-dir with --resume-from-checkpoint latest", overwrite_and_resume)
+
+    def other_run_into_non_empty(t):
+        run = copy_run(t)
+        (t / "new").mkdir()
+        (t / "new" / "x").write_text("x")
+        args = w.train_args(t / "new", "--resume-from-checkpoint", str(run / "checkpoints" / "epoch-0002"))
+        return args, [run, t / "new"]
+
+    train_probe("resume another run's checkpoint into a non-empty folder", other_run_into_non_empty)
+
+    def best_missing(t):
+        ckpt = t / "c" / "checkpoints" / "epoch-0002"
+        shutil.copytree(w.run / "checkpoints" / "epoch-0002", ckpt)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state["best_epoch"] = 1
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        return w.train_args(t / "new", "--num-train-epochs", "3", "--resume-from-checkpoint", str(ckpt)), [ckpt]
+
+    train_probe("resume into a new folder without the best epoch's checkpoint", best_missing, needles=("is missing",))
+    for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+                 "trainer_state.json", "octsam_config.json", "rng_state_0.safetensors"):  # fmt: skip
+
+        def payload(t, name=name):
+            run = copy_run(t)
+            ckpt = run / "checkpoints" / "epoch-0002"
+            (ckpt / name).write_bytes(pickle.dumps(Payload(t / "PWNED")))
+            return w.train_args(run, "--num-train-epochs", "3", "--resume-from-checkpoint", "latest"), []
+
+        train_probe(f"pickle payload in {name}", payload, needles=(name,), marker=True)
+
+    def legacy(t):
+        import torch
+
+        run = copy_run(t)
+        ckpt = run / "checkpoints" / "epoch-0002"
+        (ckpt / "optimizer.safetensors").unlink()
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
+            torch.save({"x": Payload(t / "PWNED")}, ckpt / name)
+        return w.train_args(run, "--num-train-epochs", "3", "--resume-from-checkpoint", "latest"), []
+
+    train_probe("pickle payloads in legacy .pt files", legacy, needles=("pickle",), marker=True)
+
+    def truncated(t):
+        run = copy_run(t)
+        f = run / "checkpoints" / "epoch-0002" / "trainable.safetensors"
+        f.write_bytes(f.read_bytes()[:-300])
+        return w.train_args(run, "--num-train-epochs", "3", "--resume-from-checkpoint", "latest"), []
+
+    train_probe("truncated trainable.safetensors", truncated, needles=("trainable.safetensors",))
+
+    def lr_on_resume(t):
+        run = copy_run(t)
+        return w.train_args(
+            run, "--num-train-epochs", "3", "--learning-rate", "0.1", "--resume-from-checkpoint", "latest"
+        ), []  # noqa: E501
+
+    train_probe("--learning-rate on resume", lr_on_resume, expect=0, needles=("is ignored",))
+
+    def all_background(t):
+        import datasets
+
+        dsd = datasets.load_from_disk(str(w.dataset))
+        blank = dsd.map(lambda row: {"mask": Image.fromarray(np.zeros_like(np.asarray(row["mask"])))})
+        blank.save_to_disk(str(t / "bg"))
+        shutil.copy(w.dataset / "id2label.json", t / "bg" / "id2label.json")
+        return w.train_args(t / "run", "--num-train-epochs", "1", dataset=t / "bg"), []
+
+    train_probe("all-background dataset", all_background, expect=0, needles=("no foreground pixel", "Dice stayed 0"))
+    return probes
+
+
+# ------------------------------------------------------------------------------------------------ faults
+def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool, str, bool]]]]:
+    """Each returns (survived, detail, data lost)."""
+    from safetensors.torch import load_file
+
+    def same_weights(a: Path, b: Path) -> bool:
+        x, y = load_file(str(a)), load_file(str(b))
+        return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
+
+    probes = []
+    three = ("--num-train-epochs", "3")
+
+    references = {3: reference}
+
+    def reference_for(epochs: int) -> Path:
+        if epochs not in references:
+            references[epochs] = w.root / f"reference-{epochs}"
+            assert cli("train", w.train_args(references[epochs], "--num-train-epochs", str(epochs)))[0] == 0
+        return references[epochs]
+
+    def train_fault(name, sig, hook=None, delay=None):
+        epochs = 3 if hook else 8  # random kills: a longer run, so that they land inside it
+
+        def probe():
+            tmp = w.fresh(name)
+            run = tmp / "run"
+            args = w.train_args(run, "--num-train-epochs", str(epochs))
+            proc = start(tmp, "train", args, hook)
+            if hook:
+                wait_for(proc, "REACHED")
+            else:  # a random moment after the first checkpoint: mid-step, mid-validation or mid-write
+                deadline = time.monotonic() + 300
+                while not (run / "checkpoints" / "epoch-0001").is_dir() and proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                time.sleep(delay)
+            code, err = stop(proc, sig)
+            if sig != signal.SIGKILL and code not in (130, 0):
+                return False, f"exit {code}: {err.strip()[-200:]}", False
+            if "Traceback" in err:
+                return False, "traceback", False
+            ckpts = sorted((run / "checkpoints").glob("epoch-[0-9][0-9][0-9][0-9]")) if run.exists() else []
+            resume = ["--resume-from-checkpoint", "latest"] if ckpts else []
+            if run.exists() and not ckpts:
+                resume = ["--overwrite-output-dir"]
+            code, err = cli("train", [*args, *resume])
+            last = f"checkpoints/epoch-{epochs:04d}/trainable.safetensors"
+            ok = code == 0 and (run / last).is_file() and same_weights(run / last, reference_for(epochs) / last)
+            ok = ok and not list((run / "checkpoints").glob("*.tmp")) and not litter(tmp)
+            where = ckpts[-1].name if ckpts else "scratch"
+            return ok, f"killed after {where} of {epochs}, resumed: exit {code}, bit-identical {ok}", False
+
+        probes.append((f"training: {name}", probe))
+
+    train_fault(
+        "kill -9 during the epoch-2 checkpoint write",
+        signal.SIGKILL,
+        ("octsam.training.checkpoint", "save_optimizer", 2),
+    )
+    train_fault(
+        "kill -9 during the epoch-1 checkpoint write",
+        signal.SIGKILL,
+        ("octsam.training.checkpoint", "save_rng_state", 1),
+    )
+    train_fault(
+        "kill -9 while writing best_adapter", signal.SIGKILL, ("octsam.training.loop", "write_atomic_folder", 2)
+    )
+    rng = random.Random(11)
+    for i in range(3):
+        train_fault(f"kill -9 at a random time #{i + 1}", signal.SIGKILL, delay=rng.uniform(0, 1.0))
+    train_fault(
+        "SIGTERM during a checkpoint write", signal.SIGTERM, ("octsam.training.checkpoint", "save_optimizer", 2)
+    )
+    train_fault("SIGINT (Ctrl-C) during training", signal.SIGINT, ("octsam.training.checkpoint", "save_optimizer", 1))
+
+    def build_fault(name, sig, overwrite):
+        def probe():
+            tmp = w.fresh(name)
+            out = tmp / "data"
+            if overwrite:
+                assert cli("build", w.build_args(out, "--seed", "3"))[0] == 0
+            before = tree_digest(out)
+            proc = start(tmp, "build", w.build_args(out, *(["--overwrite"] if overwrite else [])),
+                         ("dataset_builder.writer", "check_pair", 3))  # fmt: skip
+            wait_for(proc, "REACHED")
+            code, err = stop(proc, sig)
+            lost = tree_digest(out) != before
+            if "Traceback" in err or (sig != signal.SIGKILL and code != 130):
+                return False, f"exit {code}: {err.strip()[-200:]}", lost
+            code2, _ = cli("build", w.build_args(out, "--overwrite"))
+            ok = not lost and code2 == 0 and (out / "dataset_dict.json").is_file() and not litter(tmp)
+            return ok, f"old output intact: {not lost}; next build exit {code2}; litter {litter(tmp)}", lost
+
+        probes.append((f"builder: {name}", probe))
+
+    build_fault("kill -9 mid-build", signal.SIGKILL, False)
+    build_fault("kill -9 mid-build with --overwrite", signal.SIGKILL, True)
+    build_fault("SIGTERM mid-build with --overwrite", signal.SIGTERM, True)
+    build_fault("SIGINT mid-build", signal.SIGINT, False)
+
+    def infer_fault(name, sig, overwrite):
+        def probe():
+            tmp = w.fresh(name)
+            out = tmp / "pred"
+            base = ["--adapter", str(w.adapter), "--input", str(w.scans), "--output", str(out), "--quiet"]
+            if overwrite:
+                assert cli("infer", base)[0] == 0
+            before = tree_digest(out)
+            proc = start(tmp, "infer", [*base, *(["--overwrite"] if overwrite else [])],
+                         ("octsam.infer.run", "_write_scan", 2))  # fmt: skip
+            wait_for(proc, "REACHED")
+            code, err = stop(proc, sig)
+            lost = tree_digest(out) != before
+            if "Traceback" in err or (sig != signal.SIGKILL and code != 130):
+                return False, f"exit {code}: {err.strip()[-200:]}", lost
+            code2, _ = cli("infer", [*base, "--overwrite"])
+            ok = not lost and code2 == 0 and not litter(tmp)
+            return ok, f"old output intact: {not lost}; next run exit {code2}; litter {litter(tmp)}", lost
+
+        probes.append((f"inference: {name}", probe))
+
+    infer_fault("kill -9 while writing", signal.SIGKILL, False)
+    infer_fault("kill -9 while writing with --overwrite", signal.SIGKILL, True)
+    infer_fault("SIGTERM while writing with --overwrite", signal.SIGTERM, True)
+
+    def concurrent(name, entry, make, n):
+        def probe():
+            tmp = w.fresh(name)
+            args, out = make(tmp)
+            procs = [start(tmp, entry, args) for _ in range(n)]
+            results = [(p.communicate(timeout=300), p.returncode) for p in procs]
+            codes = sorted(code for _, code in results)
+            clean_ = all("Traceback" not in err for (_, err), _ in results)
+            ok = codes == [0] + [2] * (n - 1) and clean_ and not litter(tmp)
+            return ok, f"exit codes {codes}", False
+
+        probes.append((f"{name}", probe))
+
+    concurrent(
+        "3 concurrent dataset builds into one --output", "build", lambda t: (w.build_args(t / "data"), t / "data"), 3
+    )  # noqa: E501
+    concurrent(
+        "2 concurrent trainings into one --output-dir",
+        "train",
+        lambda t: (w.train_args(t / "run", "--num-train-epochs", "1"), t / "run"),
+        2,
+    )  # noqa: E501
+    concurrent(
+        "2 concurrent inference runs into one --output",
+        "infer",
+        lambda t: (
+            ["--adapter", str(w.adapter), "--input", str(w.scans), "--output", str(t / "pred"), "--quiet"],
+            t / "pred",
+        ),
+        2,
+    )  # noqa: E501
+
+    def overwrite_then_resume():
+        tmp = w.fresh("overwrite")
+        run = tmp / "run"
+        shutil.copytree(w.run, run)
+        code1, _ = cli(
+            "train", w.train_args(run, *three, "--seed", "1", "--overwrite-output-dir", "--stop-after-epochs", "1")
+        )  # noqa: E501
+        names = sorted(p.name for p in (run / "checkpoints").iterdir())
+        code2, _ = cli("train", w.train_args(run, *three, "--seed", "1", "--resume-from-checkpoint", "latest"))
+        hist = json.loads((run / "checkpoints/epoch-0003/trainer_state.json").read_text())["history"]
+        ok = code1 == 0 and names == ["epoch-0001"] and code2 == 0 and len(hist) == 3
+        return ok, f"after overwrite {names}; resumed to {len(hist)} epochs", False
+
+    probes.append(("training: --overwrite-output-dir over a longer run, then resume latest", overwrite_then_resume))
+
+    def resume_new_folder():
+        tmp = w.fresh("newfolder")
+        code, err = cli(
+            "train",
+            w.train_args(tmp / "new", *three, "--resume-from-checkpoint", str(w.run / "checkpoints/epoch-0002")),
+        )  # noqa: E501
+        ok = code == 0 and (tmp / "new/best_adapter/adapter_model.safetensors").is_file()
+        return ok, f"exit {code}", False
+
+    probes.append(("training: resume into a new folder", resume_new_folder))
+
+    def swap_killed():
+        from octsam.folders import remove_stale_staging
+
+        tmp = w.fresh("swap")
+        out = tmp / "pred"
+        assert (
+            cli("infer", ["--adapter", str(w.adapter), "--input", str(w.scans), "--output", str(out), "--quiet"])[0]
+            == 0
+        )  # noqa: E501
+        before = tree_digest(out)
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        os.replace(out, tmp / f".pred.old-{dead.stdout.strip()}-00000000")  # a swap killed between its renames
+        remove_stale_staging(tmp, "pred")
+        ok = tree_digest(out) == before
+        return ok, f"old output restored: {ok}", not ok
+
+    probes.append(("any command: killed between the two renames of a swap", swap_killed))
+
+    def disk_full():
+        tmp = w.fresh("diskfull")
+        mnt = tmp / "mnt"
+        mnt.mkdir()
+        if shutil.which("unshare") is None:
+            return None, "no unshare", False
+        fill = tmp / "fill.py"
+        fill.write_text(
+            textwrap.dedent("""
+            import os, sys
+            from octsam.training import checkpoint
+            import octsam.training.loop as loop
+            original = checkpoint.save_checkpoint
+            def fill_after_first(*a, **k):
+                path = original(*a, **k)
+                if path.name == "epoch-0001":
+                    with open(os.path.join(sys.argv[1], "filler"), "wb") as f:
+                        try:
+                            while True:
+                                f.write(b"\\0" * 65536)
+                                f.flush()
+                        except OSError:
+                            pass
+                return path
+            loop.save_checkpoint = fill_after_first
+            from octsam.cli.train import main
+            sys.exit(main(sys.argv[2:]))
+        """)
+        )
+        train = " ".join(w.train_args(mnt / "run", *three))
+        script = (
+            f"mount -t tmpfs -o size=16m tmpfs {mnt} || exit 99; "
+            f"{sys.executable} {fill} {mnt} {train}; echo TRAIN=$?; cp -r {mnt}/run {tmp}/saved; "
+            f"{sys.executable} -m dataset_builder {' '.join(w.build_args(mnt / 'data'))}; echo BUILD=$?; "
+            f"{sys.executable} {REPO / 'inference.py'} --adapter {w.adapter} --input {w.scans} --output {mnt}/pred "
+            f"--quiet; echo INFER=$?; ls -a {mnt}"
+        )
+        proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=ENV,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        if proc.returncode == 99:
+            return None, "cannot mount a tmpfs here", False
+        out = proc.stdout + proc.stderr
+        messages = out.count("disk is full") == 3 and "Traceback" not in out
+        codes = all(f"{k}=2" in out for k in ("TRAIN", "BUILD", "INFER"))
+        saved = tmp / "saved"
+        kept = sorted(p.name for p in (saved / "checkpoints").iterdir()) == ["epoch-0001"]
+        code, _ = cli("train", w.train_args(saved, *three, "--resume-from-checkpoint", "latest"))
+        final = saved / "checkpoints/epoch-0003/trainable.safetensors"
+        exact = code == 0 and same_weights(final, reference / "checkpoints/epoch-0003/trainable.safetensors")
+        no_litter = ".data" not in proc.stdout and "pred" not in proc.stdout
+        ok = messages and codes and kept and exact and no_litter
+        return ok, f"messages {messages}, exit codes {codes}, checkpoint kept {kept}, exact resume {exact}", not kept
+
+    probes.append(("disk full (16 MB tmpfs) in training, build and inference", disk_full))
+    return probes
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="bad inputs only")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    logging.disable(logging.NOTSET)
+    root = Path(tempfile.mkdtemp(prefix="octsam-robustness-"))
+    started = time.perf_counter()
+    try:
+        world = World(root)
+        results = {"bad inputs handled cleanly": [], "faults survived": []}
+        lost = []
+        for name, probe in bad_inputs(world):
+            try:
+                ok, why = probe()
+            except Exception as err:  # noqa: BLE001
+                ok, why = False, f"probe crashed: {type(err).__name__}: {err}"
+            results["bad inputs handled cleanly"].append((name, ok, why))
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", flush=True)
+        skipped = []
+        if not args.quick:
+            reference = root / "reference"
+            assert cli("train", world.train_args(reference, "--num-train-epochs", "3"))[0] == 0
+            for name, probe in faults(world, reference):
+                try:
+                    ok, why, data_lost = probe()
+                except Exception as err:  # noqa: BLE001
+                    ok, why, data_lost = False, f"probe crashed: {type(err).__name__}: {err}", False
+                if ok is None:
+                    skipped.append(name)
+                    print(f"skip {name}: {why}", flush=True)
+                    continue
+                results["faults survived"].append((name, ok, why))
+                if data_lost:
+                    lost.append(name)
+                print(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", flush=True)
+        print()
+        for label, rows in results.items():
+            if rows:
+                print(f"{label}: {sum(ok for _, ok, _ in rows)} of {len(rows)}")
+        if skipped:
+            print(f"skipped (no tmpfs): {len(skipped)}")
+        print(f"data lost: {'nowhere' if not lost else ', '.join(lost)}")
+        print(f"({time.perf_counter() - started:.0f} s)")
+        failed = sum(not ok for rows in results.values() for _, ok, _ in rows)
+        return 1 if failed or lost else 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

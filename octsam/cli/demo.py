@@ -80,6 +80,7 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
         training_histories=histories,
     )
     minutes = (time.time() - start) / 60
+    (out / "demo_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
     print(f"\ndemo finished in {minutes:.1f} min; results, figures and report.md in {out / 'results'}")
     print("Note: synthetic B-scans; benchmarks/DUKE_RESULTS.md has LiteMedSAM on real OCT (Duke DME, 5-fold CV).")
     return summary

@@ -340,8 +340,12 @@ def run(args: argparse.Namespace) -> int:
             "base_model_revision": segmenter.config.base_model_revision,
             "labels": labels,
             "mode": "prompted" if prompted else "automatic",
-            "merged": not args.no_merge,
-            "attention": "transformers" if args.no_fast_attention else f"octsam fast ({args.attention_mode})",
+            "merged": None if segmenter.config.architecture == "unet" else not args.no_merge,
+            "attention": None
+            if segmenter.config.architecture == "unet"
+            else "transformers"
+            if args.no_fast_attention
+            else f"octsam fast ({args.attention_mode})",
             "compiled": segmenter.compiled,
             "compile_reason": plan.why,
             "device": str(segmenter.device),

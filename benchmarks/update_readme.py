@@ -1,0 +1,77 @@
+"""Write measured tables into README.md between their markers, so that README numbers always come from a run.
+
+    python benchmarks/update_readme.py --demo demo_output/results --cv outputs/duke_cv
+
+``--demo``: the results folder of ``make demo`` (its ``comparison.json`` and ``demo_seconds.txt`` if present);
+``--cv``: the work folder of ``benchmarks/duke_cv.py`` (its ``cv_table.md`` and ``cv_results.json``). Each block is
+replaced between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; nothing else in the README changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> block")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def demo_block(results: Path) -> str:
+    summary = json.loads((results / "comparison.json").read_text())
+    labels = summary["labels"][1:]
+    lines = [
+        "| Method | Mean Dice [95% CI] | " + " | ".join(f"Dice {n}" for n in labels) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in labels) + " |",
+    ]
+    for name, entry in summary["methods"].items():
+        mean, (low, high) = entry["headline"]["mean_dice"], entry["headline_ci"]["mean_dice"]
+        ci = f"[{low:.3f}, {high:.3f}]" if low == low and high == high else "[n/a]"
+        per = [entry["per_class"][n]["dice_mean"] for n in labels]
+        lines.append(f"| {name} | {mean:.3f} {ci} | " + " | ".join("n/a" if v != v else f"{v:.3f}" for v in per) + " |")
+    seconds = results.parent / "demo_seconds.txt"
+    note = (
+        f"\n{summary['n_images']} test B-scans of {summary['n_patients']} patients"
+        + (f"; the demo ran {float(seconds.read_text()) / 60:.1f} min" if seconds.is_file() else "")
+        + " (`demo_output/results/report.md`)."
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def cv_block(work: Path) -> str:
+    table = (work / "cv_table.md").read_text().strip()
+    results = json.loads((work / "cv_results.json").read_text())
+    folds = results["folds_done"]
+    wall = sum(v for v in results.get("fold_wall_s", {}).values())
+    return (
+        f"{table}\n\nFolds run: {len(folds)} of 5 ({', '.join(map(str, folds))}); {results['hardware']}; "
+        f"{wall / 60:.0f} min of fold wall time (shared, loaded machine)."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=None)
+    parser.add_argument("--cv", type=Path, default=None)
+    args = parser.parse_args(argv)
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if args.demo is not None:
+        text = replace_block(text, "demo-table", demo_block(args.demo))
+    if args.cv is not None:
+        text = replace_block(text, "duke-cv", cv_block(args.cv))
+    readme.write_text(text)
+    print(f"updated {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -534,7 +534,7 @@ def test_silent_acceptances_are_said(small_dataset, tiny_base, finished_run, tmp
     shutil.copytree(finished_run, out)
     assert train_main(run_args(small_dataset, tiny_base, out, "--num_train_epochs", "3", "--learning_rate", "1e-1",
                                "--resume_from_checkpoint", "latest")) == 0  # fmt: skip
-    assert "--learning_rate 0.1 is ignored" in caplog.text
+    assert "--learning-rate 0.1 is ignored" in caplog.text
     assert train_main(run_args(small_dataset, tiny_base, tmp_path / "big", "--effective_batch_size", "8")) == 2
     assert "larger than the training split (4 scans)" in capsys.readouterr().err
     import datasets

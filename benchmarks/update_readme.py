@@ -36,7 +36,9 @@ def demo_block(results: Path) -> str:
         mean, (low, high) = entry["headline"]["mean_dice"], entry["headline_ci"]["mean_dice"]
         ci = f"[{low:.3f}, {high:.3f}]" if low == low and high == high else "[n/a]"
         per = [entry["per_class"][n]["dice_mean"] for n in labels]
-        lines.append(f"| {name} | {mean:.3f} {ci} | " + " | ".join("n/a" if v != v else f"{v:.3f}" for v in per) + " |")
+        lines.append(
+            f"| {name} | {mean:.3f} {ci} | " + " | ".join("n/a" if v != v else f"{v:.3f}" for v in per) + " |"
+        )
     seconds = results.parent / "demo_seconds.txt"
     note = (
         f"\n{summary['n_images']} test B-scans of {summary['n_patients']} patients"

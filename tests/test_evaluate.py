@@ -13,9 +13,9 @@ from conftest import TINY_LABELS
 from PIL import Image
 
 from octsam.adapter import OctSamConfig
-from octsam.cli.common import parse_pixel_spacing as parse_spacing
 from octsam.cli.evaluate import main, parse_adapter_arg
 from octsam.cli.train import main as train_main
+from octsam.data.contract import parse_pixel_spacing as parse_spacing
 from octsam.errors import OctSamError
 from octsam.evaluation.compare import ci_note, run_comparison
 from octsam.evaluation.predict import ground_truth_prompts

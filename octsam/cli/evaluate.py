@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 
 from octsam.adapter import check_adapter_folder, resolve_adapter
-from octsam.cli.common import parse_pixel_spacing
+from octsam.data.contract import parse_pixel_spacing
 from octsam.errors import OctSamError, cli_main
 from octsam.evaluation.compare import ZERO_SHOT, default_method_name, run_comparison
 

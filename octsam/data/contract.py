@@ -5,6 +5,10 @@ the biomarkers and ``IGNORE_INDEX`` for pixels that no loss or metric counts. La
 ``LABELS_FILE`` (and the dataset card / info description, after ``LABELS_MARKER``).
 """
 
+import math
+
+from octsam.errors import OctSamError
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 COLUMNS: tuple[str, ...] = ("image", "mask", "patient_id", "scan_id", "disease", "source")
 LABELS_FILE = "id2label.json"
@@ -25,3 +29,18 @@ def too_large_message(source: object, width: int | None = None, height: int | No
         f"{source}: image is {size}, more than octsam's limit of {MAX_SCAN_PIXELS / 1e6:.1f} megapixels per B-scan "
         "(octsam.data.contract.MAX_SCAN_PIXELS); crop or downscale it, or check that the file is not corrupt."
     )
+
+
+def parse_pixel_spacing(text: str | None) -> tuple[float, float] | None:
+    """``"Y,X"`` in mm per pixel -> (y, x)."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise OctSamError(
+            f"--pixel-spacing-mm {text!r}: give two positive numbers Y,X (mm per pixel), e.g. 0.0039,0.0116"
+        )
+    return values[0], values[1]

@@ -223,7 +223,6 @@ def label_id(token: str, labels: list[str]) -> int:
 
 def build_prompts(specs: list[PromptSpec], labels: list[str], shape: tuple[int, int], name: str) -> list:
     """Group box/point specs into ``Prompt`` objects for one B-scan, checking they lie inside it."""
-    from octsam.segmenter import Prompt
 
     height, width = shape
     prompts: list[Prompt] = []

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from octsam.adapter import check_same_labels
-from octsam.cli.common import parse_pixel_spacing
+from octsam.data.contract import parse_pixel_spacing
 from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, parse_point, read_prompt_file
 from octsam.errors import OctSamError
 from octsam.folders import FolderLock

@@ -36,8 +36,11 @@ def random_encoder() -> TinyViT:
 def test_fused_encoder_equals_unfused():
     model = random_encoder()
     x = torch.rand(2, 3, 32, 32)
-    with torch.inference_mode():
+    with torch.no_grad():
+        model.train()  # the plain path (padded windows, unfused Conv-BN; BatchNorm stays frozen)
         expected = model(x)
+        model.eval()
+    with torch.inference_mode():
         state = {k: v.clone() for k, v in model.state_dict().items()}
         model.fuse_for_inference()
         assert model.fused and model.channels_last

@@ -154,3 +154,11 @@ def test_boxes_and_logits_map_between_bscan_and_frame():
     pixels, valid = lms.preprocess_image(np.arange(40 * 20, dtype=np.uint8).reshape(40, 20))
     assert pixels.shape == (1, 3, 256, 256) and valid == (256, 128)
     assert pixels.min() == 0 and pixels[..., :128].max() == 1 and (pixels[..., 128:] == 0).all()
+
+
+@needs_reference
+def test_fused_encoder_reproduces_reference_embedding(reference):
+    model = lms.build_litemedsam()
+    model.vision_encoder.tinyvit.fuse_for_inference()  # what Segmenter.from_pretrained does for inference
+    embedding = model.get_image_embeddings(torch.from_numpy(reference["input"]))
+    assert rel_err(embedding, reference["embedding"]) <= TOLERANCE

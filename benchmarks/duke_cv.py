@@ -108,6 +108,15 @@ def evaluate_fold(fold_data: Path, work: Path, out: Path, args) -> None:
     )
 
 
+def zero_shot_fold(fold_data: Path, out: Path, args) -> None:
+    from octsam.evaluation.compare import run_comparison
+
+    if (out / "comparison.json").is_file():
+        return
+    run_comparison(str(fold_data), adapters={}, zero_shot_base="litemedsam", output_dir=out, n_bootstrap=200,
+                   seed=args.seed, overwrite=True, verbose=False)  # fmt: skip
+
+
 def summarise(work: Path, folds: int, n_bootstrap: int, seed: int) -> dict:
     """Pool the per-B-scan fluid Dice of the test folds; bootstrap over patients."""
     import numpy as np
@@ -117,21 +126,23 @@ def summarise(work: Path, folds: int, n_bootstrap: int, seed: int) -> dict:
 
     rows = []
     for fold in range(folds):
-        results = work / f"fold-{fold}" / "results"
-        if not (results / "comparison.json").is_file():
-            continue
         for method in METHODS:
-            name = "zero-shot" if method == "zero-shot" else method
-            table = pd.read_csv(results / f"{_slug(name)}_per_image.csv")
-            table = table[table["class_name"] == "fluid"].assign(method=method, fold=fold)
-            rows.append(table)
+            # a method's per-image table from the fold's full comparison, or (zero-shot) from its own run
+            for folder in ("results", "zero_shot"):
+                csv = work / f"fold-{fold}" / folder / f"{_slug(method)}_per_image.csv"
+                if csv.is_file():
+                    table = pd.read_csv(csv)
+                    rows.append(table[table["class_name"] == "fluid"].assign(method=method, fold=fold))
+                    break
     if not rows:
         raise SystemExit("no fold has results yet")
     data = pd.concat(rows, ignore_index=True)
     rng = np.random.default_rng(seed)
-    summary = {"folds_done": sorted(int(f) for f in data["fold"].unique())}
+    summary = {"folds_done": {m: sorted(int(f) for f in data[data["method"] == m]["fold"].unique()) for m in METHODS}}
     for method in METHODS:
         part = data[data["method"] == method]
+        if part.empty:
+            continue
         with_fluid = part[part["area_true_px"] > 0]
         patients = sorted(part["patient_id"].astype(str).unique())
         by_patient = {p: with_fluid[with_fluid["patient_id"].astype(str) == p]["dice"].to_numpy() for p in patients}
@@ -156,14 +167,17 @@ def summarise(work: Path, folds: int, n_bootstrap: int, seed: int) -> dict:
 
 def table(summary: dict) -> str:
     lines = [
-        "| method | mean per-B-scan fluid Dice [95% CI] | median | B-scans with fluid | patients |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| method | mean per-B-scan fluid Dice [95% CI] | median | B-scans with fluid | patients | folds |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for method in METHODS:
+        if method not in summary:
+            continue
         s = summary[method]
         lines.append(
             f"| {method} | {s['mean_dice_fluid_bscans']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
-            f"{s['median_dice_fluid_bscans']:.3f} | {s['n_bscans_with_fluid']} | {s['n_patients']} |"
+            f"{s['median_dice_fluid_bscans']:.3f} | {s['n_bscans_with_fluid']} | {s['n_patients']} | "
+            f"{', '.join(map(str, summary['folds_done'][method]))} |"
         )
     return "\n".join(lines)
 
@@ -173,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(REPO / "outputs" / "duke_cv"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--folds-to-run", type=int, nargs="*", default=None, help="default: all")
-    parser.add_argument("--stage", choices=("all", "summary"), default="all")
+    parser.add_argument(
+        "--stage",
+        choices=("all", "zero-shot", "summary"),
+        default="all",
+        help="zero-shot: only the zero-shot baseline on every fold's test split (minutes once embeddings are cached)",
+    )
     parser.add_argument("--epochs", type=int, default=25, help="LiteMedSAM + LoRA epochs (early stopping on)")
     parser.add_argument("--unet-epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -199,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_fold(fold_data, fold_work, fold_work / "results", args)
             timings[f"fold {fold}"] = round(time.perf_counter() - t0, 1)
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    if args.stage == "zero-shot":
+        build_folds(data, args.folds)
+        cache_embeddings_everywhere(cache)
+        for fold in args.folds_to_run if args.folds_to_run is not None else range(args.folds):
+            zero_shot_fold(data / f"fold-{fold}", work / f"fold-{fold}" / "zero_shot", args)
     summary = summarise(work, args.folds, args.n_bootstrap, args.seed)
     summary["hardware"] = f"{cpu_name()}, {os.cpu_count()} logical CPUs"
     summary["fold_wall_s"] = timings
@@ -207,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(summary)
     (work / "cv_table.md").write_text(text + "\n")
     print(text)
-    print(f"\nfolds done: {summary['folds_done']}; hardware: {summary['hardware']}; fold wall times (s): {timings}")
+    print(f"\nfolds per method: {summary['folds_done']}; hardware: {summary['hardware']}; fold wall s: {timings}")
     return 0
 
 

@@ -61,7 +61,10 @@ def cache_embeddings_everywhere(directory: Path) -> None:
 
     def init(self, model, *args, **kwargs):
         original(self, model, *args, **kwargs)
-        if getattr(model.config, "encoder", None) == "litemedsam":
+        config = model.config
+        # zero-shot (no LoRA at all) or LoRA only in the mask decoder: the encoder is the base's
+        encoder_untouched = all(role == "decoder_attention" for role in config.lora_target_modules)
+        if getattr(config, "encoder", None) == "litemedsam" and encoder_untouched:
             enable_embedding_cache(self.model, augmented=False, directory=directory)
 
     seg.Segmenter.__init__ = init
@@ -80,7 +83,7 @@ def train_fold(fold_data: Path, out: Path, mode: str, args, cache: Path) -> None
                 "--effective-batch-size", "4", "--per-device-train-batch-size", "4", "--num-workers", "0",
                 "--report-to", "none", "--early-stopping-patience", "8", "--keep-checkpoints", "0"]  # fmt: skip
     else:
-        argv = ["--config", str(REPO / "configs" / "duke_litemedsam.yaml"), *common, "--mode", mode,
+        argv = ["--config", args.config, *common, "--mode", mode,
                 "--num-train-epochs", str(args.epochs), "--embedding-cache-dir", str(cache)]  # fmt: skip
     status = train_main(argv)
     if status:
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="zero-shot: only the zero-shot baseline on every fold's test split (minutes once embeddings are cached)",
     )
+    parser.add_argument("--config", default=str(REPO / "configs" / "duke_litemedsam.yaml"), help="LoRA runs' config")
     parser.add_argument("--epochs", type=int, default=25, help="LiteMedSAM + LoRA epochs (early stopping on)")
     parser.add_argument("--unet-epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         text = replace_block(text, "demo-table", demo_block(args.demo))
     if args.cv is not None:
         text = replace_block(text, "duke-cv", cv_block(args.cv))
+        results = REPO / "benchmarks" / "DUKE_RESULTS.md"
+        results.write_text(replace_block(results.read_text(), "duke-cv", cv_block(args.cv)))
     readme.write_text(text)
     print(f"updated {readme}")
     return 0

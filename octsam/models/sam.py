@@ -475,6 +475,7 @@ def zero_shot_model(base_model: str, labels: list[str], revision: str | None = N
         base_model=base_model,
         base_model_revision=revision,
         mode="prompted",
+        lora_target_modules=[],  # no adapter: nothing of the base is changed
         train_mask_decoder=False,
     )
     describe_base(config, sam)

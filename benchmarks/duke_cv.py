@@ -95,13 +95,15 @@ def evaluate_fold(fold_data: Path, work: Path, out: Path, args) -> None:
 
     if (out / "comparison.json").is_file():
         return
+    trained = {"LoRA automatic": "auto", "LoRA prompted": "prompted", "U-Net": "unet"}
+    adapters = {
+        name: str(work / folder / "best_adapter")
+        for name, folder in trained.items()
+        if (work / folder / "best_adapter" / "octsam_config.json").is_file()
+    }
     run_comparison(
         str(fold_data),
-        adapters={
-            "LoRA automatic": str(work / "auto" / "best_adapter"),
-            "LoRA prompted": str(work / "prompted" / "best_adapter"),
-            "U-Net": str(work / "unet" / "best_adapter"),
-        },
+        adapters=adapters,
         zero_shot_base="litemedsam",
         output_dir=out,
         n_bootstrap=200,
@@ -197,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         help="zero-shot: only the zero-shot baseline on every fold's test split (minutes once embeddings are cached)",
     )
     parser.add_argument("--config", default=str(REPO / "configs" / "duke_litemedsam.yaml"), help="LoRA runs' config")
+    parser.add_argument(
+        "--train",
+        nargs="+",
+        choices=("automatic", "prompted", "unet"),
+        default=["automatic", "prompted", "unet"],
+        help="what to train per fold (the evaluation takes every trained model of the fold)",
+    )
     parser.add_argument("--epochs", type=int, default=25, help="LiteMedSAM + LoRA epochs (early stopping on)")
     parser.add_argument("--unet-epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             fold_data, fold_work = data / f"fold-{fold}", work / f"fold-{fold}"
             t0 = time.perf_counter()
             for mode, folder in (("automatic", "auto"), ("prompted", "prompted"), ("unet", "unet")):
+                if mode not in args.train:
+                    continue
                 log(f"fold {fold}: training {mode}")
                 train_fold(fold_data, fold_work / folder, mode, args, cache)
             log(f"fold {fold}: evaluating")

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder the demo did not write")
     parser.add_argument("--epochs", type=int, default=None, help="override the configs' epoch count")
-    parser.add_argument("--patients", type=int, default=20, help="synthetic patients (4 B-scans each)")
+    parser.add_argument("--patients", type=int, default=12, help="synthetic patients (4 B-scans each)")
     parser.add_argument("--no-unet", action="store_true", help="skip the U-Net baseline")
     args = parser.parse_args(argv)
     run(Path(args.output), args.overwrite, args.epochs, args.patients, not args.no_unet)

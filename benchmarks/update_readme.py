@@ -33,7 +33,7 @@ def demo_block(results: Path) -> str:
         "| --- | --- | " + " | ".join("---:" for _ in labels) + " |",
     ]
     for name, entry in summary["methods"].items():
-        mean, (low, high) = entry["headline"]["mean_dice"], entry["headline_ci"]["mean_dice"]
+        mean, (low, high) = entry["mean_dice"], entry["mean_dice_ci"]
         ci = f"[{low:.3f}, {high:.3f}]" if low == low and high == high else "[n/a]"
         per = [entry["per_class"][n]["dice_mean"] for n in labels]
         lines.append(

@@ -229,29 +229,7 @@ def render_adapter_card(
         if config.class_activation == "softmax"
         else "an independent sigmoid per class; the largest positive logit wins the pixel"
     )
-    metric_rows, mean_dice, mean_iou, n_images, n_patients, protocol = [], "n/a", "n/a", None, None, PROTOCOL
-    if metrics:
-        per_class = metrics.get("per_class") or {}
-        for name in config.labels[1:]:
-            stats = per_class.get(name) or {}
-            metric_rows.append(
-                {
-                    "name": name,
-                    "dice": _with_ci(stats, "dice"),
-                    "iou": _with_ci(stats, "iou"),
-                    "dice_pooled": _fmt(stats.get("dice_pooled")),
-                    "iou_pooled": _fmt(stats.get("iou_pooled")),
-                    "n": _fmt(stats.get("dice_n_images")),
-                }
-            )
-        mean_dice, mean_iou = _fmt(metrics.get("mean_dice")), _fmt(metrics.get("mean_iou"))
-        settings = metrics.get("settings") or {}
-        n_images, n_patients = settings.get("n_images"), settings.get("n_patients")
-        if settings.get("confidence") and settings.get("bootstrap_unit"):
-            protocol += (
-                f" Brackets: {float(settings['confidence']):.0%} percentile bootstrap intervals over "
-                f"{settings['bootstrap_unit']}s ({settings.get('n_bootstrap', '?')} resamples)."
-            )
+    metric_rows, mean_dice, mean_iou, n_images, n_patients, protocol = _metric_rows(config, metrics)
     if config.encoder == "litemedsam":
         base_model_link = (
             "LiteMedSAM: a TinyViT image encoder distilled from MedSAM ViT-B with SAM's prompt encoder and mask "
@@ -354,6 +332,7 @@ def write_adapter_card(
 
 
 def _metric_rows(config: OctSamConfig, metrics: dict | None):
+    """The card's per-class rows, foreground means, test-split size and protocol text (with the interval kind)."""
     rows, mean_dice, mean_iou, n_images, n_patients, protocol = [], "n/a", "n/a", None, None, PROTOCOL
     if metrics:
         per_class = metrics.get("per_class") or {}
@@ -372,6 +351,11 @@ def _metric_rows(config: OctSamConfig, metrics: dict | None):
         mean_dice, mean_iou = _fmt(metrics.get("mean_dice")), _fmt(metrics.get("mean_iou"))
         settings = metrics.get("settings") or {}
         n_images, n_patients = settings.get("n_images"), settings.get("n_patients")
+        if settings.get("confidence") and settings.get("bootstrap_unit"):
+            protocol += (
+                f" Brackets: {float(settings['confidence']):.0%} percentile bootstrap intervals over "
+                f"{settings['bootstrap_unit']}s ({settings.get('n_bootstrap', '?')} resamples)."
+            )
     return rows, mean_dice, mean_iou, n_images, n_patients, protocol
 
 

@@ -219,39 +219,12 @@ def build_dataset(
     extra_features = dict(extra_features or {})
     _check_extra(records, extra_features)
     out = Path(output).expanduser().resolve() if output is not None else None
+    settings = (meta, split, seed, split_file, folds, overwrite, push_to_hub, private, token, extra_features)
     if out is None:
-        return _build(
-            records,
-            labels,
-            None,
-            meta,
-            split,
-            seed,
-            split_file,
-            folds,
-            overwrite,
-            push_to_hub,
-            private,
-            token,
-            extra_features,
-        )
+        return _build(records, labels, None, *settings)
     require_utf8_name(out)
     with FolderLock(out, "dataset build"):
-        return _build(
-            records,
-            labels,
-            out,
-            meta,
-            split,
-            seed,
-            split_file,
-            folds,
-            overwrite,
-            push_to_hub,
-            private,
-            token,
-            extra_features,
-        )
+        return _build(records, labels, out, *settings)
 
 
 def _build(

@@ -26,7 +26,7 @@ def run_volumes(args: argparse.Namespace) -> int:
     """Segment every volume of ``args.input`` into ``args.output`` (all or nothing); returns 0."""
     from octsam.segmenter import Segmenter
     from octsam.volumes.readers import read_volume
-    from octsam.volumes.segment import volume_folder_name, write_volume_outputs
+    from octsam.volumes.segment import check_unique_folders, write_volume_outputs
     from octsam.volumes.volume import parse_spacing
 
     if args.dataset:
@@ -39,12 +39,7 @@ def run_volumes(args: argparse.Namespace) -> int:
     spacing = parse_spacing(args.spacing)
     started = time.perf_counter()
     volumes = [v for path in args.input for v in read_volume(path, spacing)]  # every file checked before any work
-    names: dict[str, str] = {}
-    for volume in volumes:
-        name = volume_folder_name(volume)
-        if name in names:
-            raise OctSamError(f"two volumes would be written to {name}/: {names[name]} and {volume.source}.")
-        names[name] = volume.source
+    check_unique_folders(volumes)
     segmenter = Segmenter.from_pretrained(
         args.adapter,
         revision=args.revision,

@@ -94,6 +94,16 @@ def write_volume_outputs(
     return final
 
 
+def check_unique_folders(volumes) -> None:
+    """Refuse volumes that would be written to the same output folder (named by ``volume_folder_name``)."""
+    seen: dict[str, str] = {}
+    for v in volumes:
+        name = volume_folder_name(v)
+        if name in seen:
+            raise OctSamError(f"two volumes would be written to {name}/: {seen[name]} and {v.source}; rename one.")
+        seen[name] = v.source
+
+
 def segment_volume_files(
     segmenter, inputs, out_dir: str | os.PathLike, spacing=None, labels: list[str] | None = None
 ) -> list[Path]:
@@ -104,12 +114,7 @@ def segment_volume_files(
 
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     volumes = [v for p in paths for v in read_volume(p, spacing)]
-    seen: dict[str, str] = {}
-    for v in volumes:
-        name = volume_folder_name(v)
-        if name in seen:
-            raise OctSamError(f"two volumes would be written to {name}/: {seen[name]} and {v.source}; rename one.")
-        seen[name] = v.source
+    check_unique_folders(volumes)
     return [write_volume_outputs(segment_volume(segmenter, v, labels), out_dir) for v in volumes]
 
 

@@ -14,6 +14,10 @@ percentile bootstrap intervals over the 10 patients. Printed as a Markdown table
 
     python benchmarks/duke_cv.py                   # everything (CPU: see DUKE_RESULTS.md for the wall time)
     python benchmarks/duke_cv.py --folds-to-run 0 1  # some folds; rerun later for the rest, then --stage summary
+    python benchmarks/duke_cv.py --config configs/duke_litemedsam_gpu.yaml --epochs 40 --jobs 15 --time-limit 420
+        # one GPU: every fold x method trains at once in its own process (LiteMedSAM at 256 px leaves the card
+        # mostly idle in one process); --time-limit stops a run that is still going (SIGTERM: the best epoch's
+        # adapter so far is what the fold is evaluated with, and timings.json records where it stopped)
 
 A benchmark, not a test. Image embeddings of the frozen encoder are cached on disk (``WORK/embeddings``) and shared by
 every fold, mode and the evaluation (exact: the encoder's weights are the base's in every model here).
@@ -38,13 +42,15 @@ RAW = REPO.parent / "shared" / "data" / "duke_dme_fluid"
 METHODS = ("zero-shot", "LoRA automatic", "LoRA prompted", "U-Net")
 
 
-def build_folds(data: Path, folds: int) -> None:
+def build_folds(data: Path, folds: int, raw: Path = RAW) -> None:
     if (data / "folds.json").is_file():
         return
+    if not (raw / "images").is_dir():
+        raise SystemExit(f"Duke DME B-scans not found at {raw}/images; pass --raw FOLDER (images/ and masks/)")
     from dataset_builder.__main__ import main as build_main
 
     status = build_main([
-        "folder", "--images", str(RAW / "images"), "--masks", str(RAW / "masks"), "--labels", "background,fluid",
+        "folder", "--images", str(raw / "images"), "--masks", str(raw / "masks"), "--labels", "background,fluid",
         "--patient-regex", r"duke_s(\d+)_", "--disease", "dme", "--output", str(data), "--folds", str(folds),
     ])  # fmt: skip
     if status:
@@ -88,6 +94,92 @@ def train_fold(fold_data: Path, out: Path, mode: str, args, cache: Path) -> None
     status = train_main(argv)
     if status:
         raise SystemExit(f"training {out} failed ({status})")
+
+
+def hardware() -> str:
+    """The CPU, and the GPU when one is visible (what the CV ran on)."""
+    text = f"{cpu_name()}, {os.cpu_count()} logical CPUs"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text = f"{torch.cuda.get_device_name(0)}; {text}"
+    except ImportError:
+        pass
+    return text
+
+
+def run_parallel(args, work: Path, folds: list[int]) -> dict:
+    """Train every (fold, method) in its own process, ``args.jobs`` at a time, then evaluate every fold the same way.
+
+    Each child is this script with one fold and one method; its log is ``WORK/fold-k/<method>.log``. A child still
+    running after ``--time-limit`` seconds gets SIGTERM: training stops like Ctrl-C and the best epoch's adapter so
+    far stays (written at every improvement), so the fold is still evaluated; timings.json says it was cut short and
+    after how many epochs. Returns the timings of this run.
+    """
+    import signal
+    import subprocess
+
+    script = Path(__file__).resolve()
+    base = [sys.executable, str(script), "--work", str(work), "--raw", args.raw, "--folds", str(args.folds), "--config", args.config,
+            "--epochs", str(args.epochs), "--unet-epochs", str(args.unet_epochs), "--seed", str(args.seed)]  # fmt: skip
+    names = {"automatic": "auto", "prompted": "prompted", "unet": "unet"}
+    train_jobs = [
+        (
+            f"fold {k} {mode}",
+            [*base, "--stage", "train", "--folds-to-run", str(k), "--train", mode],
+            work / f"fold-{k}" / f"{names[mode]}.log",
+            work / f"fold-{k}" / names[mode],
+        )  # fmt: skip
+        for mode in args.train
+        for k in folds
+    ]
+    eval_jobs = [
+        (
+            f"fold {k} evaluation",
+            [*base, "--stage", "evaluate", "--folds-to-run", str(k)],
+            work / f"fold-{k}" / "evaluate.log",
+            None,
+        )  # fmt: skip
+        for k in folds
+    ]
+    timings: dict = {}
+    for phase, jobs, limit in (("training", train_jobs, args.time_limit), ("evaluation", eval_jobs, None)):
+        log(f"{phase}: {len(jobs)} processes, {args.jobs} at a time")
+        pending, running = list(jobs), []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                name, cmd, log_path, run_dir = pending.pop(0)
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(log_path, "w")
+                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
+                running.append((name, proc, handle, log_path, run_dir, time.perf_counter(), False))
+            time.sleep(1.0)
+            still = []
+            for name, proc, handle, log_path, run_dir, t0, stopped in running:
+                elapsed = time.perf_counter() - t0
+                if proc.poll() is None:
+                    if limit and elapsed > limit and not stopped:
+                        log(f"{name}: still training after {limit} s, stopping it (the best adapter so far stays)")
+                        proc.send_signal(signal.SIGTERM)
+                        stopped = True
+                    elif stopped and elapsed > limit + 60:
+                        proc.kill()
+                    still.append((name, proc, handle, log_path, run_dir, t0, stopped))
+                    continue
+                handle.close()
+                text = log_path.read_text(errors="replace")
+                entry = {"wall_s": round(elapsed, 1), "exit": proc.returncode, "cut_at_time_limit": stopped}
+                if run_dir is not None:
+                    entry["epochs"] = text.count("training images/s (")
+                    entry["early_stopped"] = "early stopping:" in text
+                    entry["best_adapter"] = (run_dir / "best_adapter" / "octsam_config.json").is_file()
+                timings[name] = entry
+                log(f"{name}: {entry}")
+                if proc.returncode and not (stopped and entry.get("best_adapter")):
+                    log(f"{name} failed (exit {proc.returncode}); the end of {log_path}:\n" + text[-3000:])
+            running = still
+    return timings
 
 
 def evaluate_fold(fold_data: Path, work: Path, out: Path, args) -> None:
@@ -190,14 +282,18 @@ def table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(REPO / "outputs" / "duke_cv"))
+    parser.add_argument("--raw", default=str(RAW), help="the Duke DME folder (images/, masks/)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--folds-to-run", type=int, nargs="*", default=None, help="default: all")
     parser.add_argument(
         "--stage",
-        choices=("all", "zero-shot", "summary"),
+        choices=("all", "zero-shot", "summary", "train", "evaluate"),
         default="all",
-        help="zero-shot: only the zero-shot baseline on every fold's test split (minutes once embeddings are cached)",
+        help="zero-shot: only the zero-shot baseline on every fold's test split (minutes once embeddings are cached); "
+        "train / evaluate: only that half of 'all' (what --jobs runs in each child)",
     )
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each in its own process (a GPU)")
+    parser.add_argument("--time-limit", type=float, default=None, help="with --jobs: seconds per training process")
     parser.add_argument("--config", default=str(REPO / "configs" / "duke_litemedsam.yaml"), help="LoRA runs' config")
     parser.add_argument(
         "--train",
@@ -218,28 +314,38 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    if args.stage == "all":
-        build_folds(data, args.folds)
+    folds = args.folds_to_run if args.folds_to_run is not None else list(range(args.folds))
+    if args.stage == "all" and args.jobs > 1:
+        build_folds(data, args.folds, Path(args.raw))
+        timings.update(run_parallel(args, work, folds))
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    elif args.stage in ("all", "train", "evaluate"):
+        build_folds(data, args.folds, Path(args.raw))
         cache_embeddings_everywhere(cache)
-        for fold in args.folds_to_run if args.folds_to_run is not None else range(args.folds):
+        for fold in folds:
             fold_data, fold_work = data / f"fold-{fold}", work / f"fold-{fold}"
             t0 = time.perf_counter()
             for mode, folder in (("automatic", "auto"), ("prompted", "prompted"), ("unet", "unet")):
-                if mode not in args.train:
+                if mode not in args.train or args.stage == "evaluate":
                     continue
                 log(f"fold {fold}: training {mode}")
                 train_fold(fold_data, fold_work / folder, mode, args, cache)
+            if args.stage == "train":
+                continue
             log(f"fold {fold}: evaluating")
             evaluate_fold(fold_data, fold_work, fold_work / "results", args)
-            timings[f"fold {fold}"] = round(time.perf_counter() - t0, 1)
-            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+            if args.stage == "all":
+                timings[f"fold {fold}"] = round(time.perf_counter() - t0, 1)
+                timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        if args.stage != "all":
+            return 0
     if args.stage == "zero-shot":
-        build_folds(data, args.folds)
+        build_folds(data, args.folds, Path(args.raw))
         cache_embeddings_everywhere(cache)
-        for fold in args.folds_to_run if args.folds_to_run is not None else range(args.folds):
+        for fold in folds:
             zero_shot_fold(data / f"fold-{fold}", work / f"fold-{fold}" / "zero_shot", args)
     summary = summarise(work, args.folds, args.n_bootstrap, args.seed)
-    summary["hardware"] = f"{cpu_name()}, {os.cpu_count()} logical CPUs"
+    summary["hardware"] = hardware()
     summary["fold_wall_s"] = timings
     summary["this_run_wall_s"] = round(time.perf_counter() - started, 1)
     (work / "cv_results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -21,9 +21,10 @@
 #   MODEL=tiny IMAGE=24 BATCH=2 VARIANTS=default,fast PROFILE=fast SCANS=8 PATIENTS=6 PER_PATIENT=2 SPLIT=0.67,0.17,0.16 \
 #     LOOP_EXTRA="--num-workers 0 --per-device-train-batch-size 2 --effective-batch-size 2" COMPILE_BATCH=2 \
 #     PYTHON=/path/to/.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_check.sh
-# Optional wheels in .whl/ (see benchmarks/RESULTS.md, "Running the GPU check"): the "core" group (transformers, peft,
-# regex) and the "data" group (albumentations and its needs, for the real loop and the loader part) are each
-# installed to /tmp/site_<group> and used only if they import; otherwise the machine's own packages are used.
+# Wheels in WHEELS=.whl/ (see benchmarks/RESULTS.md, "Running the GPU check"): the "core" group (transformers, peft,
+# regex), the "hf" group (datasets and MONAI, which the GPU image lacks: the real loop needs them) and the "data" group
+# (albumentations and its needs, for the real loop's augmentation and the loader part) are each installed to
+# $SITE/site_<group> and used only if they import; otherwise the machine's own packages are used.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
 OUT=${OUT:-$PWD/gpu_out}
@@ -58,7 +59,11 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 LOADER_WORKERS=${LOADER_WORKERS:-4,8,16}
 LOADER_IMAGES=${LOADER_IMAGES:-1024}
 
-# Carried wheels, two independent groups: each is used only if it installs and imports.
+# Carried wheels (WHEELS, default .whl/), in independent groups: each is installed to $SITE/site_<group> and used only
+# if it installs and imports. SITE defaults to /tmp; a folder in the repository (e.g. SITE=$PWD/.devsite, ignored)
+# stays for the next call on a warm device machine (benchmarks/gpu_duke.sh reuses it).
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp}
 install_group() {  # name, import check, wheel globs...
     local name=$1 check=$2
     shift 2
@@ -66,17 +71,21 @@ install_group() {  # name, import check, wheel globs...
     for w in "$@"; do [ -e "$w" ] && wheels+=("$w"); done
     [ ${#wheels[@]} -eq 0 ] && return
     echo "== installing $name wheels: ${wheels[*]##*/}"
-    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "/tmp/site_$name" \
-        "${wheels[@]}" && PYTHONPATH="/tmp/site_$name:$PYTHONPATH" $PY -c "$check"; then
-        export PYTHONPATH="/tmp/site_$name:$PYTHONPATH"
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE/site_$name" \
+        "${wheels[@]}" && PYTHONPATH="$SITE/site_$name:$PYTHONPATH" $PY -c "$check"; then
+        export PYTHONPATH="$SITE/site_$name:$PYTHONPATH"
     else
         echo "!! $name wheels did not install or import; using the machine's packages"
     fi
 }
-install_group core "import transformers, peft" .whl/transformers-*.whl .whl/peft-*.whl .whl/regex-*.whl
-install_group data "import albumentations" .whl/albumentations-*.whl .whl/albucore-*.whl .whl/pydantic-*.whl \
-    .whl/pydantic_core-*.whl .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl \
-    .whl/stringzilla-*.whl .whl/simsimd-*.whl
+W=$WHEELS
+install_group core "import transformers, peft" $W/transformers-*.whl $W/peft-*.whl $W/regex-*.whl
+# the GPU image has neither datasets nor MONAI (dataset_builder and the loop need both)
+install_group hf "import datasets, monai, natsort" $W/datasets-*.whl $W/dill-*.whl $W/multiprocess-*.whl \
+    $W/monai-*.whl $W/natsort-*.whl
+install_group data "import albumentations" $W/albumentations-*.whl $W/albucore-*.whl $W/pydantic-*.whl \
+    $W/pydantic_core-*.whl $W/annotated_types-*.whl $W/typing_inspection-*.whl $W/typing_extensions-*.whl \
+    $W/stringzilla-*.whl $W/simsimd-*.whl
 
 {
     date -u
@@ -88,6 +97,12 @@ cuda = torch.cuda.is_available()
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if cuda else "cpu")
 print("transformers", transformers.__version__, transformers.__file__)
 print("peft", peft.__version__)
+for name in ("datasets", "pyarrow", "monai", "albumentations", "accelerate", "huggingface_hub"):
+    try:
+        module = __import__(name)
+        print(name, module.__version__)
+    except Exception as error:
+        print(name, "not importable:", type(error).__name__, error)
 try:
     import triton
     print("triton", triton.__version__)
@@ -125,7 +140,7 @@ PREP=$!
 if want table; then
 echo "== 1/4 throughput table (timeout ${T_TABLE}s)"
 timeout -k 10 "$T_TABLE" $PY benchmarks/throughput.py --model "$MODEL" --image-size "$IMAGE" --batch-size "$BATCH" \
-    --variants "$VARIANTS" --warmup 3 --steps 10 --profile "$PROFILE" --out "$OUT/gpu_throughput.md" \
+    --variants "$VARIANTS" --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --profile "$PROFILE" --out "$OUT/gpu_throughput.md" \
     2>&1 | tee "$OUT/log_throughput.txt"
 echo "== table exit status ${PIPESTATUS[0]}"
 fi

@@ -87,7 +87,8 @@ def train_fold(fold_data: Path, out: Path, mode: str, args, cache: Path) -> None
         argv = [*common, "--model", "unet", "--unet-image-size", "256", "--unet-channels", "8", "16", "32", "64",
                 "128", "--learning-rate", "0.003", "--num-train-epochs", str(args.unet_epochs),
                 "--effective-batch-size", "4", "--per-device-train-batch-size", "4", "--num-workers", "0",
-                "--report-to", "none", "--early-stopping-patience", "8", "--keep-checkpoints", "0"]  # fmt: skip
+                "--report-to", "none", "--early-stopping-patience", str(args.unet_patience),
+                "--keep-checkpoints", "0"]  # fmt: skip
     else:
         argv = ["--config", args.config, *common, "--mode", mode,
                 "--num-train-epochs", str(args.epochs), "--embedding-cache-dir", str(cache)]  # fmt: skip
@@ -109,6 +110,19 @@ def hardware() -> str:
     return text
 
 
+def hardware_by_method(timings: dict) -> str:
+    """'HARDWARE: method, method; HARDWARE: ...' from the trainings recorded in timings.json ('' if none says)."""
+    names = {"automatic": "LoRA automatic", "prompted": "LoRA prompted", "unet": "U-Net"}
+    where: dict[str, list[str]] = {}
+    for key, entry in timings.items():
+        mode = key.rsplit(" ", 1)[-1]
+        if isinstance(entry, dict) and "hardware" in entry and mode in names:
+            methods = where.setdefault(entry["hardware"], [])
+            if names[mode] not in methods:
+                methods.append(names[mode])
+    return "; ".join(f"{', '.join(methods)} trained on {hw}" for hw, methods in where.items())
+
+
 def run_parallel(args, work: Path, folds: list[int]) -> dict:
     """Train every (fold, method) in its own process, ``args.jobs`` at a time, then evaluate every fold the same way.
 
@@ -122,7 +136,8 @@ def run_parallel(args, work: Path, folds: list[int]) -> dict:
 
     script = Path(__file__).resolve()
     base = [sys.executable, str(script), "--work", str(work), "--raw", args.raw, "--folds", str(args.folds), "--config", args.config,
-            "--epochs", str(args.epochs), "--unet-epochs", str(args.unet_epochs), "--seed", str(args.seed)]  # fmt: skip
+            "--epochs", str(args.epochs), "--unet-epochs", str(args.unet_epochs),
+            "--unet-patience", str(args.unet_patience), "--seed", str(args.seed)]  # fmt: skip
     names = {"automatic": "auto", "prompted": "prompted", "unet": "unet"}
     train_jobs = [
         (
@@ -170,6 +185,7 @@ def run_parallel(args, work: Path, folds: list[int]) -> dict:
                 handle.close()
                 text = log_path.read_text(errors="replace")
                 entry = {"wall_s": round(elapsed, 1), "exit": proc.returncode, "cut_at_time_limit": stopped}
+                entry["hardware"] = hardware()
                 if run_dir is not None:
                     entry["epochs"] = text.count("training images/s (")
                     entry["early_stopped"] = "early stopping:" in text
@@ -183,20 +199,29 @@ def run_parallel(args, work: Path, folds: list[int]) -> dict:
 
 
 def evaluate_fold(fold_data: Path, work: Path, out: Path, args) -> None:
+    """Evaluate the fold's trained models (and zero-shot) on its test split into ``out``; a model trained after
+    ``out`` was written (e.g. the U-Net added later) is evaluated alone into ``out``-<method>."""
     from octsam.evaluation.compare import run_comparison
+    from octsam.evaluation.report import _slug
 
-    if (out / "comparison.json").is_file():
-        return
     trained = {"LoRA automatic": "auto", "LoRA prompted": "prompted", "U-Net": "unet"}
     adapters = {
         name: str(work / folder / "best_adapter")
         for name, folder in trained.items()
         if (work / folder / "best_adapter" / "octsam_config.json").is_file()
     }
+    zero_shot = "litemedsam"
+    if (out / "comparison.json").is_file():
+        done = json.loads((out / "comparison.json").read_text()).get("methods", {})
+        adapters = {name: path for name, path in adapters.items() if name not in done}
+        if not adapters:
+            return
+        out = out.with_name(out.name + "-" + "-".join(_slug(name) for name in adapters))
+        zero_shot = None
     run_comparison(
         str(fold_data),
         adapters=adapters,
-        zero_shot_base="litemedsam",
+        zero_shot_base=zero_shot,
         output_dir=out,
         n_bootstrap=200,
         seed=args.seed,
@@ -224,9 +249,16 @@ def summarise(work: Path, folds: int, n_bootstrap: int, seed: int) -> dict:
     rows = []
     for fold in range(folds):
         for method in METHODS:
-            # a method's per-image table from the fold's full comparison, or (zero-shot) from its own run
-            for folder in ("results", "zero_shot"):
-                csv = work / f"fold-{fold}" / folder / f"{_slug(method)}_per_image.csv"
+            # a method's per-image table from the fold's full comparison, from a later one of that method alone
+            # (results-<method>: it replaces the first), or (zero-shot) from its own run
+            fold_work = work / f"fold-{fold}"
+            folders = [
+                *sorted(fold_work.glob("results-*"), reverse=True),
+                fold_work / "results",
+                fold_work / "zero_shot",
+            ]
+            for folder in folders:
+                csv = folder / f"{_slug(method)}_per_image.csv"
                 if csv.is_file():
                     table = pd.read_csv(csv)
                     rows.append(table[table["class_name"] == "fluid"].assign(method=method, fold=fold))
@@ -303,7 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         help="what to train per fold (the evaluation takes every trained model of the fold)",
     )
     parser.add_argument("--epochs", type=int, default=25, help="LiteMedSAM + LoRA epochs (early stopping on)")
-    parser.add_argument("--unet-epochs", type=int, default=40)
+    parser.add_argument("--unet-epochs", type=int, default=100)
+    parser.add_argument(
+        "--unet-patience",
+        type=int,
+        default=0,
+        help="U-Net early stopping (0: off, the best validation epoch is kept). The U-Net first sits for 10-25 "
+        "epochs on an all-fluid / no-fluid plateau (benchmarks/DUKE_RESULTS.md), which a short patience mistakes for "
+        "convergence",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     args = parser.parse_args(argv)
@@ -329,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
                 if mode not in args.train or args.stage == "evaluate":
                     continue
                 log(f"fold {fold}: training {mode}")
-                train_fold(fold_data, fold_work / folder, mode, args, cache)
+                t_mode = time.perf_counter()
+                if not (fold_work / folder / "best_adapter" / "octsam_config.json").is_file():
+                    train_fold(fold_data, fold_work / folder, mode, args, cache)
+                    wall = round(time.perf_counter() - t_mode, 1)
+                    timings[f"fold {fold} {mode}"] = {"wall_s": wall, "hardware": hardware()}
             if args.stage == "train":
                 continue
             log(f"fold {fold}: evaluating")
@@ -345,14 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         for fold in folds:
             zero_shot_fold(data / f"fold-{fold}", work / f"fold-{fold}" / "zero_shot", args)
     summary = summarise(work, args.folds, args.n_bootstrap, args.seed)
-    summary["hardware"] = hardware()
+    summary["hardware"] = hardware_by_method(timings) or hardware()
     summary["fold_wall_s"] = timings
     summary["this_run_wall_s"] = round(time.perf_counter() - started, 1)
     (work / "cv_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = table(summary)
     (work / "cv_table.md").write_text(text + "\n")
     print(text)
-    print(f"\nfolds per method: {summary['folds_done']}; hardware: {summary['hardware']}; fold wall s: {timings}")
+    print(f"\nfolds per method: {summary['folds_done']}; {summary['hardware']} (times: timings.json)")
     return 0
 
 

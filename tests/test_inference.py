@@ -588,3 +588,15 @@ def test_evaluate_cli_on_annotated_volumes(tiny_base, tmp_path, capsys):
     assert "mean absolute volume error" in out.out
     rows = (tmp_path / "ev" / "volumes_eval.csv").read_text().splitlines()
     assert rows[0].startswith("volume_id,class") and len(rows) == 3
+
+
+def test_writer_processes_run_one_library_thread_each():
+    """Writer processes use one OpenCV and one torch thread each: the pool is the parallelism (12 writers with 16
+    library threads each oversubscribed the 16-core GPU machine)."""
+    from octsam.infer.run import start_writers, worker_threads
+
+    pool = start_writers("process", 2, "cuda")
+    try:
+        assert {pool.submit(worker_threads).result() for _ in range(4)} == {(1, 1)}
+    finally:
+        pool.shutdown(wait=True)

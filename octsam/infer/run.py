@@ -131,11 +131,32 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
     import multiprocessing
 
     # fork: the children need no imports of their own (spawn would re-import the calling script and torch);
-    # started now, before the model and any CUDA context exist.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    # started now, before the model and any CUDA context exist. Each writer runs one thread of OpenCV and torch: the
+    # pool is the parallelism, and 12 writers x 16 library threads on 16 cores starved the readers and the main
+    # thread on the H200 machine (benchmarks/RESULTS.md, version 4).
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=single_threaded_worker
+    )
     for future in [pool.submit(os.getpid) for _ in range(workers)]:
         future.result()
     return pool
+
+
+def single_threaded_worker() -> None:
+    """Limit a worker process to one thread in OpenCV and torch (a pool of them is the parallelism)."""
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def worker_threads() -> tuple[int, int]:
+    """(OpenCV threads, torch threads) of the calling process (what the tests read from a writer process)."""
+    import cv2
+    import torch
+
+    return cv2.getNumThreads(), torch.get_num_threads()
 
 
 def write_one(out: Path, name: str, source: str, image, mask, probabilities, labels, spacing) -> tuple[dict, float]:
@@ -188,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
         prompted = bool(cli_specs or prompt_file)
 
         device_type = resolve_device(args.device).type
+        if device_type == "cuda":
+            # The reader threads decode and resize in parallel with each other; OpenCV's own thread pool on top of
+            # them only oversubscribes the cores that the writers and the main thread need.
+            import cv2
+
+            cv2.setNumThreads(1)
         write_workers = getattr(args, "write_workers", None) or default_write_workers()
         # The writer pool starts first: worker processes are forked before the model is loaded (no CUDA context,
         # no torch threads yet), so they hold no copy of either.

@@ -302,3 +302,21 @@ def test_embedding_cache_on_disk_is_shared_between_runs(tiny_base, tmp_path):
     second = frozen_model()
     cache = enable_embedding_cache(second, augmented=False, directory=tmp_path / "cache")
     assert torch.equal(second.image_embeddings(pixels), expected) and cache.misses == 0
+
+
+def test_a_compiled_run_validates_the_same_module_uncompiled():
+    """Validation of a compiled run uses the uncompiled module (eval mode would compile a second graph), with the
+    same parameter tensors; an uncompiled run validates the training model itself."""
+    from accelerate import Accelerator
+
+    from octsam.training.loop import validation_model
+
+    accelerator = Accelerator(cpu=True)
+    module = torch.nn.Linear(4, 2)
+    compiled = accelerator.prepare(torch.compile(module, backend="eager"))
+    plain = accelerator.prepare(torch.nn.Linear(4, 2))
+    eval_module = validation_model(accelerator, compiled, compiled=True)
+    assert eval_module is module and not isinstance(eval_module, torch._dynamo.eval_frame.OptimizedModule)
+    assert validation_model(accelerator, plain, compiled=False) is plain
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(eval_module(x), compiled(x))

@@ -217,13 +217,27 @@ def pick_prompt_kind(data_args: DataArguments, seed: int, epoch: int, step: int)
     return random.Random(f"{seed}-{epoch}-{step}").choice(data_args.prompt_types)
 
 
+def validation_model(accelerator, model, compiled: bool):
+    """The module validation runs: the training model, or for a compiled run the same module uncompiled.
+
+    In eval mode a compiled model compiles a second graph: on the H200 the first epoch of the real loop spent 65 s
+    compiling the training step and then ran out of its time budget compiling validation (benchmarks/RESULTS.md,
+    version 4). Uncompiled, a validation split of a few hundred B-scans costs seconds, and the weights are the same
+    tensors. DDP is unwrapped too: validation needs no gradient synchronisation (metrics are gathered explicitly).
+    """
+    if not compiled:
+        return model
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) -> dict:
     """Mean foreground Dice per class over validation scans (each scan counted once across processes)."""
     from octsam.evaluation.metrics import dice_from_stats, mean_dice_over_present, segmentation_stats
 
     model.eval()
     stats, losses = [], []
-    with torch.no_grad():
+    # autocast here as well: an unwrapped module (validation_model) lost Accelerate's mixed-precision forward
+    with torch.no_grad(), accelerator.autocast():
         for batch in tqdm(loader, desc="validation", leave=False, disable=not accelerator.is_local_main_process):
             loss, logits = compute_loss(model, batch, loss_fn, mode, "box")
             pred = predict_index_mask(logits)
@@ -406,6 +420,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     if speed.compile:
         model = torch.compile(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    eval_model = validation_model(accelerator, model, speed.compile)
     loss_fn = SegmentationLoss(config.class_activation, train_args.dice_weight, train_args.ce_weight)
 
     state = {"epoch": 0, "global_step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
@@ -464,7 +479,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
                 "background, or 255 = ignored): the model cannot learn any biomarker and its Dice will be 0. Check "
                 "the masks and --labels of the dataset build."
             )
-        metrics = validate(accelerator, model, val_loader, loss_fn, config.mode, config.num_labels)
+        metrics = validate(accelerator, eval_model, val_loader, loss_fn, config.mode, config.num_labels)
         metrics.update(epoch=epoch + 1, train_loss=epoch_loss, lr=scheduler.get_last_lr()[0])
         metrics.update({k: speed_log[k] for k in ("train_images_per_s", "train_images_per_s_after_first_step")})
         if "compile_s" in speed_log:

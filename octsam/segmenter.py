@@ -8,6 +8,7 @@ results = segmenter(["scan1.png", "scan2.tif"])               # results[0].mask:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,44 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of inference: ``auto`` is bf16 on CUDA and fp32 elsewhere; ``bf16`` on a CPU pays off only
+    with native bf16 (AVX512-BF16 or AMX: LiteMedSAM 1.8x faster on such a CPU, benchmarks/RESULTS.md)."""
+    if precision not in PRECISIONS:
+        raise OctSamError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "--precision bf16 on a CPU without AVX512-BF16 or AMX is emulated and usually slower than fp32.",
+            stacklevel=2,
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Segmenter:
     """Batched prediction with a loaded model; outputs at each B-scan's native size."""
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto", batch_size: int = 8):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "auto",
+        batch_size: int = 8,
+        precision: str = "auto",
+    ):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.batch_size = batch_size
@@ -62,11 +95,13 @@ class Segmenter:
         batch_size: int = 8,
         base_model: str | None = None,
         compile: bool = False,
+        precision: str = "auto",
     ) -> Segmenter:
         """Load an adapter folder or Hub repo; LoRA is merged into the base weights unless ``merge=False``.
 
         ``fast_attention``: True (mode ``auto``), False (transformers' attention) or an ``octsam.models.fast_attention``
         mode such as ``"fold"``. ``compile``: ``torch.compile`` the image encoder (see ``compile_encoder``).
+        ``precision``: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``fp32`` or ``bf16`` (see ``resolve_precision``).
         """
         model = load_model(adapter, revision=revision, base_model=base_model)
         if merge:
@@ -76,7 +111,7 @@ class Segmenter:
             from octsam.models.fast_attention import enable_fast_attention
 
             enable_fast_attention(model, mode="auto" if fast_attention is True else fast_attention)
-        segmenter = cls(model, device=device, batch_size=batch_size)
+        segmenter = cls(model, device=device, batch_size=batch_size, precision=precision)
         if compile:
             segmenter.compile_encoder()
         return segmenter

@@ -600,3 +600,28 @@ def test_writer_processes_run_one_library_thread_each():
         assert {pool.submit(worker_threads).result() for _ in range(4)} == {(1, 1)}
     finally:
         pool.shutdown(wait=True)
+
+
+def test_precision_bf16_on_the_cpu_is_recorded_and_close_to_fp32(adapter, tmp_path, capsys):
+    """--precision bf16 runs the model under bf16 autocast on the CPU too (run.json says so); its logits stay close
+    to fp32's; an unknown precision is refused by name."""
+    from octsam.segmenter import resolve_precision
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    Image.fromarray(scan(24, 30, seed=3)).save(src / "a.png")
+    out = tmp_path / "out"
+    code, err = run_cli(
+        ["--adapter", adapter, "--input", src, "--output", out, "--quiet", "--precision", "bf16"], capsys
+    )
+    assert code == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["dtype"] == "bfloat16" and (out / "masks" / "a.png").is_file()
+    images = [scan(40, 48, seed=i) for i in range(2)]
+    fp32 = Segmenter.from_pretrained(adapter, device="cpu", precision="fp32").class_logits(images)
+    bf16 = Segmenter.from_pretrained(adapter, device="cpu", precision="bf16").class_logits(images)
+    assert bf16.dtype == torch.float32  # logits come back in fp32 either way
+    assert (bf16 - fp32).abs().max() <= 0.05 * fp32.abs().max() + 1e-3
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(OctSamError, match="--precision must be one of auto, fp32, bf16"):
+        resolve_precision("fp16", torch.device("cpu"))

@@ -114,16 +114,18 @@ def evaluate_zero_shot(
     device: str | torch.device = "auto",
     batch_size: int = 8,
     revision: str | None = None,
+    precision: str = "auto",
     **kwargs,
 ):
     """The zero-shot baseline: the base with no adapter, one ground-truth box per instance, prompted as the base was
-    trained (SAM: best of its 3 masks by predicted IoU; LiteMedSAM: its one mask per box)."""
+    trained (SAM: best of its 3 masks by predicted IoU; LiteMedSAM: its one mask per box). ``precision`` as in
+    ``Segmenter``."""
     from octsam.models.fast_attention import enable_fast_attention
     from octsam.models.sam import zero_shot_model, zero_shot_multimask
 
     model = zero_shot_model(base_model, labels, revision=revision)
     enable_fast_attention(model)
-    segmenter = Segmenter(model, device=_device_name(device), batch_size=batch_size)
+    segmenter = Segmenter(model, device=_device_name(device), batch_size=batch_size, precision=precision)
     return evaluate_segmenter(
         segmenter,
         split,

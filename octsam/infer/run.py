@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             fast_attention=plan.attention or False,
             compile=plan.compile,
+            precision=getattr(args, "precision", "auto"),
         )
         load_s = time.perf_counter() - t0
         batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)

@@ -71,13 +71,18 @@ def write_bscans(folder: Path, n: int, seed: int = 0) -> None:
 
 
 @torch.inference_mode()
-def encoder_seconds(adapter: str, repeats: int) -> float:
+def encoder_seconds(adapter: str, repeats: int, precision: str = "fp32") -> float:
     from octsam.segmenter import Segmenter
 
-    segmenter = Segmenter.from_pretrained(adapter, device="cpu")
+    segmenter = Segmenter.from_pretrained(adapter, device="cpu", precision=precision)
     image = np.random.default_rng(0).normal(70, 25, (496, 768)).clip(0, 255).astype(np.uint8)
     pixel_values = segmenter.model.preprocess(segmenter.prepare(image)[None])
-    encode = segmenter.model.image_embeddings
+    bf16 = segmenter.dtype == torch.bfloat16
+
+    def encode(pixels):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return segmenter.model.image_embeddings(pixels)
+
     encode(pixel_values)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -87,11 +92,12 @@ def encoder_seconds(adapter: str, repeats: int) -> float:
     return best
 
 
-def end_to_end(adapter: str, inputs: Path, output: Path, threads: int) -> tuple[float, dict]:
+def end_to_end(adapter: str, inputs: Path, output: Path, threads: int, precision: str = "fp32") -> tuple[float, dict]:
     cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
     command = ["taskset", "-c", cores, sys.executable, str(REPO / "inference.py"), "--adapter", adapter]
     command += ["--input", str(inputs), "--output", str(output), "--device", "cpu", "--overwrite", "--quiet"]
+    command += ["--precision", precision]
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -107,12 +113,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             log(f"{base}: making the adapter ...")
             adapter = make_adapter(base, Path(tmp) / base)
             load = [os.getloadavg()[0]]
-            encoder = encoder_seconds(adapter, args.repeats)
+            encoder = encoder_seconds(adapter, args.repeats, args.precision)
             log(f"{base}: encoder {encoder:.3f} s/image")
             best = None
             for r in range(args.repeats):
                 load.append(os.getloadavg()[0])
-                wall, timings = end_to_end(adapter, inputs, Path(tmp) / f"out-{base}", args.threads)
+                wall, timings = end_to_end(adapter, inputs, Path(tmp) / f"out-{base}", args.threads, args.precision)
                 per_scan = timings["segment_s"] / args.scans
                 log(f"{base}: run {r + 1}: {per_scan:.3f} s/B-scan, process {wall:.1f} s, load {load[-1]:.1f}")
                 if best is None or per_scan < best[0]:
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"{args.scans} synthetic 768 x 496 PNGs; {cpu_name()}; {args.threads} threads (taskset); fp32; "
+        f"{args.scans} synthetic 768 x 496 PNGs; {cpu_name()}; {args.threads} threads (taskset); {args.precision}; "
         f"batch 1; minimum of {args.repeats} runs",
         "",
         "| base | encoder s/image | inference.py s/B-scan | of which model (predict) | process wall s "
@@ -154,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scans", type=int, default=8, help="synthetic B-scans per inference.py run")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (and cores for taskset)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the minimum is reported")
+    parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="inference.py --precision (bf16: native only)"
+    )
     args = parser.parse_args(argv)
     args.bases = [b.strip() for b in args.bases.split(",") if b.strip()]
     for base in args.bases:

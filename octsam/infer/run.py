@@ -130,33 +130,30 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
         raise OctSamError(f"--writer must be auto, thread or process, got {kind!r}.")
     import multiprocessing
 
+    import cv2
+
     # fork: the children need no imports of their own (spawn would re-import the calling script and torch);
-    # started now, before the model and any CUDA context exist. Each writer runs one thread of OpenCV and torch: the
-    # pool is the parallelism, and 12 writers x 16 library threads on 16 cores starved the readers and the main
-    # thread on the H200 machine (benchmarks/RESULTS.md, version 4).
-    pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=single_threaded_worker
-    )
-    for future in [pool.submit(os.getpid) for _ in range(workers)]:
-        future.result()
+    # started now, before the model and any CUDA context exist. Each writer runs one OpenCV thread: the pool is the
+    # parallelism, and 12 writers x 16 OpenCV threads on 16 cores starved the readers and the main thread on the H200
+    # machine (benchmarks/RESULTS.md, version 4). The setting is made in this process around the fork and inherited:
+    # calling cv2.setNumThreads in a forked child deadlocks once the parent has used OpenCV's thread pool (it waits
+    # on a condition variable whose threads were not copied). The writers run no torch code.
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        for future in [pool.submit(os.getpid) for _ in range(workers)]:  # a fork pool starts all its processes
+            future.result()
+    finally:
+        cv2.setNumThreads(previous)
     return pool
 
 
-def single_threaded_worker() -> None:
-    """Limit a worker process to one thread in OpenCV and torch (a pool of them is the parallelism)."""
+def worker_threads() -> int:
+    """OpenCV's thread count in the calling process (what the tests read from a writer process)."""
     import cv2
-    import torch
 
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
-def worker_threads() -> tuple[int, int]:
-    """(OpenCV threads, torch threads) of the calling process (what the tests read from a writer process)."""
-    import cv2
-    import torch
-
-    return cv2.getNumThreads(), torch.get_num_threads()
+    return cv2.getNumThreads()
 
 
 def write_one(out: Path, name: str, source: str, image, mask, probabilities, labels, spacing) -> tuple[dict, float]:

@@ -615,6 +615,24 @@ class Chrome:
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
+    def click_image(self, x: float, y: float, selector: str = "#octsam-view img", seconds: float = 60) -> None:
+        """Click at (x, y) once the element there is the loaded image, on two checks in a row. Gradio covers the
+        whole page with a translucent loading overlay while an event runs; a click on it is lost (a CI failure)."""
+        probe = (
+            f"(() => {{ const e = document.elementFromPoint({x}, {y}); const img = document.querySelector('{selector}');"
+            " return !!img && e === img && img.complete && img.naturalWidth > 0; })()"
+        )
+        deadline, hits = time.monotonic() + seconds, 0
+        while hits < 2:
+            hits = hits + 1 if self.js(probe) else 0
+            if time.monotonic() > deadline:
+                top = self.js(
+                    f"(() => {{ const e = document.elementFromPoint({x}, {y}); return e ? e.outerHTML.slice(0, 300) : null; }})()"
+                )
+                raise TimeoutError(f"the image at ({x:.0f}, {y:.0f}) stayed covered by: {top}")
+            time.sleep(0.25)
+        self.click(x, y)
+
     def screenshot(self, path: Path) -> None:
         import base64
 
@@ -660,13 +678,13 @@ def test_chromium_clicks_prompt_and_paint(adapter, tmp_path):
         chrome.open(f"http://127.0.0.1:{port}/")
         x, y, w, h = chrome.wait_js(IMG_RECT_JS)
         assert "segmented in" in chrome.wait_js(STATUS_JS)
-        chrome.click(x + w * 0.5, y + h * 0.5)  # tool 'point +', class 1 (the defaults)
+        chrome.click_image(x + w * 0.5, y + h * 0.5)  # tool 'point +', class 1 (the defaults)
         status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('inside') ? s : ''; }})()")
         assert "drusen:" in status and "1 inside / 0 outside point(s)" in status
         assert "last click" in chrome.js("document.querySelector('#octsam-timing').innerText")
         chrome.js("[...document.querySelectorAll('label')].find(l => l.innerText.trim() == 'brush').click()")
-        time.sleep(0.5)
-        chrome.click(x + w * 0.25, y + h * 0.25)
+        time.sleep(0.5)  # the radio's change reaches the page before the click
+        chrome.click_image(x + w * 0.25, y + h * 0.25)
         status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('painted') ? s : ''; }})()")
         # The click landed on the B-scan pixel under the mouse: a quarter of the way in (768 x 496 Duke B-scan).
         import re

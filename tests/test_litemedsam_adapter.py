@@ -40,6 +40,14 @@ def test_adapter_records_the_base_and_its_input(lite_adapter):
     assert len(saved["base_sha256"]) == 64
 
 
+def test_adapter_records_the_base_and_its_input_quietly(recwarn):
+    """The new adapter's PEFT config names the base octsam records (no 'renamed to None' warning from PEFT)."""
+    config = OctSamConfig(labels=list(TINY_LABELS), base_model="litemedsam", lora_target_modules=["qkv"])
+    model = OctSamModel.from_base(config, seed=0)
+    assert [str(w.message) for w in recwarn if "base_model_name_or_path" in str(w.message)] == []
+    assert model.sam.peft_config["default"].base_model_name_or_path == "litemedsam"
+
+
 def test_round_trip_and_merge_are_exact(lite_adapter):
     images = [bscan(0), bscan(1)]
     unmerged = Segmenter.from_pretrained(lite_adapter, device="cpu", merge=False)

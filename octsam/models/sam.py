@@ -267,6 +267,9 @@ class OctSamModel(nn.Module):
             with torch.no_grad():
                 prompts.weight.copy_(init.expand_as(prompts.weight) + noise)
         sam.requires_grad_(False)
+        # PEFT records the model's own name_or_path as the base (and warns when it differs from the config's): a base
+        # built from a checkpoint (LiteMedSAM) has none, so give it the name the adapter records.
+        sam.name_or_path = config.base_model
         peft_model = get_peft_model(sam, _lora_config(config))
         # No loss supervises SAM's IoU-prediction head: keep it frozen (DDP also requires every trained tensor to get
         # a gradient).

@@ -3,8 +3,10 @@
     python benchmarks/update_readme.py --demo demo_output/results --cv outputs/duke_cv
 
 ``--demo``: the results folder of ``make demo`` (its ``comparison.json`` and ``demo_seconds.txt`` if present);
-``--cv``: the work folder of ``benchmarks/duke_cv.py`` (its ``cv_table.md`` and ``cv_results.json``). Each block is
-replaced between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; nothing else in the README changes.
+``--cv``: the work folder of ``benchmarks/duke_cv.py`` (its ``cv_table.md`` and ``cv_results.json``), written into
+the block ``--cv-block`` (``duke-cv``: the GPU run; ``duke-cv-cpu``: the CPU run) of README.md and
+benchmarks/DUKE_RESULTS.md. Each block is replaced between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; nothing
+else in the README changes.
 """
 
 from __future__ import annotations
@@ -58,15 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=None)
     parser.add_argument("--cv", type=Path, default=None)
+    parser.add_argument("--cv-block", default="duke-cv", choices=["duke-cv", "duke-cv-cpu"])
     args = parser.parse_args(argv)
     readme = REPO / "README.md"
     text = readme.read_text()
     if args.demo is not None:
         text = replace_block(text, "demo-table", demo_block(args.demo))
     if args.cv is not None:
-        text = replace_block(text, "duke-cv", cv_block(args.cv))
+        text = replace_block(text, args.cv_block, cv_block(args.cv))
         results = REPO / "benchmarks" / "DUKE_RESULTS.md"
-        results.write_text(replace_block(results.read_text(), "duke-cv", cv_block(args.cv)))
+        results.write_text(replace_block(results.read_text(), args.cv_block, cv_block(args.cv)))
     readme.write_text(text)
     print(f"updated {readme}")
     return 0

@@ -7,6 +7,7 @@ e.g. from a git worktree); they skip with the reason otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -496,24 +497,34 @@ def test_server_rejects_large_uploads(server, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ a real browser
-@pytest.mark.slow
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install -y chromium)")
-@pytest.mark.skipif(not (DUKE / "images").is_dir(), reason=f"Duke B-scans not found at {DUKE}")
-def test_chromium_shows_overlay_and_legend(adapter, tmp_path):
+@contextlib.contextmanager
+def duke_app(adapter, tmp_path):
+    """``python -m octsam.app`` on the first Duke B-scan (segmented at start) on a free port; yields its URL."""
     scan = sorted((DUKE / "images").glob("*.png"))[0]
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "octsam.app", "--adapter", str(adapter), "--open", str(scan), "--auto-segment"]
     cmd += ["--port", str(port), "--export-dir", str(tmp_path / "exports"), "--device", "cpu"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(url, 120)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install -y chromium)")
+@pytest.mark.skipif(not (DUKE / "images").is_dir(), reason=f"Duke B-scans not found at {DUKE}")
+def test_chromium_shows_overlay_and_legend(adapter, tmp_path):
     chrome = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
     chrome += ["--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
     chrome += ["--window-size=1600,1000", "--virtual-time-budget=15000"]
-    try:
-        wait_for(url, 120)
+    with duke_app(adapter, tmp_path) as url:
         shot = tmp_path / "app.png"
         run = subprocess.run(
             [*chrome, f"--user-data-dir={tmp_path / 'chrome1'}", f"--screenshot={shot}", url],
@@ -524,10 +535,6 @@ def test_chromium_shows_overlay_and_legend(adapter, tmp_path):
         dom = subprocess.run(
             [*chrome, f"--user-data-dir={tmp_path / 'chrome2'}", "--dump-dom", url], capture_output=True, timeout=120
         ).stdout.decode()
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
     # DOM: the legend with the adapter's label names, the B-scan view holding an image, the timing line.
     assert 'id="octsam-legend-items"' in dom
     for name in TINY_LABELS[1:]:
@@ -663,43 +670,30 @@ IMG_RECT_JS = (
 @pytest.mark.skipif(not (DUKE / "images").is_dir(), reason=f"Duke B-scans not found at {DUKE}")
 def test_chromium_clicks_prompt_and_paint(adapter, tmp_path):
     """Real mouse clicks on the B-scan in a real browser: a point prompt, then a brush stroke, then undo."""
-    scan = sorted((DUKE / "images").glob("*.png"))[0]
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "octsam.app", "--adapter", str(adapter), "--open", str(scan), "--auto-segment"]
-    cmd += ["--port", str(port), "--export-dir", str(tmp_path / "exports"), "--device", "cpu"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    chrome = None
-    try:
-        wait_for(f"http://127.0.0.1:{port}/", 120)
+    with duke_app(adapter, tmp_path) as url:
         chrome = Chrome(tmp_path / "chrome")
-        chrome.open(f"http://127.0.0.1:{port}/")
-        x, y, w, h = chrome.wait_js(IMG_RECT_JS)
-        assert "segmented in" in chrome.wait_js(STATUS_JS)
-        chrome.click_image(x + w * 0.5, y + h * 0.5)  # tool 'point +', class 1 (the defaults)
-        status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('inside') ? s : ''; }})()")
-        assert "drusen:" in status and "1 inside / 0 outside point(s)" in status
-        assert "last click" in chrome.js("document.querySelector('#octsam-timing').innerText")
-        chrome.js("[...document.querySelectorAll('label')].find(l => l.innerText.trim() == 'brush').click()")
-        time.sleep(0.5)  # the radio's change reaches the page before the click
-        chrome.click_image(x + w * 0.25, y + h * 0.25)
-        status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('painted') ? s : ''; }})()")
-        # The click landed on the B-scan pixel under the mouse: a quarter of the way in (768 x 496 Duke B-scan).
-        import re
+        try:
+            chrome.open(url)
+            x, y, w, h = chrome.wait_js(IMG_RECT_JS)
+            assert "segmented in" in chrome.wait_js(STATUS_JS)
+            chrome.click_image(x + w * 0.5, y + h * 0.5)  # tool 'point +', class 1 (the defaults)
+            status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('inside') ? s : ''; }})()")
+            assert "drusen:" in status and "1 inside / 0 outside point(s)" in status
+            assert "last click" in chrome.js("document.querySelector('#octsam-timing').innerText")
+            chrome.js("[...document.querySelectorAll('label')].find(l => l.innerText.trim() == 'brush').click()")
+            time.sleep(0.5)  # the radio's change reaches the page before the click
+            chrome.click_image(x + w * 0.25, y + h * 0.25)
+            status = chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('painted') ? s : ''; }})()")
+            # The click landed on the B-scan pixel under the mouse: a quarter of the way in (768 x 496 Duke B-scan).
+            import re
 
-        px, py = map(int, re.search(r"painted \d+ px of drusen at \((\d+), (\d+)\)", status).groups())
-        assert abs(px - 192) <= 2 and abs(py - 124) <= 2, status
-        chrome.js("[...document.querySelectorAll('button')].find(b => b.innerText.trim() == 'Undo').click()")
-        assert chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('undone') ? s : ''; }})()")
-        chrome.screenshot(tmp_path / "clicked.png")
-        keep = os.environ.get("OCTSAM_APP_CLICK_SCREENSHOT")
-        if keep:
-            shutil.copy(tmp_path / "clicked.png", keep)
-    finally:
-        if chrome is not None:
+            px, py = map(int, re.search(r"painted \d+ px of drusen at \((\d+), (\d+)\)", status).groups())
+            assert abs(px - 192) <= 2 and abs(py - 124) <= 2, status
+            chrome.js("[...document.querySelectorAll('button')].find(b => b.innerText.trim() == 'Undo').click()")
+            assert chrome.wait_js(f"(() => {{ const s = {STATUS_JS}; return s.includes('undone') ? s : ''; }})()")
+            chrome.screenshot(tmp_path / "clicked.png")
+            keep = os.environ.get("OCTSAM_APP_CLICK_SCREENSHOT")
+            if keep:
+                shutil.copy(tmp_path / "clicked.png", keep)
+        finally:
             chrome.close()
-        proc.terminate()
-        proc.wait(20)
-        log.close()

@@ -423,7 +423,9 @@ class OctSamModel(nn.Module):
             raise OctSamError("A merged model cannot be saved as an adapter; save before merge().")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.sam.save_pretrained(str(folder))
+        # SAM has no token vocabulary to resize: False keeps PEFT from asking the Hub for the base's config.json
+        # (a request for a name like "litemedsam", and a warning offline).
+        self.sam.save_pretrained(str(folder), save_embedding_layers=False)
         self.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
         return folder
 

@@ -597,14 +597,14 @@ def test_writer_processes_run_one_opencv_thread_each():
     its own."""
     import cv2
 
-    from octsam.infer.run import start_writers, worker_threads
+    from octsam.infer.run import start_writers
 
     before = cv2.getNumThreads()
     image = np.random.default_rng(0).random((512, 512), dtype=np.float32)
     cv2.GaussianBlur(image, (31, 31), 5)  # OpenCV's thread pool is running in this process now
     pool = start_writers("process", 2, "cuda")
     try:
-        assert {pool.submit(worker_threads).result(timeout=60) for _ in range(4)} == {1}
+        assert {pool.submit(cv2.getNumThreads).result(timeout=60) for _ in range(4)} == {1}
     finally:
         pool.shutdown(wait=True)
     assert cv2.getNumThreads() == before

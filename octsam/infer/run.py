@@ -149,13 +149,6 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
     return pool
 
 
-def worker_threads() -> int:
-    """OpenCV's thread count in the calling process (what the tests read from a writer process)."""
-    import cv2
-
-    return cv2.getNumThreads()
-
-
 def write_one(out: Path, name: str, source: str, image, mask, probabilities, labels, spacing) -> tuple[dict, float]:
     """Write one B-scan's outputs (a writer thread or process); returns its summary row and (wall, CPU) seconds."""
     t, cpu = time.perf_counter(), time.thread_time()

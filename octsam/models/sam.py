@@ -129,7 +129,11 @@ def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dty
     if base_model == LITEMEDSAM:
         from octsam.models.litemedsam import build_litemedsam
 
-        return build_litemedsam(dtype=dtype)
+        model = build_litemedsam(dtype=dtype)
+        # Named as from_pretrained names a Hub or folder base: PEFT records this name in the adapter config (and
+        # warned 'renamed from litemedsam to None' when it was empty).
+        model.name_or_path = LITEMEDSAM
+        return model
     from transformers import SamModel
 
     local = os.path.isdir(base_model)
@@ -267,9 +271,6 @@ class OctSamModel(nn.Module):
             with torch.no_grad():
                 prompts.weight.copy_(init.expand_as(prompts.weight) + noise)
         sam.requires_grad_(False)
-        # PEFT records the model's own name_or_path as the base (and warns when it differs from the config's): a base
-        # built from a checkpoint (LiteMedSAM) has none, so give it the name the adapter records.
-        sam.name_or_path = config.base_model
         peft_model = get_peft_model(sam, _lora_config(config))
         # No loss supervises SAM's IoU-prediction head: keep it frozen (DDP also requires every trained tensor to get
         # a gradient).

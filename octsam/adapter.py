@@ -38,6 +38,8 @@ ADAPTER_FILES = (
     UNET_WEIGHTS_NAME,
 )
 
+# How a B-scan meets the model's input (OctSamConfig.input_mode; octsam.data.tiles does the work).
+INPUT_MODES = ("resize", "native")
 # SAM's normalisation (ImageNet mean/std on the 0-255 scale), as in transformers' SamImageProcessor.
 SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
 SAM_IMAGE_STD = (58.395, 57.12, 57.375)
@@ -95,6 +97,12 @@ class OctSamConfig:
     resize: str = "stretch"
     normalization: str = "mean_std"
     base_sha256: str | None = None  # of packaged or local base weights; a base with other weights is refused
+    # How a B-scan meets the model's square input (octsam.data.tiles): "resize" shrinks or stretches the whole B-scan
+    # into it; "native" keeps its own pixel size (times ``tile_scale``) and segments it by a sliding window of
+    # ``image_size`` tiles overlapping by ``tile_overlap``, blended with Gaussian weights (MONAI).
+    input_mode: str = "resize"
+    tile_overlap: float = 0.5
+    tile_scale: float = 1.0
     format: str = ADAPTER_FORMAT
     format_version: int = ADAPTER_FORMAT_VERSION
     octsam_version: str = __version__
@@ -148,6 +156,15 @@ class OctSamConfig:
                 f"image_std must be positive (it divides the pixels), got {list(self.image_std)}: with 0 every pixel "
                 "becomes infinite and every mask empty."
             )
+        if self.input_mode not in INPUT_MODES:
+            raise OctSamError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {self.input_mode!r}.")
+        if not _is_number(self.tile_overlap) or not 0 <= self.tile_overlap < 1:
+            raise OctSamError(f"tile_overlap must be a number in [0, 1), got {self.tile_overlap!r}.")
+        if not _is_number(self.tile_scale) or not 0.05 <= self.tile_scale <= 8:
+            raise OctSamError(
+                f"tile_scale must be a number in [0.05, 8] (1 = the B-scan's own pixel size), got {self.tile_scale!r}."
+            )
+        self.tile_overlap, self.tile_scale = float(self.tile_overlap), float(self.tile_scale)
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise OctSamError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
 
@@ -193,6 +210,10 @@ class OctSamConfig:
             raise OctSamError(f"{path}: {err}") from None
         except (TypeError, ValueError) as err:
             raise OctSamError(f"{path} is not a valid octsam adapter config: {err}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def hub_unreachable() -> bool:

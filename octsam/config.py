@@ -18,6 +18,7 @@ import yaml
 from octsam.adapter import OctSamConfig
 from octsam.data.augment import AugmentConfig
 from octsam.data.prompts import PromptConfig
+from octsam.data.tiles import CROP_SAMPLINGS, TileConfig
 from octsam.errors import OctSamError
 
 
@@ -57,6 +58,15 @@ class ModelArguments:
     )
     train_mask_decoder: bool = _adapter_field(
         "train_mask_decoder", "Train the whole mask decoder (--no-train-mask-decoder: keep it frozen)."
+    )
+    input_mode: str = _adapter_field(
+        "input_mode",
+        "resize: the whole B-scan shrunk into the model's input; native: tiles of the input's size at the B-scan's "
+        "own pixel size, sliding window with Gaussian blending at inference (octsam.data.tiles).",
+    )
+    tile_overlap: float = _adapter_field("tile_overlap", "Native mode: overlap of the sliding-window tiles, [0, 1).")
+    tile_scale: float = _adapter_field(
+        "tile_scale", "Native mode: resample B-scans by this factor before tiling (1: their own pixel size)."
     )
     fast_attention: bool = field(
         default=True, metadata={"help": "Exact fast attention for the image encoder (octsam.models.fast_attention)."}
@@ -99,6 +109,17 @@ class DataArguments:
     contrast_limit: float = _copy_field(AugmentConfig, "contrast_limit", "Largest contrast change.")
     brightness_contrast_p: float = _copy_field(
         AugmentConfig, "brightness_contrast_p", "Probability of a brightness/contrast change."
+    )
+    # Native-resolution crops (input_mode: native; names and defaults are TileConfig's).
+    crop_sampling: str = _copy_field(
+        TileConfig,
+        "crop_sampling",
+        "Native mode: random (crops_per_scan random crops per B-scan and epoch, foreground oversampled) or grid "
+        "(the inference grid's tiles + one per lesion, the same every epoch: cacheable embeddings).",
+    )
+    crops_per_scan: int = _copy_field(TileConfig, "crops_per_scan", "Native mode, random: crops per B-scan and epoch.")
+    foreground_ratio: float = _copy_field(
+        TileConfig, "foreground_ratio", "Native mode, random: share of crops centred on a biomarker pixel."
     )
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training scans."})
@@ -314,6 +335,14 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     bad = [t for t in data_args.prompt_types if t not in ("box", "point", "box+point")]
     if bad:
         raise OctSamError(f"prompt_types {bad} unknown; use box, point, box+point.")
+    if data_args.crop_sampling not in CROP_SAMPLINGS:
+        raise OctSamError(
+            f"--crop-sampling must be one of {', '.join(CROP_SAMPLINGS)}, got {data_args.crop_sampling!r}."
+        )
+    if data_args.crops_per_scan < 1:
+        raise OctSamError(f"--crops-per-scan must be at least 1, got {data_args.crops_per_scan}.")
+    if not 0 <= data_args.foreground_ratio <= 1:
+        raise OctSamError(f"--foreground-ratio must be in [0, 1], got {data_args.foreground_ratio}.")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise OctSamError("--push-to-hub needs --hub-model-id ORG/NAME.")
     for name in ("effective_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"):
@@ -337,6 +366,20 @@ def adapter_config(model_args: ModelArguments, labels: list[str]) -> OctSamConfi
 
 def augment_config(data_args: DataArguments) -> AugmentConfig | None:
     return _subset(AugmentConfig, data_args) if data_args.augment else None
+
+
+def tile_config(config: OctSamConfig, data_args: DataArguments) -> TileConfig | None:
+    """How training crops native tiles, or None when the model sees resized B-scans (``input_mode: resize``)."""
+    if config.input_mode != "native":
+        return None
+    return TileConfig(
+        size=config.image_size,
+        overlap=config.tile_overlap,
+        scale=config.tile_scale,
+        crop_sampling=data_args.crop_sampling,
+        crops_per_scan=data_args.crops_per_scan,
+        foreground_ratio=data_args.foreground_ratio,
+    )
 
 
 def prompt_config(data_args: DataArguments) -> PromptConfig:

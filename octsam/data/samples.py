@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from octsam.data.augment import AugmentConfig, build_augmentation
 from octsam.data.contract import IGNORE_INDEX
 from octsam.data.prompts import PromptConfig, instance_prompts
+from octsam.data.tiles import TileConfig
 
 
 def to_uint8_image(image) -> np.ndarray:
@@ -84,7 +85,12 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class SegmentationSamples(Dataset):
-    """B-scans of one split as uint8 tensors at the model's input size (+ prompts in prompted mode)."""
+    """B-scans of one split as uint8 tensors at the model's input size (+ prompts in prompted mode).
+
+    With ``tiles`` (native-resolution mode, ``octsam.data.tiles``) an item is a tile of a B-scan at its own pixel
+    size instead of the resized B-scan: ``crops_per_scan`` random crops per B-scan and epoch with foreground
+    oversampling, or (``crop_sampling: grid``, and always for validation with ``validation=True``) the fixed tiles of
+    the inference grid (plus, when training, one tile centred on each lesion)."""
 
     def __init__(
         self,
@@ -95,6 +101,8 @@ class SegmentationSamples(Dataset):
         prompts: PromptConfig | None = None,
         seed: int = 0,
         resize: str = "stretch",
+        tiles: TileConfig | None = None,
+        validation: bool = False,
     ):
         self.split = split
         self.image_size = image_size
@@ -103,26 +111,69 @@ class SegmentationSamples(Dataset):
         self.prompts = prompts
         self.seed = seed
         self.resize = resize
+        self.tiles = tiles
+        # Fixed tiles: every (scan, y, x) of the inference grid for validation; for grid sampling, per scan its grid
+        # tiles and its lesion-centred tiles, from which each epoch draws ``crops_per_scan`` (foreground oversampled).
+        self.windows = self.scan_windows = None
+        if tiles is not None and validation:
+            self.windows = [(i, y, x) for i, found in enumerate(self._fixed_windows()) for y, x, _ in found]
+        elif tiles is not None and tiles.crop_sampling == "grid":
+            self.scan_windows = self._fixed_windows(with_lesions=True)
+
+    def _fixed_windows(self, with_lesions: bool = False) -> list[list[tuple[int, int, bool]]]:
+        """Per scan, its tiles (y, x, holds a biomarker)."""
+        from octsam.data.tiles import foreground_windows, grid_windows, rescale
+
+        cfg = self.tiles
+        out = []
+        for index in range(len(self.split)):
+            mask = rescale(_mask_array(self.split[index]["mask"]), cfg.scale, nearest=True)
+            found = grid_windows(mask.shape, cfg.size, cfg.overlap)
+            if with_lesions:
+                found += foreground_windows(mask, cfg.size)
+            foreground = (mask > 0) & (mask != IGNORE_INDEX)
+            out.append([(y, x, bool(foreground[y : y + cfg.size, x : x + cfg.size].any())) for y, x in
+                        dict.fromkeys(found)])  # fmt: skip
+        return out
 
     def __len__(self) -> int:
-        return len(self.split)
+        if self.windows is not None:
+            return len(self.windows)
+        return len(self.split) * (self.tiles.crops_per_scan if self.tiles is not None else 1)
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
-        epoch, index = divmod(int(key), len(self.split))
+        epoch, item = divmod(int(key), len(self))
+        if self.windows is not None:
+            index, y, x = self.windows[item]
+            crop_id = item
+        else:
+            index, crop_id = divmod(item, self.tiles.crops_per_scan) if self.tiles is not None else (item, 0)
+        seed_seq = np.random.SeedSequence([self.seed, epoch, index] + ([crop_id] if self.tiles is not None else []))
+        rng = np.random.default_rng(seed_seq)
+        if self.scan_windows is not None:
+            y, x = self._draw_window(self.scan_windows[index], rng)
         row = self.split[index]
         image = to_uint8_image(row["image"])
-        mask = np.asarray(row["mask"], dtype=np.uint8)
-        if mask.ndim == 3:
-            mask = mask[:, :, 0]
-        seed_seq = np.random.SeedSequence([self.seed, epoch, index])
-        rng = np.random.default_rng(seed_seq)
+        mask = _mask_array(row["mask"])
         if self.augment is not None:
             self.augment.set_random_seed(int(seed_seq.generate_state(1)[0]))
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image = resize_image(image, self.image_size, self.resize)
-        mask = resize_mask(mask, self.image_size, self.resize)
-        sample = {"pixels": image_tensor(image), "mask": torch.from_numpy(mask.copy()), "index": torch.tensor(index)}
+        if self.tiles is None:
+            image = resize_image(image, self.image_size, self.resize)
+            mask = resize_mask(mask, self.image_size, self.resize)
+        else:
+            from octsam.data.tiles import crop, pad_to_tile, random_crop, rescale
+
+            size = self.tiles.size
+            image, mask = rescale(image, self.tiles.scale), rescale(mask, self.tiles.scale, nearest=True)
+            image, mask = pad_to_tile(image, mask, size)
+            if self.windows is not None or self.scan_windows is not None:
+                image, mask = crop(image, y, x, size), crop(mask, y, x, size)
+            else:
+                crop_seed = int(seed_seq.generate_state(2)[1] % (2**31))
+                image, mask = random_crop(image, mask, size, self.tiles.foreground_ratio, crop_seed)
+        sample = {"pixels": image_tensor(image), "mask": torch.from_numpy(mask.copy()), "index": torch.tensor(item)}
         if self.prompts is not None:
             cfg = self.prompts
             p = instance_prompts(
@@ -144,6 +195,18 @@ class SegmentationSamples(Dataset):
                 instance_map=torch.from_numpy(p.instance_map.astype(np.int64)),
             )
         return sample
+
+    def _draw_window(self, windows: list[tuple[int, int, bool]], rng) -> tuple[int, int]:
+        """One of a scan's fixed tiles: with probability ``foreground_ratio`` one holding a biomarker."""
+        with_foreground = [w for w in windows if w[2]]
+        pool = with_foreground if with_foreground and rng.random() < self.tiles.foreground_ratio else windows
+        y, x, _ = pool[int(rng.integers(len(pool)))]
+        return y, x
+
+
+def _mask_array(mask) -> np.ndarray:
+    mask = np.asarray(mask, dtype=np.uint8)
+    return mask[:, :, 0] if mask.ndim == 3 else mask
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

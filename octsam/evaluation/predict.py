@@ -115,15 +115,16 @@ def evaluate_zero_shot(
     batch_size: int = 8,
     revision: str | None = None,
     precision: str = "auto",
+    input_mode: str = "resize",
     **kwargs,
 ):
     """The zero-shot baseline: the base with no adapter, one ground-truth box per instance, prompted as the base was
     trained (SAM: best of its 3 masks by predicted IoU; LiteMedSAM: its one mask per box). ``precision`` as in
-    ``Segmenter``."""
+    ``Segmenter``; ``input_mode`` ``native``: each box is decoded in a native-resolution window around it."""
     from octsam.models.fast_attention import enable_fast_attention
     from octsam.models.sam import zero_shot_model, zero_shot_multimask
 
-    model = zero_shot_model(base_model, labels, revision=revision)
+    model = zero_shot_model(base_model, labels, revision=revision, input_mode=input_mode)
     enable_fast_attention(model)
     segmenter = Segmenter(model, device=_device_name(device), batch_size=batch_size, precision=precision)
     return evaluate_segmenter(

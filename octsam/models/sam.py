@@ -472,9 +472,11 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def zero_shot_model(base_model: str, labels: list[str], revision: str | None = None) -> OctSamModel:
+def zero_shot_model(
+    base_model: str, labels: list[str], revision: str | None = None, input_mode: str = "resize"
+) -> OctSamModel:
     """The base SAM with no adapter, for the zero-shot baseline (prompted mode only), with the input its encoder
-    was trained with."""
+    was trained with; ``input_mode`` ``native`` decodes each prompt in a native-resolution window around it."""
     sam = load_base_sam(base_model, revision)
     config = OctSamConfig(
         labels=labels,
@@ -483,6 +485,7 @@ def zero_shot_model(base_model: str, labels: list[str], revision: str | None = N
         mode="prompted",
         lora_target_modules=[],  # no adapter: nothing of the base is changed
         train_mask_decoder=False,
+        input_mode=input_mode,
     )
     describe_base(config, sam)
     return OctSamModel(sam.eval(), config)

@@ -27,7 +27,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from octsam.adapter import OctSamConfig
-from octsam.config import DataArguments, ModelArguments, TrainArguments, adapter_config, augment_config, prompt_config
+from octsam.config import (
+    DataArguments,
+    ModelArguments,
+    TrainArguments,
+    adapter_config,
+    augment_config,
+    prompt_config,
+    tile_config,
+)
 from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
@@ -76,7 +84,11 @@ def build_model(model_args: ModelArguments, labels: list[str], seed: int):
     if model_args.model == "unet":
         from octsam.models.unet import UNetSegmenter
 
-        return UNetSegmenter.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
+        model = UNetSegmenter.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
+        for name in ("input_mode", "tile_overlap", "tile_scale"):  # the U-Net tiles like an adapter does
+            setattr(model.config, name, getattr(model_args, name))
+        model.config.__post_init__()
+        return model
     config = adapter_config(model_args, labels)
     model = OctSamModel.from_base(config, seed=seed)
     if model_args.fast_attention:
@@ -369,12 +381,26 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         from octsam.training.embedding_cache import enable_embedding_cache
 
         enable_embedding_cache(model, augmented=augment is not None, directory=train_args.embedding_cache_dir)
+    tiles = tile_config(config, data_args)
     train_data = SegmentationSamples(
-        train_split, config.image_size, config.num_labels, augment, prompts, seed=train_args.seed, resize=config.resize
+        train_split,
+        config.image_size,
+        config.num_labels,
+        augment,
+        prompts,
+        seed=train_args.seed,
+        resize=config.resize,
+        tiles=tiles,
     )
     val_data = SegmentationSamples(
-        dataset["validation"], config.image_size, config.num_labels, None, prompts, resize=config.resize
-    )
+        dataset["validation"], config.image_size, config.num_labels, None, prompts, resize=config.resize, tiles=tiles,
+        validation=True,
+    )  # fmt: skip
+    if tiles is not None:
+        logger.info(
+            f"native tiles of {tiles.size} px: {len(train_data)} training crops per epoch ({tiles.crop_sampling}), "
+            f"{len(val_data)} validation tiles"
+        )
     sampler = EpochSampler(len(train_data), seed=train_args.seed)
     loader_kwargs = dict(
         collate_fn=collate,

@@ -36,7 +36,13 @@ def _adapter_field(name: str, help: str):
 
 @dataclass
 class ModelArguments:
-    model: str = field(default="sam", metadata={"help": "sam (SAM + LoRA) or unet (MONAI U-Net baseline)."})
+    model: str = field(
+        default="sam",
+        metadata={
+            "help": "sam (SAM + LoRA), unet (MONAI U-Net baseline) or dynunet (MONAI DynUNet configured like "
+            "nnU-Net 2D, deep supervision; unet_channels: features per stage, e.g. 32 64 128 256 512 512)."
+        },
+    )
     # The adapter's own settings: names and defaults are OctSamConfig's (one source of truth), see adapter_config().
     base_model: str = _adapter_field(
         "base_model",
@@ -322,8 +328,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
 def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
     if not data_args.dataset:
         raise OctSamError("No dataset given: set `dataset:` in the config or pass --dataset DIR_OR_REPO.")
-    if model_args.model not in ("sam", "unet"):
-        raise OctSamError(f"--model must be sam or unet, got {model_args.model!r}.")
+    if model_args.model not in ("sam", "unet", "dynunet"):
+        raise OctSamError(f"--model must be sam, unet or dynunet, got {model_args.model!r}.")
     from octsam.models import ATTENTION_MODES
 
     if model_args.attention_mode not in ATTENTION_MODES:

@@ -197,3 +197,28 @@ def test_bad_native_options_are_refused(tiny_base):
 
     with pytest.raises(OctSamError, match="crop-sampling"):
         parse_config(["--dataset", "x", "--crop-sampling", "sometimes"])
+
+
+def test_dynunet_baseline_trains_with_deep_supervision_and_reloads(tmp_path, shape_dataset):
+    from octsam.cli.train import main
+    from octsam.models import load_model
+    from octsam.models.dynunet import DeepSupervision, DynUNetSegmenter, deep_supervision_weights
+
+    assert abs(sum(deep_supervision_weights(3)) - 1) < 1e-9
+    model = DynUNetSegmenter.create(TINY_LABELS, 32, [8, 16, 32, 64], seed=0)
+    logits, extras = model.train()(model.preprocess(torch.zeros(2, 1, 32, 32, dtype=torch.uint8)))
+    assert logits.shape == (2, 2, 32, 32) and isinstance(extras, DeepSupervision) and len(extras.logits) == 2
+    assert model.eval()(torch.zeros(1, 3, 32, 32))[1] is None  # inference: the main output only
+
+    out = tmp_path / "dyn"
+    status = main([
+        "--dataset", shape_dataset, "--model", "dynunet", "--unet-image-size", "32", "--unet-channels", "8", "16",
+        "32", "64", "--input-mode", "native", "--output-dir", str(out), "--num-workers", "0", "--report-to", "none",
+        "--effective-batch-size", "4", "--per-device-train-batch-size", "4", "--num-train-epochs", "2",
+    ])  # fmt: skip
+    assert status == 0
+    loaded = load_model(out / "best_adapter")
+    assert isinstance(loaded, DynUNetSegmenter) and loaded.config.input_mode == "native"
+    image = shape_scan(np.random.default_rng(4))[0]
+    mask = Segmenter(loaded, device="cpu")([image])[0].mask
+    assert mask.shape == image.shape

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from octsam.adapter import ADAPTER_CONFIG_NAME, UNET_WEIGHTS_NAME, OctSamConfig
@@ -24,16 +24,23 @@ FOREGROUND_PRIOR = 0.01
 class UNetSegmenter(nn.Module):
     """MONAI ``UNet`` (2D, residual units) predicting K class logits; background is the fixed 0 logit, as in SAM."""
 
+    VARIANT = "unet"  # recorded as extra["unet_variant"] by subclasses (octsam.models.dynunet)
+    NETWORK = "monai.networks.nets.UNet"
+
     def __init__(self, config: OctSamConfig):
         super().__init__()
+        self.config = config
+        self.net = self._build_net(tuple(config.extra.get("unet_channels", (32, 64, 128, 256, 512))))
+        self.register_buffer("pixel_mean", torch.tensor(config.image_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.image_std).view(1, -1, 1, 1), persistent=False)
+
+    def _build_net(self, channels: tuple[int, ...]) -> nn.Module:
         from monai.networks.nets import UNet
 
-        self.config = config
-        channels = tuple(config.extra.get("unet_channels", (32, 64, 128, 256, 512)))
-        self.net = UNet(
+        net = UNet(
             spatial_dims=2,
             in_channels=3,
-            out_channels=config.num_labels - 1,
+            out_channels=self.config.num_labels - 1,
             channels=channels,
             strides=(2,) * (len(channels) - 1),
             num_res_units=2,
@@ -43,10 +50,9 @@ class UNetSegmenter(nn.Module):
         # an all-fluid plateau on the Duke data (benchmarks/DUKE_RESULTS.md), long enough for early stopping to end
         # the run there. The last convolution adds its bias to the output (MONAI's residual unit sums it with the
         # identity).
-        last = [m for m in self.net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
+        last = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
         nn.init.constant_(last.bias, -math.log(1 / FOREGROUND_PRIOR - 1))
-        self.register_buffer("pixel_mean", torch.tensor(config.image_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.image_std).view(1, -1, 1, 1), persistent=False)
+        return net
 
     @classmethod
     def create(cls, labels: list[str], image_size: int, channels: list[int], seed: int = 0) -> UNetSegmenter:
@@ -56,13 +62,16 @@ class UNetSegmenter(nn.Module):
         config = OctSamConfig(
             labels=labels,
             architecture="unet",
-            base_model="monai.networks.nets.UNet",
+            base_model=cls.NETWORK,
             image_size=image_size,
             image_mean=UNET_MEAN,
             image_std=UNET_STD,
             lora_target_modules=[],
             train_mask_decoder=False,
-            extra={"unet_channels": list(channels)},
+            extra={
+                "unet_channels": list(channels),
+                **({} if cls.VARIANT == "unet" else {"unet_variant": cls.VARIANT}),
+            },
         )
         torch.manual_seed(seed)
         return cls(config)
@@ -86,15 +95,20 @@ class UNetSegmenter(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / UNET_WEIGHTS_NAME))
+        # save_model keeps one copy of tensors a network shares between modules (DynUNet's skip layers)
+        save_model(self.net, str(folder / UNET_WEIGHTS_NAME))
         self.config.to_json_file(folder / ADAPTER_CONFIG_NAME)
         return folder
 
     @classmethod
     def from_folder(cls, folder: Path, config: OctSamConfig) -> UNetSegmenter:
+        if config.extra.get("unet_variant") == "dynunet":
+            from octsam.models.dynunet import DynUNetSegmenter
+
+            cls = DynUNetSegmenter
         model = cls(config)
         try:
-            model.net.load_state_dict(load_file(str(folder / UNET_WEIGHTS_NAME)))
+            load_model(model.net, str(folder / UNET_WEIGHTS_NAME))
         except (OSError, RuntimeError) as err:
             raise OctSamError(f"Cannot load U-Net weights from {folder / UNET_WEIGHTS_NAME}: {err}") from err
         return model.eval()

@@ -40,6 +40,7 @@ from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
 from octsam.folders import FolderLock, remove_stale_staging, sigterm_as_interrupt, staging_path
+from octsam.models.dynunet import DeepSupervision
 from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -81,10 +82,12 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int):
 
 def build_model(model_args: ModelArguments, labels: list[str], seed: int):
     """A new SAM + LoRA model or U-Net baseline for ``labels``."""
-    if model_args.model == "unet":
+    if model_args.model in ("unet", "dynunet"):
+        from octsam.models.dynunet import DynUNetSegmenter
         from octsam.models.unet import UNetSegmenter
 
-        model = UNetSegmenter.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
+        network = DynUNetSegmenter if model_args.model == "dynunet" else UNetSegmenter
+        model = network.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
         for name in ("input_mode", "tile_overlap", "tile_scale"):  # the U-Net tiles like an adapter does
             setattr(model.config, name, getattr(model_args, name))
         model.config.__post_init__()
@@ -207,9 +210,14 @@ def compute_loss(model, batch, loss_fn: SegmentationLoss, mode: str, prompt_kind
             logits, batch["prompt_classes"], batch["prompt_valid"], loss_fn_num_classes(model)
         )
         return loss, class_logits
-    logits, _ = model(pixel_values)
+    logits, extras = model(pixel_values)
     logits = upsample_logits(logits, size)
-    return loss_fn(logits, mask), logits
+    loss = loss_fn(logits, mask)
+    if isinstance(extras, DeepSupervision):  # DynUNet: weighted loss on the decoder's lower levels too
+        loss = extras.main_weight * loss
+        for weight, level in zip(extras.weights, extras.logits):
+            loss = loss + weight * loss_fn(upsample_logits(level, size), mask)
+    return loss, logits
 
 
 def _unwrap(model):

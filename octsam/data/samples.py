@@ -173,7 +173,12 @@ class SegmentationSamples(Dataset):
             else:
                 crop_seed = int(seed_seq.generate_state(2)[1] % (2**31))
                 image, mask = random_crop(image, mask, size, self.tiles.foreground_ratio, crop_seed)
-        sample = {"pixels": image_tensor(image), "mask": torch.from_numpy(mask.copy()), "index": torch.tensor(item)}
+        sample = {
+            "pixels": image_tensor(image),
+            "mask": torch.from_numpy(mask.copy()),
+            "index": torch.tensor(item),
+            "scan": torch.tensor(index),  # the B-scan a tile comes from (validation sums its counts per B-scan)
+        }
         if self.prompts is not None:
             cfg = self.prompts
             p = instance_prompts(

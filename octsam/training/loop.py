@@ -255,7 +255,7 @@ def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) ->
     from octsam.evaluation.metrics import dice_from_stats, mean_dice_over_present, segmentation_stats
 
     model.eval()
-    stats, losses = [], []
+    stats, scans, losses = [], [], []
     # autocast here as well: an unwrapped module (validation_model) lost Accelerate's mixed-precision forward
     with torch.no_grad(), accelerator.autocast():
         for batch in tqdm(loader, desc="validation", leave=False, disable=not accelerator.is_local_main_process):
@@ -263,9 +263,16 @@ def validate(accelerator, model, loader, loss_fn, mode: str, num_labels: int) ->
             pred = predict_index_mask(logits)
             batch_stats = segmentation_stats(pred, batch["mask"].long(), num_labels)
             stats.append(accelerator.gather_for_metrics(batch_stats))
+            scans.append(accelerator.gather_for_metrics(batch["scan"].to(batch_stats.device)))
             losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(len(pred))))
     model.train()
-    all_stats = torch.cat(stats)
+    # Counts summed per B-scan: native-mode validation items are tiles of a B-scan, and a tile without a biomarker
+    # but with a few false pixels would otherwise count as a Dice of 0 of its own (resize mode: one item per scan).
+    tile_stats, scan_ids = torch.cat(stats), torch.cat(scans).long()
+    _, scan_ids = torch.unique(scan_ids, return_inverse=True)
+    all_stats = tile_stats.new_zeros((int(scan_ids.max()) + 1, *tile_stats.shape[1:])).index_add_(
+        0, scan_ids, tile_stats
+    )
     dice = dice_from_stats(all_stats).cpu()
     return {
         "val_loss": float(torch.cat(losses).mean()),

@@ -57,14 +57,14 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
     common = ["--dataset", str(data), *extra]
 
     print("[2/4] fine-tuning pretrained LiteMedSAM with LoRA (automatic mode)")
-    sam_args = parse_config(["--config", str(CONFIGS / "demo.yaml"), *common, "--output-dir", str(out / "sam_lora")])
+    sam_args = parse_config(["--config", str(CONFIGS / "demo.yaml"), *common, "--output", str(out / "sam_lora")])
     train(*sam_args)
     adapters = {"LiteMedSAM + LoRA": str(out / "sam_lora" / "best_adapter")}
     histories = {"LiteMedSAM + LoRA": _history(out / "sam_lora")}
     if unet:
         print("[3/4] training the U-Net baseline (same data, splits, augmentation, loss and metrics)")
         unet_args = parse_config(
-            ["--config", str(CONFIGS / "demo_unet.yaml"), *common, "--output-dir", str(out / "unet")]
+            ["--config", str(CONFIGS / "demo_unet.yaml"), *common, "--output", str(out / "unet")]
         )
         train(*unet_args)
         adapters["U-Net"] = str(out / "unet" / "best_adapter")

@@ -42,7 +42,7 @@ from octsam.evaluation.report import (
     _report,
     ci_note,
 )
-from octsam.folders import FolderLock, atomic_folder
+from octsam.folders import atomic_folder, check_output_folder
 
 logger = logging.getLogger("octsam")
 
@@ -130,11 +130,7 @@ def run_comparison(
         raise OctSamError("Nothing to evaluate: give at least one adapter (--adapter) or the zero-shot baseline.")
     if ZERO_SHOT in adapters:
         raise OctSamError(f"The method name {ZERO_SHOT!r} is reserved for the zero-shot baseline; rename the adapter.")
-    final = Path(output_dir).expanduser()
-    if final.exists() and not final.is_dir():
-        raise OctSamError(f"--output {final} is a file; give a folder.")
-    if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise OctSamError(f"Output folder {final} is not empty; choose another --output or pass --overwrite.")
+    final = check_output_folder(output_dir, overwrite)  # before any work; again under the lock
 
     dataset_dict, labels = load_oct_dataset(dataset, revision=dataset_revision)
     if split not in dataset_dict or len(dataset_dict[split]) == 0:
@@ -167,7 +163,7 @@ def run_comparison(
     if rank_by not in [m[0] for m in methods]:
         raise OctSamError(f"rank_by={rank_by!r} is not one of the methods {[m[0] for m in methods]}.")
 
-    with FolderLock(final, "evaluation"), atomic_folder(final) as tmp:
+    with atomic_folder(final, lock="evaluation", overwrite=overwrite) as tmp:
         summary = _evaluate_and_write(
             methods, data, labels, tmp, dataset, split, pixel_spacing_mm, n_bootstrap, seed, histories, device,
             batch_size, figure_dpi, rank_by,

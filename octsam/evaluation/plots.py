@@ -132,9 +132,6 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(image), 0, 255).astype(np.uint8)
 
 
-OVERLAY_BAND_PIXELS = 1 << 20  # pixels blended at a time in overlay()
-
-
 def overlay(
     image: np.ndarray,
     mask: np.ndarray,

@@ -31,7 +31,7 @@ from octsam.config import DataArguments, ModelArguments, TrainArguments, adapter
 from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
-from octsam.folders import FolderLock, remove_stale_staging, sigterm_as_interrupt, staging_path
+from octsam.folders import FolderLock, move_aside_and_empty, remove_stale_staging, sigterm_as_interrupt
 from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -97,7 +97,7 @@ def is_main_launch_process() -> bool:
 
 
 def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
-    """Check the run folder (every process) and, on the main process, empty it for ``--overwrite-output-dir``.
+    """Check the run folder (every process) and, on the main process, empty it for ``--overwrite``.
 
     Call with the folder's lock held (``FolderLock``): nothing else writes it meanwhile. Overwriting moves the old
     run aside with one rename (so a new run never mixes with, prunes against or resumes from the old one) and then
@@ -105,11 +105,11 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
     """
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise OctSamError(f"--output-dir {out} is a file; give a folder.")
+        raise OctSamError(f"--output {out} is a file; give a folder.")
     resume = args.resume_from_checkpoint
     if args.overwrite_output_dir and resume and (resume == "latest" or _inside(Path(resume), out)):
         raise OctSamError(
-            f"--overwrite-output-dir starts {out} afresh, which deletes the checkpoint "
+            f"--overwrite starts {out} afresh, which deletes the checkpoint "
             f"--resume-from-checkpoint {resume} would resume from; pass only one of them."
         )
     non_empty = out.is_dir() and any(out.iterdir())
@@ -117,22 +117,19 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
         if not resume:
             raise OctSamError(
                 f"Output folder {out} is not empty. Resume it with --resume-from-checkpoint latest, choose another "
-                "--output-dir, or pass --overwrite-output-dir to write over it."
+                "--output, or pass --overwrite to write over it."
             )
         if resume != "latest" and not _inside(Path(resume), out):
             raise OctSamError(
-                f"--resume-from-checkpoint {resume} is from another run folder, and --output-dir {out} is not empty "
+                f"--resume-from-checkpoint {resume} is from another run folder, and --output {out} is not empty "
                 "(another run's files would mix with this one); resume into a new, empty folder or into the "
                 "checkpoint's own run folder."
             )
     if main_process:
         remove_stale_staging(out.parent, out.name)
         if non_empty and args.overwrite_output_dir:
-            aside = staging_path(out, "old")
-            os.replace(out, aside)
-            out.mkdir()
-            shutil.rmtree(aside, ignore_errors=True)
-            logger.info(f"--overwrite-output-dir: removed the previous run in {out}")
+            move_aside_and_empty(out)
+            logger.info(f"--overwrite: removed the previous run in {out}")
         for stale in (out / CHECKPOINT_DIR).glob("epoch-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write killed half-way (the lock is ours)
     return out

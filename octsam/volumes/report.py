@@ -13,23 +13,6 @@ import numpy as np
 from octsam.errors import OctSamError
 from octsam.volumes.measure import ETDRS_DIAMETERS_MM, VolumeMeasures
 
-CSV_BASE_COLUMNS = [
-    "volume_id",
-    "patient_id",
-    "source",
-    "laterality",
-    "scan_date",
-    "device",
-    "n_bscans",
-    "height",
-    "width",
-    "axial_mm",
-    "lateral_mm",
-    "bscan_spacing_mm",
-    "spacing_source",
-    "fovea_method",
-]
-
 
 def label_colours(labels: list[str]) -> list[tuple[float, float, float]]:
     """An RGB colour (0..1) per foreground class (tab10)."""

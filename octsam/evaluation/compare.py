@@ -58,14 +58,10 @@ def default_method_name(config) -> str:
 
 def training_history(adapter: str | os.PathLike) -> list[dict] | None:
     """The per-epoch history of the run that wrote ``RUN/best_adapter`` (from ``RUN/checkpoints/*/trainer_state``)."""
+    from octsam.training.checkpoint import run_history
+
     folder = Path(adapter)
-    states = sorted((folder.parent / "checkpoints").glob("epoch-[0-9][0-9][0-9][0-9]/trainer_state.json"))
-    if not folder.is_dir() or not states:
-        return None
-    try:
-        return json.loads(states[-1].read_text()).get("history") or None
-    except (OSError, json.JSONDecodeError):
-        return None
+    return run_history(folder.parent) if folder.is_dir() else None
 
 
 def _slug(name: str) -> str:

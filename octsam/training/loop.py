@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from octsam.adapter import OctSamConfig
+from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
 from octsam.config import DataArguments, ModelArguments, TrainArguments, adapter_config, augment_config, prompt_config
 from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
@@ -34,7 +34,13 @@ from octsam.errors import OctSamError
 from octsam.folders import FolderLock, move_aside_and_empty, remove_stale_staging, sigterm_as_interrupt
 from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
+    BEST_ADAPTER_DIR,
     CHECKPOINT_DIR,
+    RESULTS_FILE,
+    SHARED_STAGING_SUFFIX,
+    TRAINABLE_FILE,
+    TRAINER_STATE,
+    checkpoint_name,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -45,7 +51,6 @@ from octsam.training.checkpoint import (
 from octsam.training.losses import SegmentationLoss, prompted_loss
 
 logger = logging.getLogger("octsam")
-BEST_ADAPTER_DIR = "best_adapter"
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -130,7 +135,7 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
         if non_empty and args.overwrite_output_dir:
             move_aside_and_empty(out)
             logger.info(f"--overwrite: removed the previous run in {out}")
-        for stale in (out / CHECKPOINT_DIR).glob("epoch-*.tmp"):
+        for stale in (out / CHECKPOINT_DIR).glob(f"epoch-*{SHARED_STAGING_SUFFIX}"):
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write killed half-way (the lock is ours)
     return out
 
@@ -138,17 +143,17 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
 def best_checkpoint_for(resume_path: Path) -> Path | None:
     """The checkpoint of the best epoch recorded in ``resume_path`` (itself or a sibling); None before any best."""
     try:
-        state = json.loads((resume_path / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((resume_path / TRAINER_STATE).read_text(encoding="utf-8"))
         best = int(state.get("best_epoch", 0))
     except (OSError, ValueError, AttributeError, TypeError) as err:
         raise OctSamError(
-            f"Checkpoint {resume_path} cannot be resumed: trainer_state.json is damaged or not what octsam writes "
+            f"Checkpoint {resume_path} cannot be resumed: {TRAINER_STATE} is damaged or not what octsam writes "
             f"({type(err).__name__}); resume from another checkpoint or start a new run."
         ) from None
     if best <= 0:
         return None
-    candidate = resume_path.parent / f"epoch-{best:04d}"
-    if not (candidate / "trainable.safetensors").is_file():
+    candidate = resume_path.parent / checkpoint_name(best)
+    if not (candidate / TRAINABLE_FILE).is_file():
         raise OctSamError(
             f"Cannot resume from {resume_path}: its best epoch ({best}) is the adapter the run must end with, but "
             f"{candidate} is missing. Copy that checkpoint folder next to {resume_path.name}, or resume in the "
@@ -163,7 +168,7 @@ def restore_best_adapter(accelerator, model, best_ckpt: Path, out: Path) -> None
 
     unwrapped = accelerator.unwrap_model(model)
     current = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-    load_trainable_state(unwrapped, load_file(str(best_ckpt / "trainable.safetensors")), str(best_ckpt))
+    load_trainable_state(unwrapped, load_file(str(best_ckpt / TRAINABLE_FILE)), str(best_ckpt))
     if accelerator.is_main_process:
         write_atomic_folder(unwrapped.save_pretrained, out / BEST_ADAPTER_DIR)
     load_trainable_state(unwrapped, current, "the resumed state")
@@ -344,7 +349,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     resume_path = find_checkpoint(train_args) if train_args.resume_from_checkpoint else None
     best_ckpt = best_checkpoint_for(resume_path) if resume_path is not None else None  # refused before training
     if resume_path is not None:
-        saved = OctSamConfig.from_json_file(resume_path / "octsam_config.json")
+        saved = OctSamConfig.from_json_file(resume_path / ADAPTER_CONFIG_NAME)
         if list(saved.labels) != list(labels):
             raise OctSamError(
                 f"Checkpoint {resume_path} was trained for labels {saved.labels} ({len(saved.labels)} classes) but "
@@ -664,8 +669,8 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
             dataset=data_args.dataset,
             repo_id=train_args.hub_model_id,
         )
-        (out / "all_results.json").write_text(json.dumps(results, indent=2))
-        logger.info(f"best adapter: {out / BEST_ADAPTER_DIR}; results: {out / 'all_results.json'}")
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        logger.info(f"best adapter: {out / BEST_ADAPTER_DIR}; results: {out / RESULTS_FILE}")
         if train_args.push_to_hub:
             from octsam.hub import push_adapter
 

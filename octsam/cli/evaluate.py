@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Results folder (never replaced without --overwrite).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty --output folder.")
     p.add_argument("--method", action="append", default=[], choices=[ZERO_SHOT],
-                   help="Also evaluate the zero-shot SAM baseline (ground-truth boxes, best of 3 masks).")  # fmt: skip
+                   help="Also evaluate the zero-shot baseline (the base with ground-truth boxes, prompted as it was trained).")  # fmt: skip
     p.add_argument("--base-model", default=None, metavar="ID_OR_DIR",
                    help="SAM base for --method zero-shot (default: the base model of the first SAM adapter).")  # fmt: skip
     p.add_argument(

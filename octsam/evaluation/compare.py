@@ -110,7 +110,7 @@ def run_comparison(
     ``adapters`` maps a method name (the row name in the tables, e.g. "LoRA", "U-Net") to an adapter folder or Hub
     repo; SAM adapters trained in automatic mode run without prompts, prompted-mode ones with one ground-truth box per
     class instance. ``zero_shot_base`` (a SAM base id or folder) adds the zero-shot row: that base with no adapter, the
-    same boxes, best of SAM's 3 masks by predicted IoU. ``training_histories`` maps method names to per-epoch dicts
+    same boxes, prompted as the base was trained (``octsam.protocol.zero_shot_rule``). ``training_histories`` maps method names to per-epoch dicts
     (the training loop's ``history``); histories found next to ``RUN/best_adapter`` folders are used otherwise.
     ``rank_by`` names the method whose per-image Dice picks the best, median and worst B-scans of the qualitative
     grid (default: the first automatic-mode SAM adapter, else the first adapter). ``figure_dpi`` sets the

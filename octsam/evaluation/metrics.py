@@ -1,6 +1,6 @@
 """Segmentation metrics for OCT B-scans: MONAI Dice/IoU/HD95, areas, detection, patient-bootstrap CIs.
 
-The protocol (README, "Evaluation protocol"; the text written into report.md is ``report.PROTOCOL``):
+The protocol (its text, which report.md, the model cards and the README use, is written once in ``octsam.protocol``):
 
 - Dice and IoU per foreground class per B-scan, averaged over B-scans, plus the pooled-pixel (global) value.
 - Ignore label 255: those pixels count neither in the prediction nor in the truth.
@@ -30,17 +30,10 @@ from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 
 from octsam.data.contract import IGNORE_INDEX
 from octsam.errors import OctSamError
+from octsam.protocol import CI_RULE, HEADLINE_RULE  # noqa: F401 (re-exported: report and callers use them)
 
 HEADLINE_KEYS = ("mean_iou", "mean_dice", "mean_iou_with_background", "mean_dice_with_background")
 PUBLICATION_COLUMNS = ("Method", "Mean_IoU", "Mean_Dice")
-HEADLINE_RULE = (
-    "Mean Dice / IoU average the per-class means over the classes present in the reference masks of the evaluated "
-    "split, the same classes for every method; a class no reference holds is listed per class but enters no mean."
-)
-CI_RULE = (
-    "Intervals are 95% percentile bootstrap intervals over patients; a class scored on B-scans of fewer than two "
-    "patients gets none (n/a)."
-)
 
 __all__ = [
     "IGNORE_INDEX",

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from octsam.errors import OctSamError
-from octsam.evaluation.metrics import CI_RULE, HEADLINE_RULE, PUBLICATION_COLUMNS, EvaluationResult
+from octsam.evaluation.metrics import PUBLICATION_COLUMNS, EvaluationResult
+from octsam.protocol import CI_RULE, HEADLINE_RULE, protocol_text
 
 PUBLICATION_CSV = "sam_lora_performance.csv"
 
@@ -175,18 +176,25 @@ def _class_table(results) -> str:
     return markdown_table(header, rows)
 
 
+def _protocol(summary, kinds: dict[str, str]) -> str:
+    """``octsam.protocol``'s paragraph for this comparison: the zero-shot sentence only with a zero-shot row, and for
+    its base (best of 3 masks or one mask per box, as recorded by ``evaluate_zero_shot``)."""
+    zero_shot = [name for name, kind in kinds.items() if kind == "zero-shot"]
+    multimask = None
+    if zero_shot:
+        multimask = summary["methods"][zero_shot[0]].get("settings", {}).get("zero_shot_multimask")
+    return protocol_text(multimask, zero_shot=bool(zero_shot))
+
+
 def _report(summary, methods, text_table, class_table, figures, histories) -> str:
     kinds = {name: kind for name, kind, _ in methods}
     lines = [
         f"# Evaluation on `{summary['dataset']}` ({summary['split']} split)",
         "",
         f"Protocol: every method segments the same {summary['n_images']} B-scans of {summary['n_patients']} test "
-        "patients, and Dice and IoU are computed per foreground class per B-scan with MONAI, then averaged over "
-        "B-scans (a class absent in both truth and prediction of a B-scan is left out of that class's mean; "
-        "background is not in the headline means; pixels labelled 255 are ignored). "
-        "Zero-shot SAM gets one ground-truth box per class instance and keeps the best of its 3 masks by predicted "
-        "IoU, fine-tuned SAM adapters run in the mode they were trained for (automatic: no prompts; prompted: the "
-        "same boxes), and the U-Net baseline is trained through the same train.py, data, splits, loss and metrics.",
+        f"patients. {_protocol(summary, kinds)} Fine-tuned SAM adapters run in the mode they were trained for "
+        "(automatic: no prompts; prompted: one ground-truth box per class instance), and the U-Net baseline is "
+        "trained through the same train.py, data, splits, loss and metrics.",
         "",
         HEADLINE_RULE + f" Here: {', '.join(summary.get('headline_classes') or []) or 'none'}.",
         "",

@@ -85,7 +85,7 @@ def _finite(value: Any) -> bool:
 
 
 def _colour(index: int, labels: list[str]) -> str:
-    from octsam.evaluation.plots import class_color
+    from octsam.colors import class_color
 
     r, g, b = class_color(index, labels)
     return f"`#{r:02x}{g:02x}{b:02x}` (RGB {r}, {g}, {b})"

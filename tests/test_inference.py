@@ -18,10 +18,10 @@ from PIL import Image
 
 from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
 from octsam.cli.infer import main
+from octsam.colors import overlay
 from octsam.data.dataset import read_scan
 from octsam.data.prompts import build_prompts, parse_box, parse_point
 from octsam.errors import OctSamError
-from octsam.evaluation.plots import overlay
 from octsam.infer.outputs import class_areas
 from octsam.models.sam import OctSamModel
 from octsam.segmenter import Prompt, Segmenter
@@ -538,7 +538,7 @@ def _overlay_reference(image, mask, labels, alpha=0.45):
     """``overlay`` as it was written first (whole-image float64 blend, scipy erosion), the yardstick of the fast one."""
     from scipy import ndimage
 
-    from octsam.evaluation.plots import class_color
+    from octsam.colors import class_color
 
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
     out = rgb.astype(np.float64)

@@ -15,11 +15,10 @@ from octsam.volumes.measure import ETDRS_DIAMETERS_MM, VolumeMeasures
 
 
 def label_colours(labels: list[str]) -> list[tuple[float, float, float]]:
-    """An RGB colour (0..1) per foreground class (tab10)."""
-    import matplotlib
+    """An RGB colour (0..1) per foreground class: ``octsam.colors``, the colour each class has in every output."""
+    from octsam.colors import rgb01
 
-    cmap = matplotlib.colormaps["tab10"]
-    return [tuple(cmap(k % 10)[:3]) for k in range(len(labels) - 1)]
+    return [rgb01(k, labels) for k in range(1, len(labels))]
 
 
 def report_dict(volume, measures: VolumeMeasures) -> dict:

@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             inputs = collect_inputs(args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp])
             prompting.match(inputs)
             num_scans = len(inputs)
-        with _started(args, final, tmp, started, num_scans) as ctx:
+        with _ModelAndWriters(args, final, tmp, started, num_scans) as ctx:
             if volumes:
                 failed = segment_volumes(ctx, inputs)
             else:
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     return failed
 
 
-class _started:
+class _ModelAndWriters:
     """The writer pool (started before the model is loaded, so forked writers hold no copy of it) and the model;
     the pool is shut down however the run ends."""
 
@@ -465,23 +465,28 @@ def _segment_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompti
     t0 = time.perf_counter()
     write_summary(ctx.tmp / "summary.csv", outcome.rows, outcome.failures, labels, spacing)
     timings.write_s += time.perf_counter() - t0
+    write_run_record(ctx.tmp, _scan_record(ctx, outcome, prompting, spacing, read_workers))
+    return outcome
+
+
+def _scan_record(ctx: InferenceRun, outcome: ScanOutcome, prompting: Prompting, spacing, read_workers: int) -> dict:
+    """run.json of a B-scan run: ``run_record`` plus the inputs, failures, prompts and timings."""
     record = run_record(ctx)
     record.update(
         {
-            "mode": "prompted" if prompted else "automatic",
+            "mode": "prompted" if prompting.active else "automatic",
             "read_workers": read_workers,
             "pixel_spacing_mm": list(spacing) if spacing else None,
-            "inputs": len(scans),
+            "inputs": outcome.inputs,
             "segmented": len(outcome.rows),
             "failed": len(outcome.failures),
             "failures": outcome.failures,
-            "scans_without_prompts": outcome.no_prompts if prompted else None,
+            "scans_without_prompts": outcome.no_prompts if prompting.active else None,
             "unmatched_prompt_keys": prompting.unmatched,
-            "timings": timings.record(len(outcome.rows)),
+            "timings": ctx.timings.record(len(outcome.rows)),
         }
     )
-    write_run_record(ctx.tmp, record)
-    return outcome
+    return record
 
 
 def _progress(total: int, quiet: bool):

@@ -529,9 +529,12 @@ def test_cli_on_volumes_honours_the_model_flags(adapter, tmp_path, capsys, monke
     record = json.loads((out / "run.json").read_text())
     assert record["batch_size"] == 2 and record["dtype"] == "float32" and record["compiled"] is False
     assert record["volumes"] == [str(dicom)] and record["segmented"] == 5 and record["adapter_folder"]
-    # the same eye without --save-probabilities: no probabilities folder (and --overwrite replaces the output)
-    code, err = run_cli([*argv, "--overwrite"], capsys)
-    assert code == 0, err and not (eye / "probabilities").exists()
+    # the same eye without --save-probabilities, written by a writer process: the same masks, no probabilities
+    masks = {p.name: np.asarray(Image.open(p)) for p in (eye / "masks").iterdir()}
+    code, err = run_cli([*argv, "--overwrite", "--writer", "process", "--write-workers", "1"], capsys)
+    assert code == 0, err
+    assert not (eye / "probabilities").exists() and (eye / "report.png").is_file()
+    assert all(np.array_equal(np.asarray(Image.open(eye / "masks" / name)), mask) for name, mask in masks.items())
 
 
 def _overlay_reference(image, mask, labels, alpha=0.45):

@@ -95,7 +95,7 @@ def writer_parts(reps: int = 5) -> list[tuple[str, float]]:
     from PIL import Image
 
     from benchmarks.throughput import fake_bscan
-    from octsam.evaluation.plots import overlay
+    from octsam.colors import overlay
     from octsam.infer.outputs import PNG_LEVEL, class_areas, overlay_with_legend
 
     image, blob = fake_bscan(np.random.default_rng(1))

@@ -715,7 +715,7 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
                 assert cli("infer", base)[0] == 0
             before = tree_digest(out)
             proc = start(tmp, "infer", [*base, *(["--overwrite"] if overwrite else [])],
-                         ("octsam.infer.run", "_write_scan", 2))  # fmt: skip
+                         ("octsam.infer.run", "write_scan", 2))  # fmt: skip
             wait_for(proc, "REACHED")
             code, err = stop(proc, sig)
             lost = tree_digest(out) != before

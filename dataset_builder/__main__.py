@@ -42,11 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = common.add_argument_group("split (by patient)")
     sp.add_argument(
         "--split-fractions",
-        "--split",
         dest="split",
         default="0.7,0.15,0.15",
         help="train,validation,test fractions of patients (default 0.7,0.15,0.15)",
     )
+    # --split is a split name in every other command; the old spelling of the fractions stays accepted, unlisted.
+    sp.add_argument("--split", dest="split", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sp.add_argument("--seed", type=int, default=0, help="seed of the split (and of synthetic drawing); default 0")
     sp.add_argument(
         "--split-file", help='JSON {"train": [patient ids], "validation": [...], "test": [...]} to use instead'

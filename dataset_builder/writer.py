@@ -41,7 +41,7 @@ from octsam.data.dataset import (
     labels_to_id2label,
 )
 from octsam.errors import OctSamError
-from octsam.folders import FolderLock, remove_stale_staging, require_utf8_name, swap_into_place
+from octsam.folders import FolderLock, remove_stale_staging, require_utf8_name, staging_path, swap_into_place
 
 logger = logging.getLogger("dataset_builder")
 
@@ -239,7 +239,7 @@ def _build(
     parent.mkdir(parents=True, exist_ok=True)
     name = out.name if out is not None else "dataset"
     remove_stale_staging(parent, name)
-    tmp = parent / f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = staging_path(parent / name, "partial")  # the build's workspace: its cache and the dataset, swapped out
     try:
         tmp.mkdir()
         final_dir = tmp / "dataset"

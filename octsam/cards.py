@@ -18,6 +18,7 @@ from typing import Any
 from octsam import __version__
 from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
 from octsam.errors import OctSamError
+from octsam.protocol import protocol_text
 
 
 # Package data (pyproject.toml [tool.setuptools.package-data]): installed with octsam, wheel or editable.
@@ -38,12 +39,7 @@ CARD_MARKER = "octsam-adapter-card"
 # Written where the repo id is not known yet; ``octsam.hub.push_adapter`` replaces it with the real one.
 REPO_PLACEHOLDER = "ORG/NAME"
 TASK_NAME = "OCT biomarker segmentation"
-PROTOCOL = (
-    "Dice and IoU are computed per foreground class on each test B-scan at its native resolution and averaged over "
-    "B-scans; a class absent from both the reference and the prediction of a B-scan is left out of that class's "
-    "mean. Pooled values sum the pixels of all test B-scans first. The mean row averages the foreground classes "
-    "(background is never part of it)."
-)
+PROTOCOL = protocol_text(zero_shot=False)  # octsam.protocol: the same words as report.md and the README
 BASE_TAGS = ["octsam", "segment-anything", "sam", "lora", "peft", "medical-imaging", "oct", "ophthalmology"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -89,7 +85,7 @@ def _finite(value: Any) -> bool:
 
 
 def _colour(index: int, labels: list[str]) -> str:
-    from octsam.evaluation.plots import class_color
+    from octsam.colors import class_color
 
     r, g, b = class_color(index, labels)
     return f"`#{r:02x}{g:02x}{b:02x}` (RGB {r}, {g}, {b})"

@@ -134,7 +134,7 @@ class DataArguments:
 @dataclass
 class TrainArguments:
     output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, adapter, results go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow a non-empty output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a non-empty --output folder afresh."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     dice_weight: float = field(default=1.0, metadata={"help": "Weight of the Dice term of the loss."})
@@ -189,12 +189,14 @@ ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainArguments)
 EPILOG = """examples:
   python train.py --config configs/amd.yaml --dataset data/amd
   python train.py --config configs/amd.yaml --learning-rate 3e-4 --num-train-epochs 20
-  python train.py --config configs/amd.yaml --model unet --output-dir outputs/amd_unet
+  python train.py --config configs/amd.yaml --model unet --output outputs/amd_unet
   python train.py --config configs/amd.yaml --resume-from-checkpoint latest
   accelerate launch --config_file accelerate_config.yaml train.py --config configs/amd.yaml
 
-Options are kebab-case like every octsam command; the snake_case spelling (--output-dir), which Hugging Face
-scripts use, is accepted as an alias. A YAML --config uses the snake_case names as keys; the command line overrides it.
+Options are kebab-case like every octsam command, and the run folder is --output (--overwrite to start it afresh)
+as in every command that writes one. Accepted as aliases, not listed: the snake_case spelling Hugging Face scripts
+use (--learning_rate) and their --output-dir / --overwrite-output-dir. A YAML --config uses the snake_case field
+names as keys (output_dir, overwrite_output_dir); the command line overrides it.
 Booleans: --flag, --no-flag or --flag true|false."""
 
 _GROUPS = {
@@ -246,16 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Fields whose option follows the convention of every octsam command rather than the field name (which YAML configs
+#: and Hugging Face scripts use, and which stays accepted as a hidden alias).
+CLI_NAMES = {"output_dir": "--output", "overwrite_output_dir": "--overwrite"}
+
+
 def _add_field(group, f: dataclasses.Field) -> None:
     kebab, snake = f"--{f.name.replace('_', '-')}", f"--{f.name}"
-    names = [kebab] if kebab == snake else [kebab, snake]
+    names = list(dict.fromkeys([CLI_NAMES.get(f.name, kebab), kebab, snake]))
     help_text = f.metadata.get("help", "")
     kind = str(f.type)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if kind == "bool":
         group.add_argument(*names, dest=f.name, type=_to_bool, nargs="?", const=True, default=default,
                            metavar="true|false", help=f"{help_text} (default: {str(default).lower()})")  # fmt: skip
-        negatives = [f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}"]
+        negatives = [f"--no-{name[2:]}" for name in names if "_" not in name] + [f"--no_{f.name}"]
         group.add_argument(*dict.fromkeys(negatives), dest=f.name, action="store_false", help=argparse.SUPPRESS)
         return
     optional = "None" in kind

@@ -1,8 +1,10 @@
 """Output folders that are never half-written, never shared by two runs, and leave no litter.
 
 Every command that writes a folder (a dataset build, an inference run, an evaluation, an adapter, a checkpoint)
-writes into a hidden staging sibling ``.NAME.tmp-PID-RANDOM`` and swaps it into place only when complete
-(``atomic_folder``). A staging folder left by a killed process is removed by the next run that writes next to it,
+writes into a hidden staging sibling ``.NAME.tmp-PID-RANDOM`` and swaps it into place only when complete:
+``atomic_folder`` is the one helper for that (with ``lock=`` it also holds the folder's ``FolderLock``, with
+``overwrite=`` it first refuses a non-empty folder, ``check_output_folder``); the staging names all come from
+``staging_path``. A staging folder left by a killed process is removed by the next run that writes next to it,
 never one whose process is still alive (``remove_stale_staging``); the old folder of a swap killed between its two
 renames is put back rather than removed. ``FolderLock`` gives one run at a time a folder (a kill -9 frees it).
 ``sigterm_as_interrupt`` makes SIGTERM run the same clean-up as Ctrl-C; ``printable``/``require_utf8_name`` keep file
@@ -97,21 +99,55 @@ def swap_into_place(staged: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_folder(final: str | os.PathLike, overwrite: bool, option: str = "--output") -> Path:
+    """Refuse an output that is a file, or a non-empty folder without ``--overwrite`` (the message names ``option``)."""
+    final = Path(final).expanduser()
+    if final.exists() and not final.is_dir():
+        raise OctSamError(f"{option} {final} is a file; give a folder.")
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        raise OctSamError(
+            f"Output folder {final} is not empty; choose another {option} or pass --overwrite to replace it."
+        )
+    return final
+
+
 @contextlib.contextmanager
-def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(
+    final: str | os.PathLike, *, lock: str | None = None, overwrite: bool | None = None, option: str = "--output"
+) -> Iterator[Path]:
     """``with atomic_folder(out) as tmp: write(tmp)``: ``out`` appears complete or not at all (an exception, Ctrl-C
-    or a full disk leaves the old ``out`` as it was and removes the staging folder)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(final.parent, final.name)
-    tmp = staging_path(final)
-    tmp.mkdir()
-    try:
-        yield tmp
-        swap_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    or a full disk leaves the old ``out`` as it was and removes the staging folder).
+
+    The one way octsam stages an output folder. ``lock="inference"`` (what runs) holds ``FolderLock(out)`` for the
+    whole block, so a second run is refused; ``overwrite`` (a command's ``--overwrite``) first checks ``out`` with
+    ``check_output_folder`` under that lock; None skips the check (a folder the command itself owns, such as an
+    adapter inside a run folder or a volume inside an output)."""
+    final = Path(final).expanduser()
+    with contextlib.ExitStack() as stack:
+        if lock is not None:
+            stack.enter_context(FolderLock(final, lock))
+        if overwrite is not None:
+            check_output_folder(final, overwrite, option)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(final.parent, final.name)
+        tmp = staging_path(final)
+        tmp.mkdir()
+        try:
+            yield tmp
+            swap_into_place(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def move_aside_and_empty(folder: Path) -> None:
+    """Replace ``folder`` by an empty one: the old content is moved aside with one rename (a new run never mixes with
+    it) and then deleted; a crash in between leaves a hidden ``.NAME.old-PID-*`` that ``remove_stale_staging`` puts
+    back or removes."""
+    aside = staging_path(folder, "old")
+    os.replace(folder, aside)
+    folder.mkdir()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class FolderLock:

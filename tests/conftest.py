@@ -78,7 +78,8 @@ def write_shape_dataset(path: Path, scans_per_split=(8, 4, 4), seed: int = 0, sa
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:
-    """A randomly initialised tiny SAM saved as a local base model (DESIGN.md's tiny config, input 24)."""
+    """A randomly initialised tiny SAM saved as a local base model (``octsam.models.sam.save_random_base``: vision hidden
+    36, 2 layers, 4 heads, input 24, patch 2)."""
     from octsam.models.sam import save_random_base
 
     return save_random_base(tmp_path_factory.mktemp("base") / "tiny-sam", seed=0)

@@ -140,6 +140,10 @@ def test_cli_compares_zero_shot_lora_prompted_and_unet(runs, shape_dataset, tmp_
     for figure in ("metric_bars.png", "qualitative_grid.png", "confusion_u-net.png", "training_curves_lora.png"):
         assert f"]({figure})" in report
     assert "bootstrap" in report and "publication-compatible" in report
+    from octsam.protocol import protocol_text
+
+    assert protocol_text(True) in report  # the tiny base is a SAM ViT: best of 3 masks
+    assert summary["methods"]["zero-shot"]["settings"]["zero_shot_multimask"] is True
     assert not list(tmp_path.glob(".results.tmp-*"))
 
 
@@ -193,3 +197,25 @@ def test_argument_helpers():
     assert parse_spacing("0.0039,0.0116") == (0.0039, 0.0116)
     assert "only draw 3 different" in ci_note(2, 22, 1000)
     assert "only draw" not in ci_note(40, 400, 1000)
+
+
+def test_the_protocol_is_one_text_true_per_base():
+    """octsam.protocol is what report.md, the cards and the README say; the zero-shot sentence follows the base."""
+    from conftest import REPO_ROOT
+
+    from octsam import cards
+    from octsam.evaluation.report import _protocol
+    from octsam.protocol import HEADLINE_RULE, protocol_text, same_text, zero_shot_rule
+
+    sam = {"methods": {"zero-shot": {"settings": {"zero_shot_multimask": True}}}}
+    lite = {"methods": {"zero-shot": {"settings": {"zero_shot_multimask": False}}}}
+    assert "best of SAM's 3 masks" in _protocol(sam, {"zero-shot": "zero-shot", "LoRA": "sam"})
+    lite_text = _protocol(lite, {"zero-shot": "zero-shot"})
+    assert "one mask per box" in lite_text and "3 masks" not in lite_text
+    assert "Zero-shot" not in _protocol({"methods": {}}, {"U-Net": "unet"})
+    assert HEADLINE_RULE in cards.PROTOCOL and "Zero-shot" not in cards.PROTOCOL
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert same_text(protocol_text(), protocol_text()) and " ".join(protocol_text().split()) in " ".join(
+        readme.split()
+    )
+    assert zero_shot_rule(None).count("3 masks") == 1

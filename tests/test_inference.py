@@ -18,10 +18,10 @@ from PIL import Image
 
 from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
 from octsam.cli.infer import main
+from octsam.colors import overlay
 from octsam.data.dataset import read_scan
 from octsam.data.prompts import build_prompts, parse_box, parse_point
 from octsam.errors import OctSamError
-from octsam.evaluation.plots import overlay
 from octsam.infer.outputs import class_areas
 from octsam.models.sam import OctSamModel
 from octsam.segmenter import Prompt, Segmenter
@@ -495,11 +495,53 @@ def test_cli_on_volumes_writes_eye_reports(adapter, tmp_path, capsys):
     assert code == 2 and "spacing" in err.lower() and not (tmp_path / "g").exists()
 
 
+def test_cli_on_volumes_honours_the_model_flags(adapter, tmp_path, capsys, monkeypatch):
+    """Volumes go through the same run as B-scans: --batch-size, --save-probabilities, --precision and the speed
+    plan reach the model, the writers write each eye, and run.json records them as for B-scans."""
+    from test_volumes import write_oct_dicom
+
+    from octsam.segmenter import Segmenter as Loaded
+
+    calls = []
+    original = Loaded.__call__
+
+    def spy(self, images, *args, **kwargs):
+        calls.append((self.batch_size, len(images), kwargs.get("return_probabilities")))
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Loaded, "__call__", spy)
+    frames = np.random.default_rng(1).integers(0, 255, (5, 40, 48)).astype(np.uint8)
+    dicom = write_oct_dicom(tmp_path / "eye.dcm", frames)
+    out = tmp_path / "out"
+    argv = ["--adapter", adapter, "--input", dicom, "--output", out, "--quiet", "--batch-size", "2"]
+    code, err = run_cli([*argv, "--save-probabilities", "--precision", "fp32", "--no-compile"], capsys)
+    assert code == 0, err
+    assert calls == [(2, 5, True)]
+    (eye,) = [p for p in out.iterdir() if p.is_dir()]
+    probabilities = sorted((eye / "probabilities").iterdir())
+    assert len(probabilities) == 5
+    with np.load(probabilities[0]) as saved:
+        assert saved["probabilities"].shape == (3, 40, 48) and list(saved["labels"]) == [
+            "background",
+            "drusen",
+            "fluid",
+        ]
+    record = json.loads((out / "run.json").read_text())
+    assert record["batch_size"] == 2 and record["dtype"] == "float32" and record["compiled"] is False
+    assert record["volumes"] == [str(dicom)] and record["segmented"] == 5 and record["adapter_folder"]
+    # the same eye without --save-probabilities, written by a writer process: the same masks, no probabilities
+    masks = {p.name: np.asarray(Image.open(p)) for p in (eye / "masks").iterdir()}
+    code, err = run_cli([*argv, "--overwrite", "--writer", "process", "--write-workers", "1"], capsys)
+    assert code == 0, err
+    assert not (eye / "probabilities").exists() and (eye / "report.png").is_file()
+    assert all(np.array_equal(np.asarray(Image.open(eye / "masks" / name)), mask) for name, mask in masks.items())
+
+
 def _overlay_reference(image, mask, labels, alpha=0.45):
     """``overlay`` as it was written first (whole-image float64 blend, scipy erosion), the yardstick of the fast one."""
     from scipy import ndimage
 
-    from octsam.evaluation.plots import class_color
+    from octsam.colors import class_color
 
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
     out = rgb.astype(np.float64)

@@ -1,17 +1,16 @@
-"""octsam.evaluation.plots: fixed colours, overlays, and every figure written as a non-empty PNG of the expected size."""
+"""octsam.colors and octsam.evaluation.plots: fixed colours, overlays, and every figure written as a non-empty PNG of the expected size."""
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from octsam.colors import class_color, overlay
 from octsam.errors import OctSamError
 from octsam.evaluation.metrics import evaluate_predictions
 from octsam.evaluation.plots import (
     choose_cases,
-    class_color,
     legend_handles,
-    overlay,
     plot_confusion_matrix,
     plot_metric_bars,
     plot_qualitative_grid,
@@ -238,7 +237,7 @@ def test_confusion_matrix(tmp_path):
 
 
 def test_colours_follow_the_label_name_and_stay_distinct():
-    from octsam.evaluation.plots import class_colors
+    from octsam.colors import class_colors
 
     amd = class_colors(["background", "drusen", "scar", "fluid"])
     duke = class_colors(["background", "fluid"])
@@ -253,3 +252,23 @@ def test_colours_follow_the_label_name_and_stay_distinct():
         for j in range(i + 1, len(many))
     ]
     assert len(set(many)) == len(many) and min(distances) > 60
+
+
+def test_one_colour_scheme_for_every_output():
+    """Overlays, the eye report, the app and the cards colour a class alike (by label name, from octsam.colors), and
+    none of them imports the evaluation figures for it."""
+    import ast
+    from pathlib import Path
+
+    import octsam
+    from octsam.colors import class_colors
+    from octsam.volumes.report import label_colours
+
+    labels = ["background", "IRF", "fluid", "drusen", "my lesion"]
+    rgb = class_colors(labels)
+    assert label_colours(labels) == [tuple(c / 255 for c in rgb[k]) for k in range(1, len(labels))]
+    assert label_colours(["background", "fluid"]) == [(0.0, 0.0, 1.0)]  # fluid is blue in the eye report too
+    root = Path(octsam.__file__).parent
+    for path in [*root.glob("infer/*.py"), *root.glob("app/*.py"), *root.glob("volumes/*.py"), root / "cards.py"]:
+        imported = [n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)]
+        assert not any((m or "").startswith("octsam.evaluation") for m in imported), path

@@ -511,20 +511,6 @@ def test_malformed_adapters_give_one_message(change, adapter, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_banded_overlay_equals_whole_image_overlay(monkeypatch):
-    from octsam.evaluation import plots
-
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (57, 33), dtype=np.uint8)
-    mask = np.zeros((57, 33), np.uint8)
-    mask[5:40, 3:20] = 1
-    mask[30:56, 15:33] = 2
-    mask[0:3, :] = 255
-    whole = plots.overlay(image, mask, TINY_LABELS)
-    monkeypatch.setattr(plots, "OVERLAY_BAND_PIXELS", 33 * 4)  # bands of 4 rows
-    assert np.array_equal(plots.overlay(image, mask, TINY_LABELS), whole)
-
-
 # ------------------------------------------------------------------------------------------------ 10-11
 def test_silent_acceptances_are_said(small_dataset, tiny_base, finished_run, tmp_path, capsys, caplog):
     import logging

@@ -583,19 +583,20 @@ def test_dataset_builder_duke_mat_and_retouch(tmp_path):
     assert not out3.exists()
 
 
-def test_segment_volume_files_and_evaluate_volumes(tmp_path):
-    from octsam.volumes.segment import evaluate_volumes, segment_volume_files
+def test_volume_outputs_and_evaluate_volumes(tmp_path):
+    """What inference.py writes per eye, from the pieces it uses (octsam.infer.volumes), and evaluate_volumes."""
+    from octsam.volumes.segment import check_unique_folders, evaluate_volumes
 
     frames = np.full((4, 24, 32), 40, np.uint8)
     frames[1:3, 5:9, 10:20] = 230
     dcm = write_oct_dicom(tmp_path / "oct.dcm", frames)
-    folders = segment_volume_files(ThresholdSegmenter(), [dcm], tmp_path / "out")
-    report = json.loads((folders[0] / "report.json").read_text())
+    (volume,) = read_volume(dcm)
+    folder = write_volume_outputs(segment_volume(ThresholdSegmenter(), volume), tmp_path / "out")
+    report = json.loads((folder / "report.json").read_text())
     assert report["volume_mm3"]["fluid"] == pytest.approx(80 * 0.0039 * 0.0117 * 0.047, abs=1e-6)
-    assert "volume centre" in report["fovea"]["method"] and (folders[0] / "report.png").is_file()  # no localizer
+    assert "volume centre" in report["fovea"]["method"] and (folder / "report.png").is_file()  # no localizer
     with pytest.raises(OctSamError, match="two volumes would be written"):
-        segment_volume_files(ThresholdSegmenter(), [dcm, dcm], tmp_path / "out2")
-    assert not (tmp_path / "out2").exists()
+        check_unique_folders([volume, *read_volume(dcm)])
 
     paths = [write_duke_mat(tmp_path / f"Subject_0{s}.mat", annotated=(1, 2))[0] for s in (1, 2, 3)]
 

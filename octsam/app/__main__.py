@@ -24,7 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="where to run (default auto)"
+    )
     p.add_argument(
         "--open",
         nargs="+",
@@ -53,8 +55,9 @@ def load(args: argparse.Namespace):
     """Load the adapters and the dataset split; OctSamError with a clear message when something is wrong."""
     from octsam.app.loading import dataset_scans, open_local
     from octsam.app.ui import AppConfig
-    from octsam.segmenter import Segmenter
+    from octsam.segmenter import Segmenter, resolve_device
 
+    resolve_device(args.device)  # --device cuda without a GPU: refused before any adapter is loaded
     adapters = {}
     for name in args.adapter:
         adapters[name] = Segmenter.from_pretrained(name, device=args.device)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from octsam.colors import class_color, overlay
 from octsam.errors import OctSamError
-from octsam.evaluation.plots import class_color, overlay
 from octsam.segmenter import Prompt, Segmenter
 
 MAX_UNDO = 50

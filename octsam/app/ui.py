@@ -23,8 +23,8 @@ import numpy as np
 
 from octsam.app.loading import open_uploads
 from octsam.app.session import TOOLS, Scan, Session
+from octsam.colors import class_color
 from octsam.errors import OctSamError
-from octsam.evaluation.plots import class_color
 from octsam.segmenter import Segmenter
 
 logger = logging.getLogger("octsam.app")

@@ -46,6 +46,7 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
     from dataset_builder.synthetic import build_synthetic
     from octsam.config import parse_config
     from octsam.evaluation.compare import run_comparison
+    from octsam.training.checkpoint import BEST_ADAPTER_DIR
     from octsam.training.loop import train
 
     start = time.time()
@@ -57,17 +58,15 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
     common = ["--dataset", str(data), *extra]
 
     print("[2/4] fine-tuning pretrained LiteMedSAM with LoRA (automatic mode)")
-    sam_args = parse_config(["--config", str(CONFIGS / "demo.yaml"), *common, "--output-dir", str(out / "sam_lora")])
+    sam_args = parse_config(["--config", str(CONFIGS / "demo.yaml"), *common, "--output", str(out / "sam_lora")])
     train(*sam_args)
-    adapters = {"LiteMedSAM + LoRA": str(out / "sam_lora" / "best_adapter")}
+    adapters = {"LiteMedSAM + LoRA": str(out / "sam_lora" / BEST_ADAPTER_DIR)}
     histories = {"LiteMedSAM + LoRA": _history(out / "sam_lora")}
     if unet:
         print("[3/4] training the U-Net baseline (same data, splits, augmentation, loss and metrics)")
-        unet_args = parse_config(
-            ["--config", str(CONFIGS / "demo_unet.yaml"), *common, "--output-dir", str(out / "unet")]
-        )
+        unet_args = parse_config(["--config", str(CONFIGS / "demo_unet.yaml"), *common, "--output", str(out / "unet")])
         train(*unet_args)
-        adapters["U-Net"] = str(out / "unet" / "best_adapter")
+        adapters["U-Net"] = str(out / "unet" / BEST_ADAPTER_DIR)
         histories["U-Net"] = _history(out / "unet")
 
     print("[4/4] evaluating zero-shot LiteMedSAM, LiteMedSAM + LoRA and U-Net on the test split")
@@ -87,12 +86,9 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
 
 
 def _history(run_dir: Path) -> list[dict]:
-    import json
+    from octsam.training.checkpoint import run_history
 
-    from octsam.training.loop import CHECKPOINT_DIR, list_checkpoints
-
-    ckpts = list_checkpoints(run_dir / CHECKPOINT_DIR)
-    return json.loads((ckpts[-1] / "trainer_state.json").read_text())["history"] if ckpts else []
+    return run_history(run_dir) or []
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Results folder (never replaced without --overwrite).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty --output folder.")
     p.add_argument("--method", action="append", default=[], choices=[ZERO_SHOT],
-                   help="Also evaluate the zero-shot SAM baseline (ground-truth boxes, best of 3 masks).")  # fmt: skip
+                   help="Also evaluate the zero-shot baseline (the base with ground-truth boxes, prompted as it was trained).")  # fmt: skip
     p.add_argument("--base-model", default=None, metavar="ID_OR_DIR",
                    help="SAM base for --method zero-shot (default: the base model of the first SAM adapter).")  # fmt: skip
     p.add_argument(
@@ -118,29 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def evaluate_volume_files(args: argparse.Namespace) -> int:
     """``--volumes``: one adapter on annotated volumes; writes volumes.json and volumes_eval.csv under --output."""
     import csv
     import json
-    from pathlib import Path
 
-    from octsam.folders import FolderLock, atomic_folder
+    from octsam.folders import atomic_folder, check_output_folder
     from octsam.segmenter import Segmenter
     from octsam.volumes.segment import evaluate_volumes
 
     if len(args.adapter) != 1:
         raise OctSamError("--volumes evaluates one adapter: give exactly one --adapter.")
     _, adapter = parse_adapter_arg(args.adapter[0])
-    final = Path(args.output)
-    if final.exists() and any(final.iterdir()) and not args.overwrite:
-        raise OctSamError(f"Output folder {final} is not empty; choose another --output or pass --overwrite.")
+    final = check_output_folder(args.output, args.overwrite)  # before the model is loaded; again under the lock
     segmenter = Segmenter.from_pretrained(resolve_adapter(adapter), device=args.device, batch_size=args.batch_size)
     result = evaluate_volumes(segmenter, args.volumes, spacing=args.spacing, grader=args.grader)
-    with FolderLock(final, "evaluation"), atomic_folder(final) as tmp:
+    with atomic_folder(final, lock="evaluation", overwrite=args.overwrite) as tmp:
         (tmp / "volumes.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
         with open(tmp / "volumes_eval.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -158,3 +151,7 @@ def evaluate_volume_files(args: argparse.Namespace) -> int:
         )
     print(f"wrote {final / 'volumes.json'} and volumes_eval.csv")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

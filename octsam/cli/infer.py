@@ -8,7 +8,6 @@ import sys
 from octsam.errors import cli_main
 from octsam.folders import sigterm_as_interrupt
 from octsam.infer.run import run
-from octsam.infer.volumes import run_volumes, wants_volumes
 from octsam.models import ATTENTION_MODES
 from octsam.speed import COMPILE_MIN_SCANS
 
@@ -43,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the adapter.")
     p.add_argument(
         "--base-model",
-        "--base-model",
-        dest="base_model",
         default=None,
         help="Base SAM to use instead of the adapter's (e.g. a local copy of facebook/sam-vit-base for offline use).",
     )
@@ -138,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     try:
         with sigterm_as_interrupt():
-            failed = run_volumes(args) if wants_volumes(args) else run(args)
+            failed = run(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output folder.", file=sys.stderr)
         return 130

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from octsam.evaluation.report import (
     _report,
     ci_note,
 )
-from octsam.folders import FolderLock, atomic_folder
+from octsam.folders import atomic_folder, check_output_folder
 
 logger = logging.getLogger("octsam")
 
@@ -58,14 +59,10 @@ def default_method_name(config) -> str:
 
 def training_history(adapter: str | os.PathLike) -> list[dict] | None:
     """The per-epoch history of the run that wrote ``RUN/best_adapter`` (from ``RUN/checkpoints/*/trainer_state``)."""
+    from octsam.training.checkpoint import run_history
+
     folder = Path(adapter)
-    states = sorted((folder.parent / "checkpoints").glob("epoch-[0-9][0-9][0-9][0-9]/trainer_state.json"))
-    if not folder.is_dir() or not states:
-        return None
-    try:
-        return json.loads(states[-1].read_text()).get("history") or None
-    except (OSError, json.JSONDecodeError):
-        return None
+    return run_history(folder.parent) if folder.is_dir() else None
 
 
 def _slug(name: str) -> str:
@@ -114,7 +111,7 @@ def run_comparison(
     ``adapters`` maps a method name (the row name in the tables, e.g. "LoRA", "U-Net") to an adapter folder or Hub
     repo; SAM adapters trained in automatic mode run without prompts, prompted-mode ones with one ground-truth box per
     class instance. ``zero_shot_base`` (a SAM base id or folder) adds the zero-shot row: that base with no adapter, the
-    same boxes, best of SAM's 3 masks by predicted IoU. ``training_histories`` maps method names to per-epoch dicts
+    same boxes, prompted as the base was trained (``octsam.protocol.zero_shot_rule``). ``training_histories`` maps method names to per-epoch dicts
     (the training loop's ``history``); histories found next to ``RUN/best_adapter`` folders are used otherwise.
     ``rank_by`` names the method whose per-image Dice picks the best, median and worst B-scans of the qualitative
     grid (default: the first automatic-mode SAM adapter, else the first adapter). ``figure_dpi`` sets the
@@ -130,11 +127,7 @@ def run_comparison(
         raise OctSamError("Nothing to evaluate: give at least one adapter (--adapter) or the zero-shot baseline.")
     if ZERO_SHOT in adapters:
         raise OctSamError(f"The method name {ZERO_SHOT!r} is reserved for the zero-shot baseline; rename the adapter.")
-    final = Path(output_dir).expanduser()
-    if final.exists() and not final.is_dir():
-        raise OctSamError(f"--output {final} is a file; give a folder.")
-    if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise OctSamError(f"Output folder {final} is not empty; choose another --output or pass --overwrite.")
+    final = check_output_folder(output_dir, overwrite)  # before any work; again under the lock
 
     dataset_dict, labels = load_oct_dataset(dataset, revision=dataset_revision)
     if split not in dataset_dict or len(dataset_dict[split]) == 0:
@@ -167,11 +160,12 @@ def run_comparison(
     if rank_by not in [m[0] for m in methods]:
         raise OctSamError(f"rank_by={rank_by!r} is not one of the methods {[m[0] for m in methods]}.")
 
-    with FolderLock(final, "evaluation"), atomic_folder(final) as tmp:
-        summary = _evaluate_and_write(
-            methods, data, labels, tmp, dataset, split, pixel_spacing_mm, n_bootstrap, seed, histories, device,
-            batch_size, figure_dpi, rank_by,
-        )  # fmt: skip
+    comparison = Comparison(
+        methods, data, labels, str(dataset), split, pixel_spacing_mm, n_bootstrap, seed, histories, device,
+        batch_size, figure_dpi, rank_by,
+    )  # fmt: skip
+    with atomic_folder(final, lock="evaluation", overwrite=overwrite) as tmp:
+        summary = _evaluate_and_write(comparison, tmp)
     summary["output_dir"] = str(final)
     if verbose:
         print(summary["text_table"])
@@ -179,52 +173,95 @@ def run_comparison(
     return summary
 
 
-def _evaluate_and_write(
-    methods,
-    data,
-    labels,
-    out: Path,
-    dataset,
-    split,
-    spacing,
-    n_bootstrap,
-    seed,
-    histories,
-    device,
-    batch_size,
-    dpi,
-    rank_by,
-) -> dict[str, Any]:
-    import pandas as pd
+@dataclass
+class Comparison:
+    """One comparison, checked and ready to run: the methods (name, kind, adapter folder or base id) on ``data``
+    (the split), and how to evaluate and draw them."""
 
+    methods: list[tuple[str, str, Any]]
+    data: Any  # the datasets split
+    labels: list[str]
+    dataset: str
+    split: str
+    spacing: tuple[float, float] | None
+    n_bootstrap: int
+    seed: int
+    histories: dict[str, list]
+    device: str
+    batch_size: int
+    dpi: int
+    rank_by: str
+
+
+def _evaluate_and_write(comparison: Comparison, out: Path) -> dict[str, Any]:
+    """Evaluate every method and write its tables, the comparison tables, figures, comparison.json and report.md."""
     from octsam.evaluation.metrics import PUBLICATION_COLUMNS
-    from octsam.evaluation.plots import (
-        plot_confusion_matrix,
-        plot_metric_bars,
-        plot_qualitative_grid,
-        plot_training_curves,
-    )
-    from octsam.evaluation.predict import evaluate_model, evaluate_zero_shot
-    from octsam.evaluation.report import comparison_table, write_publication_csv
 
-    kwargs = dict(pixel_spacing_mm=spacing, n_bootstrap=n_bootstrap, seed=seed)
+    results, seconds = _evaluate_methods(comparison, out)
+    files = _write_tables(comparison, results, out)
+    figures = _draw_figures(comparison, results, out)
+    settings = next(iter(results.values())).settings
+    n_patients, n_images = int(settings["n_patients"]), int(settings["n_images"])
+    text_table = _headline_table(results, comparison.labels)
+    summary: dict[str, Any] = {
+        "dataset": comparison.dataset,
+        "split": comparison.split,
+        "labels": list(comparison.labels),
+        "n_images": n_images,
+        "n_patients": n_patients,
+        "n_bootstrap": comparison.n_bootstrap,
+        "seed": comparison.seed,
+        "pixel_spacing_mm": list(comparison.spacing) if comparison.spacing else None,
+        "headline_classes": settings.get("headline_classes"),
+        "methods": {},
+        "files": files,
+        "figures": figures,
+        "ci_note": ci_note(n_patients, n_images, comparison.n_bootstrap),
+        "text_table": text_table,
+        "publication_columns": list(PUBLICATION_COLUMNS),
+    }
+    for (name, kind, source), result in zip(comparison.methods, results.values()):
+        entry = result.to_dict()
+        entry.update(kind=kind, source=str(source), seconds=seconds[name])
+        summary["methods"][name] = entry
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["qualitative_grid_ranked_by"] = comparison.rank_by
+    report = _report(summary, comparison.methods, text_table, _class_table(results), figures, comparison.histories)
+    (out / "report.md").write_text(report)
+    return summary
+
+
+def _evaluate_methods(comparison: Comparison, out: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """Every method on the same B-scans; each method's own tables written as soon as it is done."""
+    from octsam.evaluation.predict import evaluate_model, evaluate_zero_shot
+    from octsam.evaluation.report import write_results
+
+    c = comparison
+    kwargs = dict(pixel_spacing_mm=c.spacing, n_bootstrap=c.n_bootstrap, seed=c.seed)
     results, seconds = {}, {}
-    for name, kind, source in methods:
-        logger.info(f"evaluating {name} on {len(data)} B-scans of the {split} split")
+    for name, kind, source in c.methods:
+        logger.info(f"evaluating {name} on {len(c.data)} B-scans of the {c.split} split")
         start = time.perf_counter()
         if kind == "zero-shot":
-            result = evaluate_zero_shot(source, data, labels, None, device=device, batch_size=batch_size, **kwargs)
+            result = evaluate_zero_shot(source, c.data, c.labels, None, device=c.device, batch_size=c.batch_size,
+                                        **kwargs)  # fmt: skip
         else:
-            result = evaluate_model(source, data, labels, None, method=name, device=device, batch_size=batch_size,
-                                    **kwargs)  # fmt: skip
+            result = evaluate_model(source, c.data, c.labels, None, method=name, device=c.device,
+                                    batch_size=c.batch_size, **kwargs)  # fmt: skip
         seconds[name] = round(time.perf_counter() - start, 2)
-        from octsam.evaluation.report import write_results
-
         write_results(result, out, name)
         results[name] = result
+    return results, seconds
+
+
+def _write_tables(comparison: Comparison, results: dict[str, Any], out: Path) -> dict[str, str]:
+    """The publication-format CSVs (SAM methods present), comparison.csv and per_class.csv; their file names."""
+    import pandas as pd
+
+    from octsam.evaluation.report import comparison_table, write_publication_csv
 
     files: dict[str, str] = {}
-    if any(kind != "unet" for _, kind, _ in methods):  # the publication's SAM table; a U-Net alone has none
+    if any(kind != "unet" for _, kind, _ in comparison.methods):  # the publication's SAM table; a U-Net alone has none
         publication_rows = {n: (r.headline["mean_iou"], r.headline["mean_dice"]) for n, r in results.items()}
         files["publication_csv"] = write_publication_csv(publication_rows, out / PUBLICATION_CSV).name
         publication_bg = {n: (r.headline["mean_iou_with_background"], r.headline["mean_dice_with_background"])
@@ -239,66 +276,47 @@ def _evaluate_and_write(
     per_class = per_class[["method", *[c for c in per_class.columns if c != "method"]]]
     per_class.to_csv(out / "per_class.csv", index=False, float_format="%.6g")
     files["per_class_csv"] = "per_class.csv"
+    return files
 
-    # Figures.
+
+def _draw_figures(comparison: Comparison, results: dict[str, Any], out: Path) -> dict[str, str]:
+    """Metric bars, the qualitative grid, a confusion matrix per method and training curves; their file names."""
+    from octsam.evaluation.plots import (
+        plot_confusion_matrix,
+        plot_metric_bars,
+        plot_qualitative_grid,
+        plot_training_curves,
+    )
+
+    c = comparison
     figures: dict[str, str] = {}
     figures["metric_bars"] = plot_metric_bars(
         results,
         out / "metric_bars.png",
-        title=f"IoU and Dice per class, {split} split\n(error bars: 95% CI, bootstrap over patients)",
-        dpi=dpi,
+        title=f"IoU and Dice per class, {c.split} split\n(error bars: 95% CI, bootstrap over patients)",
+        dpi=c.dpi,
     ).name
     figures["qualitative_grid"] = plot_qualitative_grid(
-        _LazyColumn(data, "image"),
-        _LazyColumn(data, "mask"),
+        _LazyColumn(c.data, "image"),
+        _LazyColumn(c.data, "mask"),
         {n: r.predictions for n, r in results.items()},
-        labels,
+        c.labels,
         out / "qualitative_grid.png",
         scores={n: r.image_scores("dice") for n, r in results.items()},
-        rank_by=rank_by,
-        scan_ids=[str(s) for s in data["scan_id"]],
-        dpi=dpi,
+        rank_by=c.rank_by,
+        scan_ids=[str(s) for s in c.data["scan_id"]],
+        dpi=c.dpi,
     ).name
     for name, result in results.items():
         figures[f"confusion {name}"] = plot_confusion_matrix(
-            result.confusion, labels, out / f"confusion_{_slug(name)}.png",
-            title=f"{name}: pixel confusion on {split} (row-normalised)", dpi=dpi,
+            result.confusion, c.labels, out / f"confusion_{_slug(name)}.png",
+            title=f"{name}: pixel confusion on {c.split} (row-normalised)", dpi=c.dpi,
         ).name  # fmt: skip
-    for name, history in histories.items():
+    for name, history in c.histories.items():
         figures[f"training curves {name}"] = plot_training_curves(
-            history, out / f"training_curves_{_slug(name)}.png", class_names=labels, dpi=dpi
+            history, out / f"training_curves_{_slug(name)}.png", class_names=c.labels, dpi=c.dpi
         ).name
-
-    settings = next(iter(results.values())).settings
-    n_patients, n_images = int(settings["n_patients"]), int(settings["n_images"])
-    note = ci_note(n_patients, n_images, n_bootstrap)
-    text_table = _headline_table(results, labels)
-    class_table = _class_table(results)
-    summary: dict[str, Any] = {
-        "dataset": str(dataset),
-        "split": split,
-        "labels": list(labels),
-        "n_images": n_images,
-        "n_patients": n_patients,
-        "n_bootstrap": n_bootstrap,
-        "seed": seed,
-        "pixel_spacing_mm": list(spacing) if spacing else None,
-        "headline_classes": settings.get("headline_classes"),
-        "methods": {},
-        "files": files,
-        "figures": figures,
-        "ci_note": note,
-        "text_table": text_table,
-        "publication_columns": list(PUBLICATION_COLUMNS),
-    }
-    for (name, kind, source), result in zip(methods, results.values()):
-        entry = result.to_dict()
-        entry.update(kind=kind, source=str(source), seconds=seconds[name])
-        summary["methods"][name] = entry
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
-    summary["qualitative_grid_ranked_by"] = rank_by
-    (out / "report.md").write_text(_report(summary, methods, text_table, class_table, figures, histories))
-    return summary
+    return figures
 
 
 def _default_rank_by(methods) -> str:

@@ -1,6 +1,6 @@
 """Segmentation metrics for OCT B-scans: MONAI Dice/IoU/HD95, areas, detection, patient-bootstrap CIs.
 
-The protocol (README, "Evaluation protocol"; the text written into report.md is ``report.PROTOCOL``):
+The protocol (its text, which report.md, the model cards and the README use, is written once in ``octsam.protocol``):
 
 - Dice and IoU per foreground class per B-scan, averaged over B-scans, plus the pooled-pixel (global) value.
 - Ignore label 255: those pixels count neither in the prediction nor in the truth.
@@ -30,17 +30,10 @@ from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 
 from octsam.data.contract import IGNORE_INDEX
 from octsam.errors import OctSamError
+from octsam.protocol import CI_RULE, HEADLINE_RULE  # noqa: F401 (re-exported: report and callers use them)
 
 HEADLINE_KEYS = ("mean_iou", "mean_dice", "mean_iou_with_background", "mean_dice_with_background")
 PUBLICATION_COLUMNS = ("Method", "Mean_IoU", "Mean_Dice")
-HEADLINE_RULE = (
-    "Mean Dice / IoU average the per-class means over the classes present in the reference masks of the evaluated "
-    "split, the same classes for every method; a class no reference holds is listed per class but enters no mean."
-)
-CI_RULE = (
-    "Intervals are 95% percentile bootstrap intervals over patients; a class scored on B-scans of fewer than two "
-    "patients gets none (n/a)."
-)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -382,7 +375,6 @@ def evaluate_predictions(
     fewer than two patients gets no interval (``CI_RULE``).
     """
     labels = _check_labels(labels)
-    num_labels = len(labels)
     n_images = len(predictions)
     if n_images == 0:
         raise OctSamError("evaluate_predictions: no predictions given")
@@ -398,10 +390,59 @@ def evaluate_predictions(
         raise OctSamError(f"confidence must be in (0, 1), got {confidence}")
     spacings = _check_spacing(pixel_spacing_mm, n_images)
 
+    scored = _score_images(predictions, references, labels, scan_ids, ignore_index, spacings)
+    boot = _Bootstrap.over(patient_ids, n_bootstrap, seed, confidence)
+    rows, replicates = _class_rows(scored, boot, spacings)
+    per_class = pd.DataFrame({"class_index": np.arange(1, len(labels)), "class_name": labels[1:]})
+    for key, values in rows.items():
+        per_class[key] = values[1:]
+    per_class["n_images"] = n_images
+    per_class["n_patients"] = boot.n_patients
+    headline, headline_ci, headline_classes = _headline(rows, replicates, scored.per["area_true"], labels, boot)
+    present_true = scored.per["area_true"] >= detection_min_pixels
+    present_pred = scored.per["area_pred"] >= detection_min_pixels
+    settings = {
+        "n_images": n_images,
+        "n_patients": boot.n_patients,
+        "bootstrap_unit": "patient" if given_patients else "image (no patient ids given)",
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+        "confidence": confidence,
+        "ignore_index": ignore_index,
+        "pixel_spacing_mm": _spacing_setting(spacings),
+        "detection_min_pixels": detection_min_pixels,
+        "headline_classes": headline_classes,
+        "headline_rule": HEADLINE_RULE,
+        "ci_rule": CI_RULE,
+    }
+    return EvaluationResult(
+        labels=labels,
+        per_image=_per_image_table(scored.per, labels, scan_ids, patient_ids, spacings, present_true, present_pred),
+        per_class=per_class,
+        detection=_detection_table(present_true, present_pred, labels, n_images),
+        confusion=scored.confusion.numpy(),
+        headline=headline,
+        headline_ci=headline_ci,
+        settings=settings,
+    )
+
+
+@dataclass
+class _Scored:
+    """Per-B-scan results: ``per[field]`` (N, K+1) arrays, the summed pixel confusion, MONAI's (tp, fp, tn, fn)
+    per B-scan and class (N, K+1, 4) for pooling."""
+
+    per: dict[str, np.ndarray]
+    confusion: torch.Tensor
+    image_cm: np.ndarray
+
+
+def _score_images(predictions, references, labels, scan_ids, ignore_index, spacings) -> _Scored:
+    num_labels, n_images = len(labels), len(predictions)
     fields = ("dice", "iou", "hd95_px", "hd95_mm", "area_true", "area_pred")
     per: dict[str, np.ndarray] = {k: np.empty((n_images, num_labels)) for k in fields}
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.int64)
-    image_cm = np.empty((n_images, num_labels, 4))  # MONAI's (tp, fp, tn, fn) per B-scan and class, for pooling
+    image_cm = np.empty((n_images, num_labels, 4))
     with _single_torch_thread():
         for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
             name = f"B-scan {scan_ids[i]!r} (index {i})"
@@ -414,79 +455,103 @@ def evaluate_predictions(
             tp = torch.diagonal(cm)
             fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
             image_cm[i] = torch.stack([tp, fp, cm.sum() - tp - fp - fn, fn], dim=-1).numpy()
+    return _Scored(per, confusion, image_cm)
 
-    groups, counts = patient_bootstrap_weights(patient_ids, n_bootstrap, seed)
-    n_patients = counts.shape[1]
-    fg = slice(1, num_labels)
 
-    area_scale = np.array([y * x for y, x in spacings]) if spacings else None
-    area_error = per["area_pred"] - per["area_true"]
+@dataclass
+class _Bootstrap:
+    """Patient-bootstrap resampling of one evaluation (``patient_bootstrap_weights``) and its interval level."""
 
-    def point_and_ci(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    groups: np.ndarray
+    counts: np.ndarray
+    patient_index: np.ndarray  # each B-scan's patient as an integer
+    confidence: float
+
+    @classmethod
+    def over(cls, patient_ids: list[str], n_bootstrap: int, seed: int, confidence: float) -> _Bootstrap:
+        groups, counts = patient_bootstrap_weights(patient_ids, n_bootstrap, seed)
+        patient_index = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
+        return cls(groups, counts, patient_index, confidence)
+
+    @property
+    def n_patients(self) -> int:
+        return self.counts.shape[1]
+
+    def point_and_ci(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-class mean over B-scans (NaN-aware), its interval and the bootstrap replicates."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             point = np.nanmean(values, axis=0)
-        reps = _bootstrap_nanmean(values, groups, counts)
-        low, high = _percentile_ci(reps, confidence)
+        reps = _bootstrap_nanmean(values, self.groups, self.counts)
+        low, high = _percentile_ci(reps, self.confidence)
         return point, low, high, reps
 
+
+def _class_rows(scored: _Scored, boot: _Bootstrap, spacings) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The per-class columns (over all K+1 classes) and the bootstrap replicates of each per-image metric."""
+    per, num_labels = scored.per, scored.per["dice"].shape[1]
     rows: dict[str, np.ndarray] = {}
     replicates: dict[str, np.ndarray] = {}
-    patient_index = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
     metric_arrays = {"dice": per["dice"], "iou": per["iou"], "hd95_px": per["hd95_px"]}
     if spacings:
         metric_arrays["hd95_mm"] = per["hd95_mm"]
     for key, values in metric_arrays.items():
-        point, low, high, reps = point_and_ci(values)
+        point, low, high, reps = boot.point_and_ci(values)
         rows[f"{key}_mean"], rows[f"{key}_ci_low"], rows[f"{key}_ci_high"] = point, low, high
         replicates[key] = reps
         rows[f"{key}_n_images"] = np.isfinite(values).sum(axis=0)
         rows[f"{key}_n_patients"] = np.array(
-            [len(np.unique(patient_index[np.isfinite(values[:, c])])) for c in range(num_labels)]
+            [len(np.unique(boot.patient_index[np.isfinite(values[:, c])])) for c in range(num_labels)]
         )
         few = rows[f"{key}_n_patients"] < 2  # CI_RULE: an interval needs B-scans of at least two patients
         rows[f"{key}_ci_low"][few] = np.nan
         rows[f"{key}_ci_high"][few] = np.nan
+    rows.update(_pooled_rows(scored.image_cm, boot))
+    rows.update(_area_rows(per, boot, spacings))
+    return rows, replicates
 
-    # Pooled-pixel values: sum the counts over B-scans (bootstrap: over resampled patients), then MONAI's formula.
+
+def _pooled_rows(image_cm: np.ndarray, boot: _Bootstrap) -> dict[str, np.ndarray]:
+    """Pooled-pixel values: sum the counts over B-scans (bootstrap: over resampled patients), then MONAI's formula."""
+    rows = {}
     pooled_counts = torch.from_numpy(image_cm.sum(axis=0))
-    boot_counts = torch.from_numpy(np.tensordot(counts, _group_sums(image_cm, groups, n_patients), axes=(1, 0)))
+    group_sums = _group_sums(image_cm, boot.groups, boot.n_patients)
+    boot_counts = torch.from_numpy(np.tensordot(boot.counts, group_sums, axes=(1, 0)))
     for key, monai_name in (("dice", "f1 score"), ("iou", "threat score")):
         rows[f"{key}_pooled"] = compute_confusion_matrix_metric(monai_name, pooled_counts).numpy()
         reps = compute_confusion_matrix_metric(monai_name, boot_counts).numpy()
-        rows[f"{key}_pooled_ci_low"], rows[f"{key}_pooled_ci_high"] = _percentile_ci(reps, confidence)
+        rows[f"{key}_pooled_ci_low"], rows[f"{key}_pooled_ci_high"] = _percentile_ci(reps, boot.confidence)
+    return rows
 
-    rows["area_true_px_mean"] = per["area_true"].mean(axis=0)
-    rows["area_pred_px_mean"] = per["area_pred"].mean(axis=0)
-    rows["area_error_px_mean"] = area_error.mean(axis=0)
-    point, low, high, _ = point_and_ci(np.abs(area_error))
-    rows["area_abs_error_px_mean"], rows["area_abs_error_px_ci_low"], rows["area_abs_error_px_ci_high"] = (
-        point,
-        low,
-        high,
-    )
-    if area_scale is not None:
-        scaled_error = area_error * area_scale[:, None]
-        rows["area_true_mm2_mean"] = (per["area_true"] * area_scale[:, None]).mean(axis=0)
-        rows["area_pred_mm2_mean"] = (per["area_pred"] * area_scale[:, None]).mean(axis=0)
+
+def _area_rows(per: dict[str, np.ndarray], boot: _Bootstrap, spacings) -> dict[str, np.ndarray]:
+    """Mean areas per class and their errors, in pixels and (with a spacing) in mm²."""
+    area_error = per["area_pred"] - per["area_true"]
+    rows = {
+        "area_true_px_mean": per["area_true"].mean(axis=0),
+        "area_pred_px_mean": per["area_pred"].mean(axis=0),
+        "area_error_px_mean": area_error.mean(axis=0),
+    }
+    point, low, high, _ = boot.point_and_ci(np.abs(area_error))
+    rows.update(area_abs_error_px_mean=point, area_abs_error_px_ci_low=low, area_abs_error_px_ci_high=high)
+    if spacings:
+        scale = np.array([y * x for y, x in spacings])[:, None]
+        scaled_error = area_error * scale
+        rows["area_true_mm2_mean"] = (per["area_true"] * scale).mean(axis=0)
+        rows["area_pred_mm2_mean"] = (per["area_pred"] * scale).mean(axis=0)
         rows["area_error_mm2_mean"] = scaled_error.mean(axis=0)
-        point, low, high, _ = point_and_ci(np.abs(scaled_error))
-        rows["area_abs_error_mm2_mean"], rows["area_abs_error_mm2_ci_low"], rows["area_abs_error_mm2_ci_high"] = (
-            point,
-            low,
-            high,
-        )
+        point, low, high, _ = boot.point_and_ci(np.abs(scaled_error))
+        rows.update(area_abs_error_mm2_mean=point, area_abs_error_mm2_ci_low=low, area_abs_error_mm2_ci_high=high)
+    return rows
 
-    per_class = pd.DataFrame({"class_index": np.arange(1, num_labels), "class_name": labels[1:]})
-    for key, values in rows.items():
-        per_class[key] = values[fg]
-    per_class["n_images"] = n_images
-    per_class["n_patients"] = n_patients
 
-    # Headline: mean over classes of per-class per-image means (foreground only; publication-compatible with background).
+def _headline(rows, replicates, area_true: np.ndarray, labels: list[str], boot: _Bootstrap):
+    """Mean over classes of per-class per-image means (foreground only; publication-compatible with background),
+    over the classes some reference holds (``HEADLINE_RULE``), with intervals (``CI_RULE``)."""
+    num_labels = len(labels)
     headline: dict[str, float] = {}
     headline_ci: dict[str, tuple[float, float]] = {}
-    in_truth = (per["area_true"] > 0).any(axis=0)  # HEADLINE_RULE: classes some reference holds
+    in_truth = (area_true > 0).any(axis=0)
     in_truth[0] = True
     headline_classes = [labels[c] for c in range(1, num_labels) if in_truth[c]]
     with warnings.catch_warnings():
@@ -496,14 +561,16 @@ def evaluate_predictions(
                 cls = [c for c in range(first, num_labels) if in_truth[c]]
                 key = f"mean_{metric}{suffix}"
                 headline[key] = float(np.nanmean(rows[f"{metric}_mean"][cls])) if cls else float("nan")
-                low, high = _percentile_ci(np.nanmean(replicates[metric][:, cls], axis=1), confidence)
-                if n_patients < 2:  # CI_RULE
+                low, high = _percentile_ci(np.nanmean(replicates[metric][:, cls], axis=1), boot.confidence)
+                if boot.n_patients < 2:  # CI_RULE
                     low = high = float("nan")
                 headline_ci[key] = (float(low), float(high))
+    return headline, headline_ci, headline_classes
 
-    # Detection table: B-scan-level presence in truth vs prediction, scored with MONAI's confusion-matrix metrics.
-    present_true = per["area_true"] >= detection_min_pixels
-    present_pred = per["area_pred"] >= detection_min_pixels
+
+def _detection_table(present_true, present_pred, labels: list[str], n_images: int) -> pd.DataFrame:
+    """B-scan-level presence in truth vs prediction, scored with MONAI's confusion-matrix metrics."""
+    fg = slice(1, len(labels))
     det = np.stack(
         [
             (present_true & present_pred).sum(0),
@@ -514,15 +581,19 @@ def evaluate_predictions(
         axis=-1,
     ).astype(np.float64)
     det_t = torch.from_numpy(det)
-    detection = pd.DataFrame({"class_index": np.arange(1, num_labels), "class_name": labels[1:]})
+    detection = pd.DataFrame({"class_index": np.arange(1, len(labels)), "class_name": labels[1:]})
     for j, name in enumerate(("tp", "fp", "tn", "fn")):
         detection[name] = det[fg, j].astype(np.int64)
     for name in ("sensitivity", "specificity", "precision"):
         detection[name] = compute_confusion_matrix_metric(name, det_t).numpy()[fg]
     detection["n_images"] = n_images
+    return detection
 
-    # Per-image long table.
-    n_fg = num_labels - 1
+
+def _per_image_table(per, labels, scan_ids, patient_ids, spacings, present_true, present_pred) -> pd.DataFrame:
+    """One row per B-scan and foreground class."""
+    num_labels, n_images = len(labels), per["dice"].shape[0]
+    fg, n_fg = slice(1, num_labels), num_labels - 1
     per_image = pd.DataFrame(
         {
             "image_index": np.repeat(np.arange(n_images), n_fg),
@@ -539,38 +610,14 @@ def evaluate_predictions(
     per_image["area_true_px"] = per["area_true"][:, fg].reshape(-1).astype(np.int64)
     per_image["area_pred_px"] = per["area_pred"][:, fg].reshape(-1).astype(np.int64)
     per_image["area_error_px"] = per_image["area_pred_px"] - per_image["area_true_px"]
-    if area_scale is not None:
-        scale = np.repeat(area_scale, n_fg)
+    if spacings:
+        scale = np.repeat(np.array([y * x for y, x in spacings]), n_fg)
         per_image["area_true_mm2"] = per_image["area_true_px"] * scale
         per_image["area_pred_mm2"] = per_image["area_pred_px"] * scale
         per_image["area_error_mm2"] = per_image["area_error_px"] * scale
     per_image["present_true"] = present_true[:, fg].reshape(-1)
     per_image["present_pred"] = present_pred[:, fg].reshape(-1)
-
-    settings = {
-        "n_images": n_images,
-        "n_patients": n_patients,
-        "bootstrap_unit": "patient" if given_patients else "image (no patient ids given)",
-        "n_bootstrap": n_bootstrap,
-        "seed": seed,
-        "confidence": confidence,
-        "ignore_index": ignore_index,
-        "pixel_spacing_mm": _spacing_setting(spacings),
-        "detection_min_pixels": detection_min_pixels,
-        "headline_classes": headline_classes,
-        "headline_rule": HEADLINE_RULE,
-        "ci_rule": CI_RULE,
-    }
-    return EvaluationResult(
-        labels=labels,
-        per_image=per_image,
-        per_class=per_class,
-        detection=detection,
-        confusion=confusion.numpy(),
-        headline=headline,
-        headline_ci=headline_ci,
-        settings=settings,
-    )
+    return per_image
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 - fine-tuned adapters (SAM + LoRA, or the U-Net baseline) in automatic mode;
 - adapters trained in prompted mode, and the zero-shot baseline, with one exact ground-truth box per class instance
-  (the zero-shot baseline takes the best of SAM's 3 masks by predicted IoU).
+  (the zero-shot baseline is prompted as its base was trained: ``octsam.protocol.zero_shot_rule``).
 """
 
 from __future__ import annotations
@@ -127,16 +127,16 @@ def evaluate_zero_shot(
     model = zero_shot_model(base_model, labels, revision=revision, input_mode=input_mode)
     enable_fast_attention(model)
     segmenter = Segmenter(model, device=_device_name(device), batch_size=batch_size, precision=precision)
-    return evaluate_segmenter(
-        segmenter,
-        split,
-        labels,
-        output_dir,
-        "zero-shot",
-        prompted=True,
-        multimask=zero_shot_multimask(model.config),
-        **kwargs,
+    multimask = zero_shot_multimask(model.config)
+    result = evaluate_segmenter(
+        segmenter, split, labels, None, "zero-shot", prompted=True, multimask=multimask, **kwargs
     )
+    result.settings["zero_shot_multimask"] = multimask  # report.md says how this base was prompted (octsam.protocol)
+    if output_dir is not None:
+        from octsam.evaluation.report import write_results
+
+        write_results(result, output_dir, "zero-shot")
+    return result
 
 
 def _device_name(device) -> str:

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from octsam.errors import OctSamError
-from octsam.evaluation.metrics import CI_RULE, HEADLINE_RULE, PUBLICATION_COLUMNS, EvaluationResult
+from octsam.evaluation.metrics import PUBLICATION_COLUMNS, EvaluationResult
+from octsam.protocol import CI_RULE, HEADLINE_RULE, protocol_text
 
 PUBLICATION_CSV = "sam_lora_performance.csv"
 
@@ -175,21 +176,55 @@ def _class_table(results) -> str:
     return markdown_table(header, rows)
 
 
+def _protocol(summary, kinds: dict[str, str]) -> str:
+    """``octsam.protocol``'s paragraph for this comparison: the zero-shot sentence only with a zero-shot row, and for
+    its base (best of 3 masks or one mask per box, as recorded by ``evaluate_zero_shot``)."""
+    zero_shot = [name for name, kind in kinds.items() if kind == "zero-shot"]
+    multimask = None
+    if zero_shot:
+        multimask = summary["methods"][zero_shot[0]].get("settings", {}).get("zero_shot_multimask")
+    return protocol_text(multimask, zero_shot=bool(zero_shot))
+
+
+METHOD_DESCRIPTIONS = {
+    "zero-shot": "the base with no adapter, ground-truth boxes",
+    "sam": "SAM + LoRA adapter, automatic mode",
+    "prompted": "SAM + LoRA adapter, prompted mode with ground-truth boxes",
+    "unet": "MONAI U-Net baseline",
+}
+
+
 def _report(summary, methods, text_table, class_table, figures, histories) -> str:
+    """report.md: protocol, results, per class, intervals, figures and files of one comparison."""
     kinds = {name: kind for name, kind, _ in methods}
     lines = [
         f"# Evaluation on `{summary['dataset']}` ({summary['split']} split)",
         "",
         f"Protocol: every method segments the same {summary['n_images']} B-scans of {summary['n_patients']} test "
-        "patients, and Dice and IoU are computed per foreground class per B-scan with MONAI, then averaged over "
-        "B-scans (a class absent in both truth and prediction of a B-scan is left out of that class's mean; "
-        "background is not in the headline means; pixels labelled 255 are ignored). "
-        "Zero-shot SAM gets one ground-truth box per class instance and keeps the best of its 3 masks by predicted "
-        "IoU, fine-tuned SAM adapters run in the mode they were trained for (automatic: no prompts; prompted: the "
-        "same boxes), and the U-Net baseline is trained through the same train.py, data, splits, loss and metrics.",
+        f"patients. {_protocol(summary, kinds)} Fine-tuned SAM adapters run in the mode they were trained for "
+        "(automatic: no prompts; prompted: one ground-truth box per class instance), and the U-Net baseline is "
+        "trained through the same train.py, data, splits, loss and metrics.",
         "",
         HEADLINE_RULE + f" Here: {', '.join(summary.get('headline_classes') or []) or 'none'}.",
         "",
+        *_results_section(summary, kinds, text_table),
+        *_per_class_section(summary, kinds, class_table),
+        "## Confidence intervals",
+        "",
+        CI_RULE + " " + summary["ci_note"],
+        "",
+        *_figures_section(summary, figures, histories),
+        *_files_section(summary),
+    ]
+    return "\n".join(lines)
+
+
+def _results_section(summary, kinds: dict[str, str], text_table: str) -> list[str]:
+    methods = "; ".join(
+        f"**{name}**: {METHOD_DESCRIPTIONS.get(kinds[name], kinds[name])} (`{summary['methods'][name]['source']}`)"
+        for name in summary["methods"]
+    )
+    return [
         "## Results",
         "",
         text_table,
@@ -197,43 +232,31 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
         "The publication-compatible columns average the background class in as well; they are shown only to compare with "
         "figures published that way (the original publication's) and are not the headline.",
         "",
-        "Methods: "
-        + "; ".join(
-            f"**{name}**: "
-            + {
-                "zero-shot": "base SAM, no adapter, ground-truth boxes",
-                "sam": "SAM + LoRA adapter, automatic mode",
-                "prompted": "SAM + LoRA adapter, prompted mode with ground-truth boxes",
-                "unet": "MONAI U-Net baseline",
-            }.get(kinds[name], kinds[name])
-            + f" (`{summary['methods'][name]['source']}`)"
-            for name in summary["methods"]
-        )
-        + ".",
+        f"Methods: {methods}.",
         "",
-        "## Per class",
-        "",
-        class_table,
-        "",
+    ]
+
+
+def _per_class_section(summary, kinds: dict[str, str], class_table: str) -> list[str]:
+    notes = (
         "HD95: 95th-percentile Hausdorff distance in pixels, over B-scans where the class is in both truth and "
         "prediction. Detection: B-scans where the class is present (sensitivity) or absent (specificity) in the truth "
         "and the prediction agrees."
-        + (
+    )
+    if "zero-shot" in kinds.values():
+        notes += (
             " Zero-shot detection is not a test of detection: it is given one true box per lesion, so it only "
             "prompts where the class is present and its sensitivity is near 1 by construction."
-            if "zero-shot" in kinds.values()
-            else ""
         )
-        + (
-            f" Pixel spacing {summary['pixel_spacing_mm']} mm (Y, X): HD95 in mm and areas in mm² as given."
-            if summary.get("pixel_spacing_mm")
-            else " No pixel spacing was given: distances and areas are in pixels."
-        ),
-        "",
-        "## Confidence intervals",
-        "",
-        CI_RULE + " " + summary["ci_note"],
-        "",
+    if summary.get("pixel_spacing_mm"):
+        notes += f" Pixel spacing {summary['pixel_spacing_mm']} mm (Y, X): HD95 in mm and areas in mm² as given."
+    else:
+        notes += " No pixel spacing was given: distances and areas are in pixels."
+    return ["## Per class", "", class_table, "", notes, ""]
+
+
+def _figures_section(summary, figures, histories) -> list[str]:
+    lines = [
         "## Figures",
         "",
         "Per-class IoU and Dice with 95% CIs:",
@@ -254,21 +277,21 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
         lines += ["Training curves:", ""]
         lines += [f"![training curves {name}]({figures[f'training curves {name}']})" for name in histories]
         lines.append("")
-    lines += [
+    return lines
+
+
+def _files_section(summary) -> list[str]:
+    publication = [
+        f"- `{PUBLICATION_CSV}`: `Method,Mean_IoU,Mean_Dice` (the original publication's format), foreground "
+        "classes only;",
+        f"- `{PUBLICATION_CSV_WITH_BACKGROUND}`: the same with background averaged in (publication-compatible, "
+        "not the headline);",
+    ]
+    return [
         "## Files",
         "",
-        *(
-            [
-                f"- `{PUBLICATION_CSV}`: `Method,Mean_IoU,Mean_Dice` (the original publication's format), foreground "
-                "classes only;",
-                f"- `{PUBLICATION_CSV_WITH_BACKGROUND}`: the same with background averaged in (publication-compatible, "
-                "not the headline);",
-            ]
-            if "publication_csv" in summary["files"]
-            else []
-        ),
+        *(publication if "publication_csv" in summary["files"] else []),
         "- `comparison.csv`, `per_class.csv`: all methods with CIs; `METHOD_per_image.csv`, `METHOD_detection.csv`, "
         "`METHOD_confusion.csv`, `METHOD_summary.json` per method; `comparison.json`: everything above.",
         "",
     ]
-    return "\n".join(lines)

@@ -1,17 +1,16 @@
-"""What a segmentation run writes: mask PNGs, overlays with a legend, probabilities, ``summary.csv``, in an output
-folder that is swapped into place only when complete."""
+"""What a segmentation run writes per B-scan: mask PNGs, overlays with a legend, probabilities, and ``summary.csv``
+(the run stages its output folder with ``octsam.folders.atomic_folder``)."""
 
 from __future__ import annotations
 
 import csv
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from octsam.errors import OctSamError
-from octsam.folders import remove_stale_staging, staging_path, swap_into_place
-from octsam.infer.inputs import ScanInput
 from octsam.infer.overlay import overlay_with_legend
 
 PNG_LEVEL = 1  # zlib level of written PNGs
@@ -43,35 +42,38 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     path.write_bytes(data.tobytes())
 
 
-def prepare_output(output: str, overwrite: bool) -> tuple[Path, Path]:
-    """Check ``--output`` and make the temporary folder the run writes into (renamed to ``output`` at the end)."""
-    final = Path(output).expanduser()
-    if final.exists() and not final.is_dir():
-        raise OctSamError(f"--output {final} is a file; give a folder.")
-    if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise OctSamError(
-            f"Output folder {final} is not empty; choose another --output or pass --overwrite to replace it."
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(final.parent, final.name)
-    tmp = staging_path(final)
-    tmp.mkdir()
-    return final, tmp
+@dataclass
+class ScanOutput:
+    """One segmented B-scan on its way to a writer: what ``write_scan`` needs, nothing more (picklable)."""
+
+    name: str  # output name (masks/NAME.png)
+    source: str  # where it came from (file path or dataset:split:index)
+    image: np.ndarray  # the B-scan at native size (uint8, (H, W) or (H, W, 3))
+    mask: np.ndarray  # (H, W) uint8 class ids
+    probabilities: np.ndarray | None = None  # (K+1, H, W) float16, with --save-probabilities
 
 
-def commit_output(tmp: Path, final: Path) -> None:
-    """Move the finished temporary folder to ``final`` (replacing an old one, which --overwrite allowed)."""
-    swap_into_place(tmp, final)
+@dataclass(frozen=True)
+class OutputSettings:
+    """What every written B-scan of a run shares."""
+
+    folder: Path  # the run's staging folder
+    labels: list[str]
+    spacing: tuple[float, float] | None = None  # pixel size (y, x) in mm, for areas in mm²
 
 
-def _write_scan(out: Path, scan: ScanInput, image: np.ndarray, result, labels: list[str], spacing) -> dict:
-    mask = result.mask
+def write_probabilities(path: Path, probabilities: np.ndarray, labels: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, probabilities=probabilities, labels=np.array(labels))
+
+
+def write_scan(settings: OutputSettings, scan: ScanOutput) -> dict:
+    """Write a B-scan's mask, overlay and (if any) probabilities; returns its ``summary.csv`` row."""
+    out, labels, spacing, mask = settings.folder, settings.labels, settings.spacing, scan.mask
     _save_png(out / "masks" / f"{scan.name}.png", mask)
-    _save_png(out / "overlays" / f"{scan.name}.png", overlay_with_legend(image, mask, labels))
-    if result.probabilities is not None:
-        path = out / "probabilities" / f"{scan.name}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, probabilities=result.probabilities, labels=np.array(labels))
+    _save_png(out / "overlays" / f"{scan.name}.png", overlay_with_legend(scan.image, mask, labels))
+    if scan.probabilities is not None:
+        write_probabilities(out / "probabilities" / f"{scan.name}.npz", scan.probabilities, labels)
     areas, components = class_areas(mask, len(labels))
     row = {"scan": scan.name, "source": scan.source, "height": mask.shape[0], "width": mask.shape[1]}
     for name, area, count in zip(labels[1:], areas, components):
@@ -89,7 +91,7 @@ def natural_key(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
 
 
-def _write_summary(path: Path, rows: list[dict], failures: list[dict], labels: list[str], spacing) -> None:
+def write_summary(path: Path, rows: list[dict], failures: list[dict], labels: list[str], spacing) -> None:
     """One row per segmented B-scan in natural order of its name, then one per failed B-scan (same order)."""
     rows = sorted(rows, key=lambda r: natural_key(r["scan"]))
     failures = sorted(failures, key=lambda f: natural_key(f["scan"]))

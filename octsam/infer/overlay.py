@@ -2,7 +2,7 @@
 
 Drawn with numpy and PIL, not matplotlib: the legend strip depends only on the labels and the canvas width, so it
 is drawn once per run and reused (one B-scan's overlay took 51 ms through a matplotlib figure, 31 ms of it the
-legend; benchmarks/RESULTS.md). The look is matplotlib's legend as ``octsam.evaluation.plots.add_legend`` drew it
+legend; benchmarks/RESULTS.md). The look is matplotlib's legend as ``octsam.evaluation.plots.add_legend`` draws it
 here before (9 pt DejaVu Sans at 100 dpi, colour patches with a thin black edge, entries filled column by column).
 """
 
@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from octsam.evaluation.plots import class_color, overlay
+from octsam.colors import class_color, overlay
 
 LEGEND_FONT_PX = 12.5  # 9 pt at 100 dpi, as the matplotlib legend had
 _ROW_PITCH = 20  # px between legend rows
@@ -79,7 +79,7 @@ def legend_strip(labels: tuple[str, ...], canvas_w: int, ncol: int, strip_h: int
 
 
 def overlay_with_legend(image: np.ndarray, mask: np.ndarray, labels: list[str]) -> np.ndarray:
-    """``octsam.evaluation.plots.overlay`` at native size with the class legend in a white strip below (RGB uint8).
+    """``octsam.colors.overlay`` at native size with the class legend in a white strip below (RGB uint8).
 
     The top-left H x W pixels are exactly the overlay; the canvas is widened (white) only when the legend needs
     more room than a narrow B-scan gives.

@@ -25,27 +25,55 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import ExitStack
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from octsam.adapter import check_same_labels
 from octsam.data.contract import parse_pixel_spacing
 from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, parse_point, read_prompt_file
 from octsam.errors import OctSamError
-from octsam.folders import FolderLock
+from octsam.folders import atomic_folder
 from octsam.infer.inputs import ScanInput, collect_inputs
-from octsam.infer.outputs import _write_scan, _write_summary, commit_output, prepare_output
+from octsam.infer.outputs import OutputSettings, ScanOutput, write_scan, write_summary
 from octsam.segmenter import device_name, resolve_device
-from octsam.speed import plan_speed
+from octsam.speed import SpeedPlan, plan_speed
 
-#: octsam.models.fast_attention.MODES, repeated so that ``--help`` needs no torch import (a test keeps them equal).
+
+# ------------------------------------------------------------------------------------------------ prompts
+@dataclass
+class Prompting:
+    """The run's prompts: ``--box``/``--point`` for every B-scan plus ``--prompts FILE.json`` per B-scan."""
+
+    cli_specs: list[PromptSpec]
+    file: dict[str, list[PromptSpec]]  # as read from --prompts (keys as written)
+    per_scan: dict[str, list[PromptSpec]] = field(default_factory=dict)  # the file's prompts by output name
+    unmatched: list[str] = field(default_factory=list)  # file keys that match no input B-scan
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Prompting:
+        cli_specs = [parse_box(b) for b in args.box] + [parse_point(p) for p in args.point]
+        return cls(cli_specs, read_prompt_file(args.prompts) if args.prompts else {})
+
+    @property
+    def active(self) -> bool:
+        return bool(self.cli_specs or self.file)
+
+    def all_specs(self) -> list[PromptSpec]:
+        return self.cli_specs + [s for specs in self.file.values() for s in specs]
+
+    def for_scan(self, name: str) -> list[PromptSpec]:
+        return self.cli_specs + self.per_scan.get(name, [])
+
+    def match(self, scans: list[ScanInput]) -> None:
+        """Match the prompt file's keys to scans (output name, file name with suffix, or stem); warn of the rest."""
+        self.per_scan, self.unmatched = _file_prompts(self.file, scans)
+        for key in self.unmatched:
+            print(f"warning: --prompts key {key!r} matches no input B-scan", file=sys.stderr)
 
 
 def _file_prompts(prompt_file: dict[str, list[PromptSpec]], scans: list[ScanInput]) -> tuple[dict, list[str]]:
@@ -65,6 +93,7 @@ def _file_prompts(prompt_file: dict[str, list[PromptSpec]], scans: list[ScanInpu
     return matched, unmatched
 
 
+# ------------------------------------------------------------------------------------------------ workers
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -90,32 +119,6 @@ def _prefetch(pool: Executor, fn: Callable, items: list, ahead: int) -> Iterator
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-def _timings(timings, load_s, compile_s, done, loop_start, loop_end, first_done, first_scans, started) -> dict:
-    """run.json's timings: model load, compilation (the first batch of a compiled run) and B-scans/s end to end,
-    overall and in steady state (after the first batch), besides the work of each stage summed over its threads
-    (read, write) and the main thread's waits for them."""
-    loop_s = loop_end - loop_start
-    steady_s = loop_end - first_done if first_done is not None else 0.0
-    out = {"load_s": round(load_s, 3), "compile_s": None if compile_s is None else round(compile_s, 3)}
-    out.update({k: round(v, 3) for k, v in timings.items()})
-    out.update(
-        {
-            "segment_s": round(loop_s, 3),
-            "total_s": round(time.perf_counter() - started, 3),
-            "predict_s_per_scan": round(timings["predict_s"] / done, 4) if done else None,
-            "read_s_per_scan": round(timings["read_s"] / done, 4) if done else None,
-            "write_s_per_scan": round(timings["write_s"] / done, 4) if done else None,
-            "read_cpu_s_per_scan": round(timings["read_cpu_s"] / done, 4) if done else None,
-            "write_cpu_s_per_scan": round(timings["write_cpu_s"] / done, 4) if done else None,
-            "scans_per_s": round(done / loop_s, 3) if done and loop_s > 0 else None,
-            "steady_scans_per_s": round((done - first_scans) / steady_s, 3)
-            if done > first_scans and steady_s > 0
-            else None,
-        }
-    )
-    return out
 
 
 def start_writers(kind: str, workers: int, device_type: str) -> Executor:
@@ -149,16 +152,11 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
     return pool
 
 
-def write_one(out: Path, name: str, source: str, image, mask, probabilities, labels, spacing) -> tuple[dict, float]:
+def write_one(settings: OutputSettings, scan: ScanOutput) -> tuple[dict, tuple[float, float]]:
     """Write one B-scan's outputs (a writer thread or process); returns its summary row and (wall, CPU) seconds."""
     t, cpu = time.perf_counter(), time.thread_time()
-    row = _write_scan(out, ScanInput(name, source, None), image, _Result(mask, probabilities), labels, spacing)
+    row = write_scan(settings, scan)
     return row, (time.perf_counter() - t, time.thread_time() - cpu)
-
-
-class _Result(NamedTuple):
-    mask: object
-    probabilities: object
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -166,38 +164,181 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def run(args: argparse.Namespace) -> int:
-    """Segment every input; returns the number of B-scans that failed."""
-    import torch
-    from tqdm.auto import tqdm
+# ------------------------------------------------------------------------------------------------ timings
+@dataclass
+class Timings:
+    """run.json's timings: model load, compilation (the first batch of a compiled run) and B-scans/s end to end,
+    overall and in steady state (after the first batch), besides the work of each stage summed over its threads
+    (read, write) and the main thread's waits for them."""
 
-    from octsam import __version__
-    from octsam.adapter import resolve_adapter
-    from octsam.segmenter import Segmenter
+    started: float
+    load_s: float = 0.0
+    compile_s: float | None = None
+    read_s: float = 0.0
+    predict_s: float = 0.0
+    write_s: float = 0.0
+    wait_read_s: float = 0.0
+    wait_write_s: float = 0.0
+    read_cpu_s: float = 0.0
+    write_cpu_s: float = 0.0
+    loop_start: float = 0.0
+    loop_end: float = 0.0
+    first_done: float | None = None
+    first_scans: int = 0
 
-    started = time.perf_counter()
+    def add_read(self, seconds: tuple[float, float]) -> None:
+        self.read_s += seconds[0]
+        self.read_cpu_s += seconds[1]
+
+    def add_write(self, seconds: tuple[float, float]) -> None:
+        self.write_s += seconds[0]
+        self.write_cpu_s += seconds[1]
+
+    def first_batch(self, seconds: float, scans: int, compiled: bool, quiet: bool) -> None:
+        if self.first_done is not None:
+            return
+        self.first_done, self.first_scans = time.perf_counter(), scans
+        if compiled:
+            self.compile_s = seconds
+            if not quiet:
+                print(f"torch.compile: first batch took {seconds:.1f} s (compilation)", file=sys.stderr)
+
+    def record(self, done: int) -> dict:
+        loop_s = self.loop_end - self.loop_start
+        steady_s = self.loop_end - self.first_done if self.first_done is not None else 0.0
+        out = {
+            "load_s": round(self.load_s, 3),
+            "compile_s": None if self.compile_s is None else round(self.compile_s, 3),
+        }
+        stages = ("read_s", "predict_s", "write_s", "wait_read_s", "wait_write_s", "read_cpu_s", "write_cpu_s")
+        out.update({k: round(getattr(self, k), 3) for k in stages})
+
+        def per_scan(seconds: float) -> float | None:
+            return round(seconds / done, 4) if done else None
+
+        out.update(
+            {
+                "segment_s": round(loop_s, 3),
+                "total_s": round(time.perf_counter() - self.started, 3),
+                "predict_s_per_scan": per_scan(self.predict_s),
+                "read_s_per_scan": per_scan(self.read_s),
+                "write_s_per_scan": per_scan(self.write_s),
+                "read_cpu_s_per_scan": per_scan(self.read_cpu_s),
+                "write_cpu_s_per_scan": per_scan(self.write_cpu_s),
+                "scans_per_s": round(done / loop_s, 3) if done and loop_s > 0 else None,
+                "steady_scans_per_s": round((done - self.first_scans) / steady_s, 3)
+                if done > self.first_scans and steady_s > 0
+                else None,
+            }
+        )
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class InferenceRun:
+    """What one run of ``inference.py`` shares between its steps (B-scan files, a dataset split or OCT volumes)."""
+
+    args: argparse.Namespace
+    final: Path
+    tmp: Path
+    timings: Timings
+    writers: Executor
+    write_workers: int
+    folder: Path  # the adapter folder, resolved once (a Hub id is downloaded here)
+    plan: SpeedPlan
+    segmenter: object  # octsam.segmenter.Segmenter
+    batch_size: int
+
+    @property
+    def labels(self) -> list[str]:
+        return self.segmenter.labels
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Counts that must be positive, before anything is read or loaded."""
     if args.batch_size is not None and args.batch_size < 1:
         raise OctSamError(f"--batch-size must be at least 1, got {args.batch_size}.")
     for name in ("read_workers", "write_workers"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise OctSamError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    spacing = parse_pixel_spacing(args.pixel_spacing_mm)
-    cli_specs = [parse_box(b) for b in args.box] + [parse_point(p) for p in args.point]
-    prompt_file = read_prompt_file(args.prompts) if args.prompts else {}
-    lock = FolderLock(Path(args.output).expanduser(), "inference").acquire()  # one run per --output
-    try:
-        final, tmp = prepare_output(args.output, args.overwrite)
-    except BaseException:
-        lock.release()
-        raise
-    stack = ExitStack()  # the writer pool, shut down however the run ends
-    try:
-        scans = collect_inputs(args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp])
-        file_specs, unmatched = _file_prompts(prompt_file, scans)
-        for key in unmatched:
-            print(f"warning: --prompts key {key!r} matches no input B-scan", file=sys.stderr)
-        prompted = bool(cli_specs or prompt_file)
 
+
+def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
+    """Resolve the adapter once and load it with the speed plan of this device and run size; returns
+    (adapter folder, plan, segmenter, seconds)."""
+    from octsam.adapter import resolve_adapter
+    from octsam.segmenter import Segmenter
+
+    t0 = time.perf_counter()
+    folder = resolve_adapter(args.adapter, revision=args.revision)
+    plan = plan_speed(
+        device_type,
+        "infer",
+        fast_attention=not args.no_fast_attention,
+        attention_mode=args.attention_mode,
+        compile=args.compile,
+        num_scans=num_scans,
+    )
+    segmenter = Segmenter.from_pretrained(
+        folder,
+        revision=args.revision,
+        device=args.device,
+        merge=not args.no_merge,
+        base_model=args.base_model,
+        fast_attention=plan.attention or False,
+        compile=plan.compile,
+        precision=getattr(args, "precision", "auto"),
+    )
+    segmenter.batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
+    if not args.quiet and segmenter.compiled:
+        print(f"torch.compile: on ({plan.why}); the first batch compiles", file=sys.stderr)
+    return folder, plan, segmenter, time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment every input (B-scan files, a dataset split, or OCT volumes); returns the number of B-scans that
+    failed. The output folder is locked, staged and swapped into place when complete."""
+    from octsam.infer.volumes import check_volume_arguments, read_volumes, segment_volumes, wants_volumes
+
+    started = time.perf_counter()
+    check_arguments(args)
+    volumes = wants_volumes(args)
+    if volumes:
+        check_volume_arguments(args)
+    spacing = None if volumes else parse_pixel_spacing(args.pixel_spacing_mm)
+    prompting = Prompting.from_args(args)
+    final = Path(args.output).expanduser()
+    with atomic_folder(final, lock="inference", overwrite=args.overwrite) as tmp:
+        if volumes:
+            inputs = read_volumes(args)  # every file read (and checked) before the model is loaded
+            num_scans = sum(volume.n_bscans for volume in inputs)
+        else:
+            inputs = collect_inputs(args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp])
+            prompting.match(inputs)
+            num_scans = len(inputs)
+        with _ModelAndWriters(args, final, tmp, started, num_scans) as ctx:
+            if volumes:
+                failed = segment_volumes(ctx, inputs)
+            else:
+                outcome = _segment_scans(ctx, inputs, prompting, spacing)
+                failed = len(outcome.failures)
+    if volumes:
+        print(f"wrote {len(inputs)} volume(s) to {final} (volumes.csv, one folder per eye)")
+    else:
+        _print_outcome(outcome, final, prompting)
+    return failed
+
+
+class _ModelAndWriters:
+    """The writer pool (started before the model is loaded, so forked writers hold no copy of it) and the model;
+    the pool is shut down however the run ends."""
+
+    def __init__(self, args, final: Path, tmp: Path, started: float, num_scans: int):
+        self.args, self.final, self.tmp, self.started, self.num_scans = args, final, tmp, started, num_scans
+
+    def __enter__(self) -> InferenceRun:
+        args = self.args
         device_type = resolve_device(args.device).type
         if device_type == "cuda":
             # The reader threads decode and resize in parallel with each other; OpenCV's own thread pool on top of
@@ -206,202 +347,200 @@ def run(args: argparse.Namespace) -> int:
 
             cv2.setNumThreads(1)
         write_workers = getattr(args, "write_workers", None) or default_write_workers()
-        # The writer pool starts first: worker processes are forked before the model is loaded (no CUDA context,
-        # no torch threads yet), so they hold no copy of either.
-        writers = start_writers(getattr(args, "writer", "auto"), write_workers, device_type)
-        stack.callback(writers.shutdown, wait=True, cancel_futures=True)
+        self.writers = start_writers(getattr(args, "writer", "auto"), write_workers, device_type)
+        try:
+            folder, plan, segmenter, load_s = load_segmenter(args, device_type, self.num_scans)
+        except BaseException:
+            self.writers.shutdown(wait=True, cancel_futures=True)
+            raise
+        timings = Timings(started=self.started, load_s=load_s)
+        return InferenceRun(
+            args, self.final, self.tmp, timings, self.writers, write_workers, folder, plan, segmenter,
+            segmenter.batch_size,
+        )  # fmt: skip
 
-        t0 = time.perf_counter()
-        folder = resolve_adapter(args.adapter, revision=args.revision)
-        plan = plan_speed(
-            device_type,
-            "infer",
-            fast_attention=not args.no_fast_attention,
-            attention_mode=args.attention_mode,
-            compile=args.compile,
-            num_scans=len(scans),
+    def __exit__(self, *exc) -> None:
+        self.writers.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class ScanOutcome:
+    rows: list[dict]
+    failures: list[dict]
+    inputs: int
+    no_prompts: int
+
+
+def _check_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompting) -> None:
+    """Labels of dataset inputs, prompt class names and the adapter's mode: checked before any work."""
+    labels, args = ctx.labels, ctx.args
+    for scan in scans:  # a dataset's B-scans (the first of each dataset suffices; the check is cheap)
+        if scan.dataset_labels is not None:
+            check_same_labels(labels, scan.dataset_labels, args.adapter, scan.source.rsplit(":", 1)[0])
+    for spec in prompting.all_specs():
+        label_id(spec.label, labels)  # a bad class name stops the run before any work
+    if ctx.segmenter.config.mode == "prompted" and not prompting.active:
+        raise OctSamError(
+            f"Adapter {args.adapter} was trained in prompted mode: give prompts with --box CLASS:x1,y1,x2,y2, "
+            "--point CLASS:x,y or --prompts FILE.json."
         )
-        segmenter = Segmenter.from_pretrained(
-            folder,
-            revision=args.revision,
-            device=args.device,
-            merge=not args.no_merge,
-            base_model=args.base_model,
-            fast_attention=plan.attention or False,
-            compile=plan.compile,
-            precision=getattr(args, "precision", "auto"),
-        )
-        load_s = time.perf_counter() - t0
-        batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
-        segmenter.batch_size = batch_size
-        labels = segmenter.labels
-        for scan in scans:  # a dataset's B-scans (the first of each dataset suffices; the check is cheap)
-            if scan.dataset_labels is not None:
-                check_same_labels(labels, scan.dataset_labels, args.adapter, scan.source.rsplit(":", 1)[0])
-        for spec in cli_specs + [s for specs in prompt_file.values() for s in specs]:
-            label_id(spec.label, labels)  # a bad class name stops the run before any work
-        if segmenter.config.mode == "prompted" and not prompted:
-            raise OctSamError(
-                f"Adapter {args.adapter} was trained in prompted mode: give prompts with --box CLASS:x1,y1,x2,y2, "
-                "--point CLASS:x,y or --prompts FILE.json."
-            )
-        if not args.quiet and segmenter.compiled:
-            print(f"torch.compile: on ({plan.why}); the first batch compiles", file=sys.stderr)
 
-        def load(scan: ScanInput):
-            """Read, decode and resize one B-scan (a reader thread); an error is returned, not raised."""
-            t, cpu = time.perf_counter(), time.thread_time()
-            try:
-                image = scan.read()
-                prompts = None
-                if prompted:
-                    specs = cli_specs + file_specs.get(scan.name, [])
-                    prompts = build_prompts(specs, labels, image.shape[:2], scan.source)
-                item = (scan, image, prompts, segmenter.prepare(image)), None
-            except Exception as err:  # noqa: BLE001 - any unreadable B-scan is reported and skipped
-                message = str(err) if isinstance(err, OctSamError) else f"{type(err).__name__}: {err}"
-                item = None, {"scan": scan.name, "source": scan.source, "error": message}
-            return item, (time.perf_counter() - t, time.thread_time() - cpu)
 
-        read_workers = getattr(args, "read_workers", None) or default_read_workers()
-        failures = []
-        rows_pending: list = []  # futures of written rows, in scan order
-        drained = 0  # rows_pending[:drained] are known to be written
-        no_prompts = 0
-        timings = {"read_s": 0.0, "predict_s": 0.0, "write_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
-        timings.update(read_cpu_s=0.0, write_cpu_s=0.0)
-        compile_s = None
-        first_batch_done = None
-        first_batch_scans = 0
-        bar = tqdm(total=len(scans), unit="scan", desc="segmenting", disable=args.quiet)
-        loop_start = time.perf_counter()
-        with ThreadPoolExecutor(read_workers, thread_name_prefix="octsam-read") as readers:
-            try:
-                loaded = _prefetch(readers, load, scans, ahead=2 * batch_size + read_workers)
-                for batch in _batches(scans, batch_size):
-                    t0 = time.perf_counter()
-                    ready = []
-                    for _ in batch:
-                        (item, error), (seconds, cpu_seconds) = next(loaded)
-                        timings["read_s"] += seconds
-                        timings["read_cpu_s"] += cpu_seconds
-                        if error is not None:
-                            failures.append(error)
-                            bar.update(1)
-                            continue
-                        if prompted:
-                            no_prompts += not (cli_specs + file_specs.get(item[0].name, []))
-                        ready.append(item)
-                    timings["wait_read_s"] += time.perf_counter() - t0
-                    if not ready:
-                        continue
-                    t0 = time.perf_counter()
-                    results = _predict(segmenter, ready, prompted, args.save_probabilities, failures)
-                    seconds = time.perf_counter() - t0
-                    timings["predict_s"] += seconds
-                    if first_batch_done is None:
-                        first_batch_done, first_batch_scans = time.perf_counter(), len(ready)
-                        if segmenter.compiled:
-                            compile_s = seconds
-                            if not args.quiet:
-                                print(
-                                    f"torch.compile: first batch took {seconds:.1f} s (compilation)", file=sys.stderr
-                                )
-                    t0 = time.perf_counter()
-                    for (scan, image, _, _), result in zip(ready, results):
-                        if result is not None:
-                            rows_pending.append(
-                                writers.submit(
-                                    write_one,
-                                    tmp,
-                                    scan.name,
-                                    scan.source,
-                                    image,
-                                    result.mask,
-                                    result.probabilities,
-                                    labels,
-                                    spacing,
-                                )  # fmt: skip
-                            )
-                        bar.update(1)
-                    # bounded memory: at most a few batches of B-scans waiting for the writers
-                    while len(rows_pending) - drained > 4 * batch_size + write_workers:
-                        rows_pending[drained].result()
-                        drained += 1
-                    timings["wait_write_s"] += time.perf_counter() - t0
+def _segment_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompting, spacing) -> ScanOutcome:
+    """Read (reader threads), predict (this thread, in batches) and write (the writer pool) every B-scan, then
+    ``summary.csv`` and ``run.json``."""
+    _check_scans(ctx, scans, prompting)
+    args, segmenter, timings = ctx.args, ctx.segmenter, ctx.timings
+    prompted, labels = prompting.active, ctx.labels
+
+    def load(scan: ScanInput):
+        """Read, decode and resize one B-scan (a reader thread); an error is returned, not raised."""
+        t, cpu = time.perf_counter(), time.thread_time()
+        try:
+            image = scan.read()
+            prompts = None
+            if prompted:
+                prompts = build_prompts(prompting.for_scan(scan.name), labels, image.shape[:2], scan.source)
+            item = (scan, image, prompts, segmenter.prepare(image)), None
+        except Exception as err:  # noqa: BLE001 - any unreadable B-scan is reported and skipped
+            message = str(err) if isinstance(err, OctSamError) else f"{type(err).__name__}: {err}"
+            item = None, {"scan": scan.name, "source": scan.source, "error": message}
+        return item, (time.perf_counter() - t, time.thread_time() - cpu)
+
+    settings = OutputSettings(ctx.tmp, labels, spacing)
+    read_workers = getattr(args, "read_workers", None) or default_read_workers()
+    outcome = ScanOutcome([], [], len(scans), 0)
+    pending: list[Future] = []  # futures of written rows, in scan order
+    drained = 0  # pending[:drained] are known to be written
+    bar = _progress(len(scans), args.quiet)
+    timings.loop_start = time.perf_counter()
+    with ThreadPoolExecutor(read_workers, thread_name_prefix="octsam-read") as readers:
+        try:
+            loaded = _prefetch(readers, load, scans, ahead=2 * ctx.batch_size + read_workers)
+            for batch in _batches(scans, ctx.batch_size):
                 t0 = time.perf_counter()
-                rows = []
-                for future in rows_pending:
-                    row, (seconds, cpu_seconds) = future.result()
-                    rows.append(row)
-                    timings["write_s"] += seconds
-                    timings["write_cpu_s"] += cpu_seconds
-                timings["wait_write_s"] += time.perf_counter() - t0
-            except BaseException:
-                for future in rows_pending:
-                    future.cancel()
-                raise
-        loop_end = time.perf_counter()
-        bar.close()
-        writers.shutdown(wait=True)
+                ready = []
+                for _ in batch:
+                    (item, error), seconds = next(loaded)
+                    timings.add_read(seconds)
+                    if error is not None:
+                        outcome.failures.append(error)
+                        bar.update(1)
+                        continue
+                    outcome.no_prompts += prompted and not prompting.for_scan(item[0].name)
+                    ready.append(item)
+                timings.wait_read_s += time.perf_counter() - t0
+                if not ready:
+                    continue
+                t0 = time.perf_counter()
+                results = _predict(segmenter, ready, prompted, args.save_probabilities, outcome.failures)
+                seconds = time.perf_counter() - t0
+                timings.predict_s += seconds
+                timings.first_batch(seconds, len(ready), segmenter.compiled, args.quiet)
+                t0 = time.perf_counter()
+                for (scan, image, _, _), result in zip(ready, results):
+                    if result is not None:
+                        out = ScanOutput(scan.name, scan.source, image, result.mask, result.probabilities)
+                        pending.append(ctx.writers.submit(write_one, settings, out))
+                    bar.update(1)
+                # bounded memory: at most a few batches of B-scans waiting for the writers
+                while len(pending) - drained > 4 * ctx.batch_size + ctx.write_workers:
+                    pending[drained].result()
+                    drained += 1
+                timings.wait_write_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for future in pending:
+                row, seconds = future.result()
+                outcome.rows.append(row)
+                timings.add_write(seconds)
+            timings.wait_write_s += time.perf_counter() - t0
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    timings.loop_end = time.perf_counter()
+    bar.close()
+    ctx.writers.shutdown(wait=True)
 
-        t0 = time.perf_counter()
-        _write_summary(tmp / "summary.csv", rows, failures, labels, spacing)
-        timings["write_s"] += time.perf_counter() - t0
-        done = len(rows)
-        record = {
-            "adapter": args.adapter,
-            "adapter_revision": args.revision,
-            "adapter_folder": str(folder),
-            "adapter_commit": folder.name if folder.parent.name == "snapshots" else None,
-            "base_model": segmenter.config.base_model,
-            "base_model_revision": segmenter.config.base_model_revision,
-            "labels": labels,
-            "mode": "prompted" if prompted else "automatic",
-            "merged": None if segmenter.config.architecture == "unet" else not args.no_merge,
-            "attention": None
-            if segmenter.config.architecture == "unet"
-            else "transformers"
-            if args.no_fast_attention
-            else f"octsam fast ({args.attention_mode})",
-            "compiled": segmenter.compiled,
-            "compile_reason": plan.why,
-            "device": str(segmenter.device),
-            "device_name": device_name(segmenter.device),
-            "dtype": str(segmenter.dtype).replace("torch.", ""),
-            "batch_size": batch_size,
+    t0 = time.perf_counter()
+    write_summary(ctx.tmp / "summary.csv", outcome.rows, outcome.failures, labels, spacing)
+    timings.write_s += time.perf_counter() - t0
+    write_run_record(ctx.tmp, _scan_record(ctx, outcome, prompting, spacing, read_workers))
+    return outcome
+
+
+def _scan_record(ctx: InferenceRun, outcome: ScanOutcome, prompting: Prompting, spacing, read_workers: int) -> dict:
+    """run.json of a B-scan run: ``run_record`` plus the inputs, failures, prompts and timings."""
+    record = run_record(ctx)
+    record.update(
+        {
+            "mode": "prompted" if prompting.active else "automatic",
             "read_workers": read_workers,
-            "write_workers": write_workers,
             "pixel_spacing_mm": list(spacing) if spacing else None,
-            "inputs": len(scans),
-            "segmented": done,
-            "failed": len(failures),
-            "failures": failures,
-            "scans_without_prompts": no_prompts if prompted else None,
-            "unmatched_prompt_keys": unmatched,
-            "timings": _timings(
-                timings, load_s, compile_s, done, loop_start, loop_end, first_batch_done, first_batch_scans, started
-            ),
-            "octsam_version": __version__,
-            "torch_version": torch.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "arguments": {k: v for k, v in vars(args).items()},
+            "inputs": outcome.inputs,
+            "segmented": len(outcome.rows),
+            "failed": len(outcome.failures),
+            "failures": outcome.failures,
+            "scans_without_prompts": outcome.no_prompts if prompting.active else None,
+            "unmatched_prompt_keys": prompting.unmatched,
+            "timings": ctx.timings.record(len(outcome.rows)),
         }
-        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        commit_output(tmp, final)
-    except BaseException:
-        stack.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        lock.release()
-    stack.close()
-    if prompted and no_prompts:
-        print(f"warning: {no_prompts} B-scan(s) had no prompt; their masks are empty.", file=sys.stderr)
-    print(f"segmented {done} of {len(scans)} B-scan(s) into {final}", file=sys.stderr)
-    for failure in failures:
+    )
+    return record
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="scan", desc="segmenting", disable=quiet)
+
+
+def run_record(ctx: InferenceRun) -> dict:
+    """What every run.json says: the adapter, the model as it ran, the software and the arguments."""
+    import torch
+
+    from octsam import __version__
+
+    args, segmenter, folder = ctx.args, ctx.segmenter, ctx.folder
+    return {
+        "adapter": args.adapter,
+        "adapter_revision": args.revision,
+        "adapter_folder": str(folder),
+        "adapter_commit": folder.name if folder.parent.name == "snapshots" else None,
+        "base_model": segmenter.config.base_model,
+        "base_model_revision": segmenter.config.base_model_revision,
+        "labels": ctx.labels,
+        "mode": "automatic",
+        "merged": None if segmenter.config.architecture == "unet" else not args.no_merge,
+        "attention": None
+        if segmenter.config.architecture == "unet"
+        else "transformers"
+        if args.no_fast_attention
+        else f"octsam fast ({args.attention_mode})",
+        "compiled": segmenter.compiled,
+        "compile_reason": ctx.plan.why,
+        "device": str(segmenter.device),
+        "device_name": device_name(segmenter.device),
+        "dtype": str(segmenter.dtype).replace("torch.", ""),
+        "batch_size": ctx.batch_size,
+        "write_workers": ctx.write_workers,
+        "octsam_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "arguments": {k: v for k, v in vars(args).items()},
+    }
+
+
+def write_run_record(folder: Path, record: dict) -> None:
+    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _print_outcome(outcome: ScanOutcome, final: Path, prompting: Prompting) -> None:
+    if prompting.active and outcome.no_prompts:
+        print(f"warning: {outcome.no_prompts} B-scan(s) had no prompt; their masks are empty.", file=sys.stderr)
+    print(f"segmented {len(outcome.rows)} of {outcome.inputs} B-scan(s) into {final}", file=sys.stderr)
+    for failure in outcome.failures:
         print(f"failed: {failure['source']}: {failure['error']}", file=sys.stderr)
-    return len(failures)
 
 
 def _predict(segmenter, ready: list, prompted: bool, probabilities: bool, failures: list) -> list:

@@ -11,11 +11,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from octsam.adapter import ADAPTER_CONFIG_NAME
 from octsam.config import TrainArguments
 from octsam.errors import OctSamError
 from octsam.folders import atomic_folder, swap_into_place
 
+# ------------------------------------------------------------------------------------------------ run folder names
+# A training run folder (--output): RUN/best_adapter (an adapter folder, octsam.adapter's file names),
+# RUN/checkpoints/epoch-NNNN (the files below), RUN/all_results.json. Every module that reads a run uses these.
 CHECKPOINT_DIR = "checkpoints"
+BEST_ADAPTER_DIR = "best_adapter"
+RESULTS_FILE = "all_results.json"
+CHECKPOINT_GLOB = "epoch-[0-9][0-9][0-9][0-9]"
+SHARED_STAGING_SUFFIX = ".tmp"  # checkpoints/epoch-NNNN.tmp: one name for every process of a distributed run
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -154,8 +166,10 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, trainer_state: dic
     from safetensors.torch import save_file
 
     ckpt_root = out / CHECKPOINT_DIR
-    final = ckpt_root / f"epoch-{trainer_state['epoch']:04d}"
-    tmp = ckpt_root / f"{final.name}.tmp"
+    final = ckpt_root / checkpoint_name(trainer_state["epoch"])
+    # Not octsam.folders.staging_path: every process writes its RNG state into the same folder, so its name cannot
+    # hold a PID; the run's FolderLock makes it exclusive, and a run removes one left by a killed run.
+    tmp = ckpt_root / f"{final.name}{SHARED_STAGING_SUFFIX}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -167,7 +181,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, trainer_state: dic
             save_file(trainable_state(unwrapped), str(tmp / TRAINABLE_FILE))
             save_optimizer(optimizer, tmp)
             (tmp / SCHEDULER_JSON).write_text(_json_bytes(scheduler.state_dict(), "scheduler"))
-            unwrapped.config.to_json_file(tmp / "octsam_config.json")
+            unwrapped.config.to_json_file(tmp / ADAPTER_CONFIG_NAME)
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
     except BaseException:
         if accelerator.is_main_process:
@@ -198,7 +212,7 @@ def check_checkpoint_files(path: Path, process_index: int = 0) -> None:
             "else. octsam does not load pickles (unpickling can run arbitrary code); resume from a checkpoint "
             "written by this octsam version, or start a new run (its best_adapter can still be used for inference)."
         )
-    needed = [TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON, TRAINER_STATE, "octsam_config.json"]
+    needed = [TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON, TRAINER_STATE, ADAPTER_CONFIG_NAME]
     missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise OctSamError(f"Checkpoint {path} is incomplete (no {', '.join(missing)}); resume from another one.")
@@ -242,13 +256,24 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("epoch-[0-9][0-9][0-9][0-9]") if (p / "trainer_state.json").is_file())
+    return sorted(p for p in root.glob(CHECKPOINT_GLOB) if (p / TRAINER_STATE).is_file())
+
+
+def run_history(run_dir: Path) -> list[dict] | None:
+    """The per-epoch history of a training run folder (from its latest checkpoint's trainer state); None if none."""
+    ckpts = list_checkpoints(Path(run_dir) / CHECKPOINT_DIR)
+    if not ckpts:
+        return None
+    try:
+        return json.loads((ckpts[-1] / TRAINER_STATE).read_text()).get("history") or None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def prune_checkpoints(root: Path, best_epoch: int, keep: int) -> None:
     """Keep the latest, the best and ``keep`` more recent ones."""
     ckpts = list_checkpoints(root)
-    protected = {ckpts[-1].name, f"epoch-{best_epoch:04d}"} if ckpts else set()
+    protected = {ckpts[-1].name, checkpoint_name(best_epoch)} if ckpts else set()
     others = [p for p in ckpts if p.name not in protected]
     for path in others[: max(0, len(others) - keep)]:
         shutil.rmtree(path, ignore_errors=True)
@@ -261,8 +286,8 @@ def find_checkpoint(args: TrainArguments) -> Path:
             raise OctSamError(f"--resume-from-checkpoint latest: no checkpoint in {args.output_dir}/{CHECKPOINT_DIR}.")
         return ckpts[-1]
     path = Path(args.resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise OctSamError(f"{path} is not an octsam checkpoint folder (no trainer_state.json).")
+    if not (path / TRAINER_STATE).is_file():
+        raise OctSamError(f"{path} is not an octsam checkpoint folder (no {TRAINER_STATE}).")
     return path
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from octsam.adapter import OctSamConfig
+from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
 from octsam.config import (
     DataArguments,
     ModelArguments,
@@ -39,11 +39,17 @@ from octsam.config import (
 from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
-from octsam.folders import FolderLock, remove_stale_staging, sigterm_as_interrupt, staging_path
+from octsam.folders import FolderLock, move_aside_and_empty, remove_stale_staging, sigterm_as_interrupt
 from octsam.models.dynunet import DeepSupervision
 from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
+    BEST_ADAPTER_DIR,
     CHECKPOINT_DIR,
+    RESULTS_FILE,
+    SHARED_STAGING_SUFFIX,
+    TRAINABLE_FILE,
+    TRAINER_STATE,
+    checkpoint_name,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -54,7 +60,6 @@ from octsam.training.checkpoint import (
 from octsam.training.losses import SegmentationLoss, prompted_loss
 
 logger = logging.getLogger("octsam")
-BEST_ADAPTER_DIR = "best_adapter"
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -112,7 +117,7 @@ def is_main_launch_process() -> bool:
 
 
 def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
-    """Check the run folder (every process) and, on the main process, empty it for ``--overwrite-output-dir``.
+    """Check the run folder (every process) and, on the main process, empty it for ``--overwrite``.
 
     Call with the folder's lock held (``FolderLock``): nothing else writes it meanwhile. Overwriting moves the old
     run aside with one rename (so a new run never mixes with, prunes against or resumes from the old one) and then
@@ -120,11 +125,11 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
     """
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise OctSamError(f"--output-dir {out} is a file; give a folder.")
+        raise OctSamError(f"--output {out} is a file; give a folder.")
     resume = args.resume_from_checkpoint
     if args.overwrite_output_dir and resume and (resume == "latest" or _inside(Path(resume), out)):
         raise OctSamError(
-            f"--overwrite-output-dir starts {out} afresh, which deletes the checkpoint "
+            f"--overwrite starts {out} afresh, which deletes the checkpoint "
             f"--resume-from-checkpoint {resume} would resume from; pass only one of them."
         )
     non_empty = out.is_dir() and any(out.iterdir())
@@ -132,23 +137,20 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
         if not resume:
             raise OctSamError(
                 f"Output folder {out} is not empty. Resume it with --resume-from-checkpoint latest, choose another "
-                "--output-dir, or pass --overwrite-output-dir to write over it."
+                "--output, or pass --overwrite to write over it."
             )
         if resume != "latest" and not _inside(Path(resume), out):
             raise OctSamError(
-                f"--resume-from-checkpoint {resume} is from another run folder, and --output-dir {out} is not empty "
+                f"--resume-from-checkpoint {resume} is from another run folder, and --output {out} is not empty "
                 "(another run's files would mix with this one); resume into a new, empty folder or into the "
                 "checkpoint's own run folder."
             )
     if main_process:
         remove_stale_staging(out.parent, out.name)
         if non_empty and args.overwrite_output_dir:
-            aside = staging_path(out, "old")
-            os.replace(out, aside)
-            out.mkdir()
-            shutil.rmtree(aside, ignore_errors=True)
-            logger.info(f"--overwrite-output-dir: removed the previous run in {out}")
-        for stale in (out / CHECKPOINT_DIR).glob("epoch-*.tmp"):
+            move_aside_and_empty(out)
+            logger.info(f"--overwrite: removed the previous run in {out}")
+        for stale in (out / CHECKPOINT_DIR).glob(f"epoch-*{SHARED_STAGING_SUFFIX}"):
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write killed half-way (the lock is ours)
     return out
 
@@ -156,17 +158,17 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
 def best_checkpoint_for(resume_path: Path) -> Path | None:
     """The checkpoint of the best epoch recorded in ``resume_path`` (itself or a sibling); None before any best."""
     try:
-        state = json.loads((resume_path / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((resume_path / TRAINER_STATE).read_text(encoding="utf-8"))
         best = int(state.get("best_epoch", 0))
     except (OSError, ValueError, AttributeError, TypeError) as err:
         raise OctSamError(
-            f"Checkpoint {resume_path} cannot be resumed: trainer_state.json is damaged or not what octsam writes "
+            f"Checkpoint {resume_path} cannot be resumed: {TRAINER_STATE} is damaged or not what octsam writes "
             f"({type(err).__name__}); resume from another checkpoint or start a new run."
         ) from None
     if best <= 0:
         return None
-    candidate = resume_path.parent / f"epoch-{best:04d}"
-    if not (candidate / "trainable.safetensors").is_file():
+    candidate = resume_path.parent / checkpoint_name(best)
+    if not (candidate / TRAINABLE_FILE).is_file():
         raise OctSamError(
             f"Cannot resume from {resume_path}: its best epoch ({best}) is the adapter the run must end with, but "
             f"{candidate} is missing. Copy that checkpoint folder next to {resume_path.name}, or resume in the "
@@ -181,7 +183,7 @@ def restore_best_adapter(accelerator, model, best_ckpt: Path, out: Path) -> None
 
     unwrapped = accelerator.unwrap_model(model)
     current = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-    load_trainable_state(unwrapped, load_file(str(best_ckpt / "trainable.safetensors")), str(best_ckpt))
+    load_trainable_state(unwrapped, load_file(str(best_ckpt / TRAINABLE_FILE)), str(best_ckpt))
     if accelerator.is_main_process:
         write_atomic_folder(unwrapped.save_pretrained, out / BEST_ADAPTER_DIR)
     load_trainable_state(unwrapped, current, "the resumed state")
@@ -374,7 +376,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     resume_path = find_checkpoint(train_args) if train_args.resume_from_checkpoint else None
     best_ckpt = best_checkpoint_for(resume_path) if resume_path is not None else None  # refused before training
     if resume_path is not None:
-        saved = OctSamConfig.from_json_file(resume_path / "octsam_config.json")
+        saved = OctSamConfig.from_json_file(resume_path / ADAPTER_CONFIG_NAME)
         if list(saved.labels) != list(labels):
             raise OctSamError(
                 f"Checkpoint {resume_path} was trained for labels {saved.labels} ({len(saved.labels)} classes) but "
@@ -708,8 +710,8 @@ def finish(accelerator, model, dataset, labels, state, out, train_args, data_arg
             dataset=data_args.dataset,
             repo_id=train_args.hub_model_id,
         )
-        (out / "all_results.json").write_text(json.dumps(results, indent=2))
-        logger.info(f"best adapter: {out / BEST_ADAPTER_DIR}; results: {out / 'all_results.json'}")
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        logger.info(f"best adapter: {out / BEST_ADAPTER_DIR}; results: {out / RESULTS_FILE}")
         if train_args.push_to_hub:
             from octsam.hub import push_adapter
 

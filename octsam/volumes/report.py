@@ -13,30 +13,12 @@ import numpy as np
 from octsam.errors import OctSamError
 from octsam.volumes.measure import ETDRS_DIAMETERS_MM, VolumeMeasures
 
-CSV_BASE_COLUMNS = [
-    "volume_id",
-    "patient_id",
-    "source",
-    "laterality",
-    "scan_date",
-    "device",
-    "n_bscans",
-    "height",
-    "width",
-    "axial_mm",
-    "lateral_mm",
-    "bscan_spacing_mm",
-    "spacing_source",
-    "fovea_method",
-]
-
 
 def label_colours(labels: list[str]) -> list[tuple[float, float, float]]:
-    """An RGB colour (0..1) per foreground class (tab10)."""
-    import matplotlib
+    """An RGB colour (0..1) per foreground class: ``octsam.colors``, the colour each class has in every output."""
+    from octsam.colors import rgb01
 
-    cmap = matplotlib.colormaps["tab10"]
-    return [tuple(cmap(k % 10)[:3]) for k in range(len(labels) - 1)]
+    return [rgb01(k, labels) for k in range(1, len(labels))]
 
 
 def report_dict(volume, measures: VolumeMeasures) -> dict:
@@ -125,19 +107,31 @@ def _fovea_xy(volume, measures: VolumeMeasures) -> tuple[float, float] | None:
 
 def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLike) -> Path:
     """Write the one-page eye report PNG: header, an en-face map per biomarker with the ETDRS grid, the B-scan
-    through the fovea with the masks overlaid, and a table of mm³, lesion counts and ETDRS values."""
-    import matplotlib
+    through the fovea with the masks overlaid, and a table of mm³, lesion counts and ETDRS values.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle
+    Drawn on a ``matplotlib.figure.Figure`` with the Agg canvas, never through ``pyplot``: writer threads may draw
+    several eyes at once, and the global backend is left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    labels = measures.labels
-    names = labels[1:]
-    colours = label_colours(labels)
+    names = measures.labels[1:]
     k = max(len(names), 2)  # one biomarker: its map on the left, a summary on the right
-    fig = plt.figure(figsize=(max(11.0, 3.6 * k), 9.0), dpi=100)
+    fig = Figure(figsize=(max(11.0, 3.6 * k), 9.0), dpi=100)
+    FigureCanvasAgg(fig)
     grid = fig.add_gridspec(3, k, height_ratios=[1.2, 0.75, 0.45], hspace=0.3, wspace=0.25, top=0.9, bottom=0.03)
+    fig.suptitle(_report_title(volume), fontsize=10, y=0.985)
+    for c, name in enumerate(names):
+        _draw_enface(fig, fig.add_subplot(grid[0, c]), volume, measures, name)
+    if len(names) < 2:
+        _draw_summary(fig.add_subplot(grid[0, 1]), volume, measures)
+    _draw_fovea_bscan(fig.add_subplot(grid[1, :]), volume, masks, measures)
+    _draw_table(fig.add_subplot(grid[2, :]), measures)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _report_title(volume) -> str:
     eye = {"OD": "right eye (OD)", "OS": "left eye (OS)"}.get(volume.laterality or "", "eye: unknown")
     title = f"{volume.volume_id}  |  patient {volume.patient_id or 'unknown'}  |  {eye}  |  {volume.scan_date or 'date unknown'}"
     subtitle = (
@@ -145,69 +139,80 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
         f"spacing axial {volume.pixel_spacing[0] * 1000:.2f} µm, lateral {volume.pixel_spacing[1] * 1000:.2f} µm, "
         f"B-scan {volume.bscan_spacing * 1000:.1f} µm ({volume.spacing_source})"
     )
-    fig.suptitle(title + "\n" + subtitle, fontsize=10, y=0.985)
+    return title + "\n" + subtitle
+
+
+def _draw_enface(fig, ax, volume, measures: VolumeMeasures, name: str) -> None:
+    """One biomarker's thickness map (on the localizer where the file places the B-scans) with the ETDRS circles."""
+    from matplotlib.patches import Circle
 
     on_localizer = measures.enface_localizer is not None and volume.localizer_spacing is not None
-    fovea_xy = _fovea_xy(volume, measures) if on_localizer else None
-    for c, name in enumerate(names):
-        ax = fig.add_subplot(grid[0, c])
-        if on_localizer:
-            ax.imshow(volume.localizer, cmap="gray")
-            data = measures.enface_localizer[name]
-            shown = np.ma.masked_where(~np.isfinite(data) | (data <= 0), data * 1000)
-            image = ax.imshow(shown, cmap="magma", alpha=0.8)
-            centre, scale = fovea_xy, 1.0 / volume.localizer_spacing[1]
-            ax.set_xlabel("localizer pixels")
-        else:
-            data = measures.enface[name]
-            n, w = data.shape
-            lat, step = volume.pixel_spacing[1], volume.bscan_spacing
-            extent = (-lat / 2, (w - 0.5) * lat, (n - 0.5) * step, -step / 2)  # cell centres at i * step, j * lat
-            image = ax.imshow(data * 1000, cmap="magma", extent=extent, aspect="equal", interpolation="nearest")
-            fi, fj = measures.fovea
-            centre, scale = (fj * volume.pixel_spacing[1], fi * volume.bscan_spacing), 1.0
-            ax.set_xlabel("mm (en-face, B-scan 0 at top)")
-        if centre is not None:
-            for d in ETDRS_DIAMETERS_MM:
-                ax.add_patch(Circle(centre, d / 2 * scale, fill=False, color="cyan", lw=0.8))
-            ax.plot(*centre, "+", color="cyan", ms=8)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="thickness µm")
-        ax.set_title(f"{name}: {measures.volume_mm3[name]:.4f} mm³, {measures.lesions[name]} lesion(s)", fontsize=9)
+    if on_localizer:
+        ax.imshow(volume.localizer, cmap="gray")
+        data = measures.enface_localizer[name]
+        shown = np.ma.masked_where(~np.isfinite(data) | (data <= 0), data * 1000)
+        image = ax.imshow(shown, cmap="magma", alpha=0.8)
+        centre, scale = _fovea_xy(volume, measures), 1.0 / volume.localizer_spacing[1]
+        ax.set_xlabel("localizer pixels")
+    else:
+        data = measures.enface[name]
+        n, w = data.shape
+        lat, step = volume.pixel_spacing[1], volume.bscan_spacing
+        extent = (-lat / 2, (w - 0.5) * lat, (n - 0.5) * step, -step / 2)  # cell centres at i * step, j * lat
+        image = ax.imshow(data * 1000, cmap="magma", extent=extent, aspect="equal", interpolation="nearest")
+        fi, fj = measures.fovea
+        centre, scale = (fj * volume.pixel_spacing[1], fi * volume.bscan_spacing), 1.0
+        ax.set_xlabel("mm (en-face, B-scan 0 at top)")
+    if centre is not None:
+        for d in ETDRS_DIAMETERS_MM:
+            ax.add_patch(Circle(centre, d / 2 * scale, fill=False, color="cyan", lw=0.8))
+        ax.plot(*centre, "+", color="cyan", ms=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="thickness µm")
+    ax.set_title(f"{name}: {measures.volume_mm3[name]:.4f} mm³, {measures.lesions[name]} lesion(s)", fontsize=9)
 
-    if len(names) < 2:
-        ax = fig.add_subplot(grid[0, 1])
-        ax.axis("off")
-        lines = [
-            f"{name}: {measures.volume_mm3[name]:.4f} mm³ in {measures.lesions[name]} lesion(s)" for name in names
-        ]
-        lines += [
-            "",
-            f"fovea: B-scan {measures.fovea[0]:.0f}, A-scan {measures.fovea[1]:.0f}",
-            f"({measures.fovea_method})",
-            f"spacing from: {volume.spacing_source}",
-            f"source: {Path(volume.source).name}",
-        ]
-        ax.text(0.0, 0.9, "\n".join(lines), va="top", fontsize=9, wrap=True)
 
-    # B-scan through the fovea with the masks overlaid
+def _draw_summary(ax, volume, measures: VolumeMeasures) -> None:
+    """The text panel beside a single biomarker's map."""
+    ax.axis("off")
+    lines = [
+        f"{name}: {measures.volume_mm3[name]:.4f} mm³ in {measures.lesions[name]} lesion(s)"
+        for name in measures.labels[1:]
+    ]
+    lines += [
+        "",
+        f"fovea: B-scan {measures.fovea[0]:.0f}, A-scan {measures.fovea[1]:.0f}",
+        f"({measures.fovea_method})",
+        f"spacing from: {volume.spacing_source}",
+        f"source: {Path(volume.source).name}",
+    ]
+    ax.text(0.0, 0.9, "\n".join(lines), va="top", fontsize=9, wrap=True)
+
+
+def _draw_fovea_bscan(ax, volume, masks, measures: VolumeMeasures) -> None:
+    """The B-scan through the fovea with the masks overlaid in the classes' colours (``octsam.colors``)."""
+    from matplotlib.patches import Rectangle
+
+    labels = measures.labels
+    colours = label_colours(labels)
     i = int(round(measures.fovea[0]))
-    ax = fig.add_subplot(grid[1, :])
     bscan = volume.bscans[i]
     overlay = np.repeat(bscan[..., None], 3, axis=2).astype(np.float64) / 255.0
     mask = np.asarray(masks[i])
-    for k_, colour in enumerate(colours, start=1):
-        sel = mask == k_
+    for k, colour in enumerate(colours, start=1):
+        sel = mask == k
         overlay[sel] = 0.45 * overlay[sel] + 0.55 * np.array(colour)
     ax.imshow(overlay, aspect="auto")
     ax.set_title(f"B-scan {i} of {volume.shape[0]} (through the fovea: {measures.fovea_method})", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours]
     if handles:
-        ax.legend(handles, names, loc="upper right", fontsize=8, framealpha=0.7)
+        ax.legend(handles, labels[1:], loc="upper right", fontsize=8, framealpha=0.7)
 
-    # table: mm³, lesions, ETDRS sectors
-    ax = fig.add_subplot(grid[2, :])
+
+def _draw_table(ax, measures: VolumeMeasures) -> None:
+    """mm³, lesions and ETDRS sectors per biomarker, and how much of each sector the scan covers."""
+    names = measures.labels[1:]
     ax.axis("off")
     sectors = list(next(iter(measures.etdrs_mm3.values())).keys()) if measures.etdrs_mm3 else []
     header = ["biomarker", "volume mm³", "lesions"] + [s.replace("_", "\n") for s in sectors]
@@ -226,10 +231,6 @@ def render_report(volume, masks, measures: VolumeMeasures, path: str | os.PathLi
         f"spacing; lesions 3-D connected\nfovea: {measures.fovea_method}; orientation: {measures.orientation}",
         fontsize=8,
     )
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def write_report(volume, masks, measures: VolumeMeasures, folder: str | os.PathLike) -> tuple[Path, Path]:

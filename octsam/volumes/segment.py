@@ -26,17 +26,21 @@ class VolumeResult:
     masks: list[np.ndarray]  # (H, W) uint8 class ids per B-scan
     labels: list[str]
     measures: VolumeMeasures
+    probabilities: list[np.ndarray] | None = None  # (K+1, H, W) float16 per B-scan, when asked for
 
 
-def segment_volume(segmenter, volume: OctVolume, labels: list[str] | None = None) -> VolumeResult:
+def segment_volume(
+    segmenter, volume: OctVolume, labels: list[str] | None = None, return_probabilities: bool = False
+) -> VolumeResult:
     """Run ``segmenter`` (anything called as ``segmenter(list_of_uint8_arrays) -> results with .mask``, e.g.
     ``octsam.segmenter.Segmenter``) on every B-scan and measure the volume. ``labels`` default to
-    ``segmenter.labels``."""
+    ``segmenter.labels``; ``return_probabilities`` also keeps each B-scan's class probabilities."""
     if labels is None:
         labels = list(getattr(segmenter, "labels", []) or [])
     if not labels or labels[0] != "background":
         raise OctSamError(f"label names must start with 'background', got {labels}")
-    results = segmenter(list(volume.bscans))
+    bscans = list(volume.bscans)
+    results = segmenter(bscans, return_probabilities=True) if return_probabilities else segmenter(bscans)
     if len(results) != volume.n_bscans:
         raise OctSamError(
             f"{volume.source}: the segmenter returned {len(results)} masks for {volume.n_bscans} B-scans"
@@ -47,7 +51,8 @@ def segment_volume(segmenter, volume: OctVolume, labels: list[str] | None = None
         if mask.shape != volume.bscans[i].shape:
             raise OctSamError(f"{volume.source}: mask {i} has shape {mask.shape}, B-scan {volume.bscans[i].shape}")
         masks.append(mask.astype(np.uint8, copy=False))
-    return VolumeResult(volume, masks, list(labels), measure_volume(masks, volume, labels))
+    probabilities = [r.probabilities for r in results] if return_probabilities else None
+    return VolumeResult(volume, masks, list(labels), measure_volume(masks, volume, labels), probabilities)
 
 
 def result_from_masks(volume: OctVolume, masks: list[np.ndarray], labels: list[str]) -> VolumeResult:
@@ -62,8 +67,7 @@ def volume_folder_name(volume: OctVolume) -> str:
 def write_volume_outputs(
     result: VolumeResult, out_dir: str | os.PathLike, labels: list[str] | None = None, overwrite: bool = True
 ) -> Path:
-    """Write ``out_dir/<volume_id>/`` (``masks/bscan_NNN.png`` class-index PNGs, ``enface/<class>.npy`` thickness
-    maps in mm, ``report.png``, ``report.json``) and append a row to ``out_dir/volumes.csv``.
+    """Write ``out_dir/<volume_id>/`` (``write_volume_folder``) and append a row to ``out_dir/volumes.csv``.
 
     Everything for the volume is written in a hidden temporary folder beside it and renamed into place only when
     complete; the CSV row is added after that (and the CSV itself is replaced atomically). On error nothing of this
@@ -72,6 +76,15 @@ def write_volume_outputs(
     labels = list(labels or result.labels)
     if labels != result.labels:
         raise OctSamError(f"labels {labels} differ from the result's {result.labels}")
+    final = write_volume_folder(result, out_dir, overwrite)
+    append_volumes_csv(Path(out_dir) / VOLUMES_CSV, csv_row(result.volume, result.measures))
+    return final
+
+
+def write_volume_folder(result: VolumeResult, out_dir: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write ``out_dir/<volume_id>/``, staged and swapped into place: ``masks/bscan_NNN.png`` class-index PNGs,
+    ``enface/<class>.npy`` thickness maps in mm, ``report.png``, ``report.json`` and, when the result has them,
+    ``probabilities/bscan_NNN.npz`` (as ``inference.py`` writes them for B-scans). Returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / volume_folder_name(result.volume)
@@ -84,13 +97,17 @@ def write_volume_outputs(
         for i, mask in enumerate(result.masks):
             if not cv2.imwrite(str(tmp / "masks" / f"bscan_{i:0{digits}d}.png"), mask):
                 raise OctSamError(f"could not write the mask of B-scan {i} under {tmp}")
+        if result.probabilities is not None:
+            (tmp / "probabilities").mkdir()
+            for i, probabilities in enumerate(result.probabilities):
+                path = tmp / "probabilities" / f"bscan_{i:0{digits}d}.npz"
+                np.savez_compressed(path, probabilities=probabilities, labels=np.array(result.labels))
         thickness = result.measures.enface or enface_thickness(
             result.masks, result.volume.pixel_spacing[0], result.labels
         )
         for name, grid in thickness.items():
             np.save(tmp / "enface" / f"{_SAFE.sub('_', name)}.npy", grid.astype(np.float32))
         write_report(result.volume, result.masks, result.measures, tmp)
-    append_volumes_csv(out / VOLUMES_CSV, csv_row(result.volume, result.measures))
     return final
 
 
@@ -102,20 +119,6 @@ def check_unique_folders(volumes) -> None:
         if name in seen:
             raise OctSamError(f"two volumes would be written to {name}/: {seen[name]} and {v.source}; rename one.")
         seen[name] = v.source
-
-
-def segment_volume_files(
-    segmenter, inputs, out_dir: str | os.PathLike, spacing=None, labels: list[str] | None = None
-) -> list[Path]:
-    """Read every volume in ``inputs`` (paths: vendor files, DICOM, .mat, .mhd, B-scan folders; an E2E file may
-    hold several), segment it and write its outputs under ``out_dir``; returns the volume folders. All files are
-    read (and checked) before anything is segmented, so a bad file stops the run before any output."""
-    from octsam.volumes.readers import read_volume
-
-    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    volumes = [v for p in paths for v in read_volume(p, spacing)]
-    check_unique_folders(volumes)
-    return [write_volume_outputs(segment_volume(segmenter, v, labels), out_dir) for v in volumes]
 
 
 def evaluate_volumes(segmenter, paths, spacing=None, grader: int = 1) -> dict:

@@ -147,6 +147,30 @@ def test_cli_compares_zero_shot_lora_prompted_and_unet(runs, shape_dataset, tmp_
     assert not list(tmp_path.glob(".results.tmp-*"))
 
 
+def test_cli_ensemble_tta_and_native_zero_shot(runs, shape_dataset, tiny_base, tmp_path, capsys):
+    """One NAME given twice is an ensemble (same Dice as the Python ensemble); --tta and the native zero-shot
+    reach the evaluation."""
+    from octsam.evaluation.predict import evaluate_model
+
+    out = tmp_path / "ens"
+    argv = [
+        "--adapter", f"Ens={runs['sam']}", "--adapter", f"Ens={runs['unet']}", "--tta", "flip", "--method",
+        "zero-shot", "--zero-shot-input-mode", "native", "--base-model", tiny_base, "--dataset",
+        shape_dataset, "--output", str(out), "--n-bootstrap", "20", "--device", "cpu", "--dpi", "40",
+    ]  # fmt: skip
+    # a U-Net and a SAM adapter do not share their input: refused with the reason
+    assert main(argv) == 2 and "ensemble" in capsys.readouterr().err
+    argv[3] = f"Ens={runs['sam']}"
+    assert main(argv) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    assert summary["methods"]["Ens"]["source"] == str([str(runs["sam"]), str(runs["sam"])])
+    from datasets import load_from_disk
+
+    split = load_from_disk(shape_dataset)["test"]
+    expected = evaluate_model(str(runs["sam"]), split, TINY_LABELS, None, device="cpu", tta="flip", n_bootstrap=20)
+    assert summary["methods"]["Ens"]["mean_dice"] == pytest.approx(expected.headline["mean_dice"], abs=1e-6)
+
+
 def test_unet_baseline_trains_and_evaluates_through_the_same_command(runs, shape_dataset, tmp_path):
     config = json.loads((runs["unet"] / "octsam_config.json").read_text())
     assert config["architecture"] == "unet"

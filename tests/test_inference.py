@@ -675,3 +675,20 @@ def test_precision_bf16_on_the_cpu_is_recorded_and_close_to_fp32(adapter, tmp_pa
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(OctSamError, match="--precision must be one of auto, fp32, bf16"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_cli_fold_ensemble_and_flip_tta_match_the_python_api(adapter, tiny_base, tmp_path, capsys):
+    second = make_adapter(tiny_base, tmp_path / "second", seed=1)
+    image = scan(40, 56, seed=3)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    code, _ = run_cli(["--adapter", str(adapter), "--adapter", str(second), "--tta", "flip", "--input",
+                       str(tmp_path / "a.png"), "--output", str(out), "--no-fast-attention"], capsys)  # fmt: skip
+    assert code == 0
+    expected = Segmenter.from_pretrained([adapter, second], device="cpu", fast_attention=False, tta="flip")([image])
+    written = np.asarray(Image.open(out / "masks" / "a.png"))
+    assert (written == expected[0].mask).all()
+    record = json.loads((out / "run.json").read_text())
+    assert record["ensemble"] == [str(adapter), str(second)] and record["tta"] == "flip"
+    single = Segmenter.from_pretrained(adapter, device="cpu", fast_attention=False)([image])[0].mask
+    assert record["adapter"] == f"{adapter} + {second}" and single.shape == written.shape

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter U-Net=outputs/amd_unet/best_adapter --method zero-shot --dataset data/amd --output results/amd",
     )
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR_OR_REPO",
-                   help="Adapter folder or Hub repo (repeat for several; NAME is its row in the tables).")  # fmt: skip
+                   help="Adapter folder or Hub repo (repeat for several; NAME is its row in the tables; one NAME given "
+                   "several times is an ensemble: probabilities averaged).")  # fmt: skip
     p.add_argument("--dataset", default=None, help="Dataset folder (dataset_builder) or Hub dataset id.")
     p.add_argument(
         "--volumes",
@@ -58,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pixel-spacing-mm", default=None, metavar="Y,X", help="Pixel size in mm: HD95 in mm, areas in mm²."
     )
+    p.add_argument(
+        "--tta",
+        default="none",
+        choices=["none", "flip"],
+        help="Test-time augmentation of every adapter: flip averages with the mirrored B-scan.",
+    )
+    p.add_argument(
+        "--zero-shot-input-mode",
+        default="resize",
+        choices=["resize", "native"],
+        help="Zero-shot row: the B-scan resized into the base's input, or each box decoded in a native-"
+        "resolution window around it.",
+    )
     p.add_argument("--n-bootstrap", type=int, default=1000, help="Bootstrap resamples of patients (default 1000).")
     p.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="Where to run.")
@@ -72,7 +86,7 @@ def _zero_shot_base(args: argparse.Namespace, adapters: Mapping[str, str]) -> st
     if args.base_model:
         return args.base_model
     for folder in adapters.values():
-        config = check_adapter_folder(folder)
+        config = check_adapter_folder(folder[0] if isinstance(folder, list) else folder)
         if config.architecture == "sam":
             return config.base_model
     raise OctSamError("--method zero-shot needs a SAM base: pass --base-model ID_OR_DIR (or a SAM --adapter).")
@@ -91,15 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_volume_files(args)
     if not args.dataset:
         raise OctSamError("give --dataset DIR_OR_ID (B-scans) or --volumes FILE... (annotated volumes).")
-    adapters: dict[str, str] = {}
+    adapters: dict[str, list[str]] = {}
     for text in args.adapter:
         name, adapter = parse_adapter_arg(text)
         folder = resolve_adapter(adapter)  # once per run: a Hub id is downloaded here, the rest reads the folder
+        named = name is not None
         if name is None:
             name = default_method_name(check_adapter_folder(folder))
-        if name in adapters:
-            raise OctSamError(f"Two adapters would both be called {name!r}; name them with --adapter NAME=DIR.")
-        adapters[name] = str(folder)
+        if name in adapters and not named:
+            raise OctSamError(
+                f"Two adapters would both be called {name!r}; name them with --adapter NAME=DIR (the same NAME "
+                "given several times makes an ensemble)."
+            )
+        adapters.setdefault(name, []).append(str(folder))  # one NAME given several times: an ensemble
+    adapters = {name: folders[0] if len(folders) == 1 else folders for name, folders in adapters.items()}
     run_comparison(
         args.dataset,
         adapters=adapters,
@@ -114,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         figure_dpi=args.dpi,
+        tta=args.tta,
+        zero_shot_input_mode=args.zero_shot_input_mode,
     )
     return 0
 

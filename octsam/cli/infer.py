@@ -16,6 +16,7 @@ EPILOG = """examples:
   python inference.py --adapter runs/amd/best_adapter --input "scans/**/*.tif" --output out --pixel-spacing-mm 0.0039,0.0114
   python inference.py --adapter ORG/NAME --dataset ORG/oct-data --split test --output out --save-probabilities
   python inference.py --adapter ORG/NAME --input a.png --output out --box fluid:120,80,300,160 --point fluid:200,120
+  python inference.py --adapter cv/fold-0/best_adapter --adapter cv/fold-1/best_adapter --tta flip --input scans/ --output out
   python inference.py --adapter ORG/NAME --input eye.vol --output out          # also .e2e .fda .img .dcm .mat .mhd
   python inference.py --adapter ORG/NAME --input bscans/ --spacing 0.0039,0.0114,0.12 --output out   # one volume
 
@@ -38,7 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
-    p.add_argument("--adapter", required=True, help="Adapter folder or Hub repo id (ORG/NAME).")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        help="Adapter folder or Hub repo id (ORG/NAME); give it several times for an ensemble (e.g. the folds of a "
+        "cross-validation): their probabilities are averaged.",
+    )
+    p.add_argument(
+        "--tta",
+        default="none",
+        choices=["none", "flip"],
+        help="Test-time augmentation: flip averages the prediction with that of the left-right mirrored B-scan.",
+    )
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the adapter.")
     p.add_argument(
         "--base-model",
@@ -126,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry (``octsam-infer`` / ``python inference.py``): 0 all done, 1 some B-scans failed, 2 a
     usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
+    # one name for messages and run.json; the list for loading (an ensemble when several)
+    args.adapters, args.adapter = list(args.adapter), " + ".join(args.adapter)
     if args.quiet:  # also the weight-loading bar and notices of transformers / huggingface_hub
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging

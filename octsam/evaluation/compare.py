@@ -105,11 +105,14 @@ def run_comparison(
     verbose: bool = True,
     figure_dpi: int = 150,
     rank_by: str | None = None,
+    tta: str = "none",
+    zero_shot_input_mode: str = "resize",
 ) -> dict[str, Any]:
     """Evaluate every method on the same ``split`` of ``dataset`` and write tables, figures and ``report.md``.
 
     ``adapters`` maps a method name (the row name in the tables, e.g. "LoRA", "U-Net") to an adapter folder or Hub
-    repo; SAM adapters trained in automatic mode run without prompts, prompted-mode ones with one ground-truth box per
+    repo, or to a list of them (an ensemble: probabilities averaged); ``tta`` ``flip`` adds the mirrored B-scan to
+    every adapter's prediction; ``zero_shot_input_mode`` ``native`` decodes each zero-shot box in a native window; SAM adapters trained in automatic mode run without prompts, prompted-mode ones with one ground-truth box per
     class instance. ``zero_shot_base`` (a SAM base id or folder) adds the zero-shot row: that base with no adapter, the
     same boxes, prompted as the base was trained (``octsam.protocol.zero_shot_rule``). ``training_histories`` maps method names to per-epoch dicts
     (the training loop's ``history``); histories found next to ``RUN/best_adapter`` folders are used otherwise.
@@ -144,15 +147,24 @@ def run_comparison(
     if zero_shot_base is not None:
         methods.append((ZERO_SHOT, "zero-shot", zero_shot_base))
     for name, adapter in adapters.items():
-        folder = resolve_adapter(str(adapter))
-        config = check_adapter_folder(folder)
-        check_same_labels(config.labels, labels, str(adapter), str(dataset))
-        history = given.get(name) or training_history(folder)
+        members = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]  # several: an ensemble
+        folders = [resolve_adapter(str(member)) for member in members]
+        configs = [check_adapter_folder(member_folder) for member_folder in folders]
+        for member, config in zip(members, configs):
+            check_same_labels(config.labels, labels, str(member), str(dataset))
+        if len(configs) > 1:
+            from octsam.segmenter import check_ensemble
+
+            check_ensemble(configs)
+        config = configs[0]
+        folder = folders[0]
+        history = given.get(name) or (training_history(folder) if len(folders) == 1 else None)
         if config.architecture == "sam" and config.mode == "prompted" and "prompt" not in name.lower():
             renamed[name] = name = f"{name} (prompted, GT boxes)"
         if any(name == m[0] for m in methods):
             raise OctSamError(f"Two methods are called {name!r}; name them with --adapter NAME=DIR.")
-        methods.append((name, config.architecture if config.mode == "automatic" else "prompted", str(folder)))
+        source = str(folder) if len(folders) == 1 else [str(f) for f in folders]
+        methods.append((name, config.architecture if config.mode == "automatic" else "prompted", source))
         if history:
             histories[name] = list(history)
 
@@ -162,7 +174,7 @@ def run_comparison(
 
     comparison = Comparison(
         methods, data, labels, str(dataset), split, pixel_spacing_mm, n_bootstrap, seed, histories, device,
-        batch_size, figure_dpi, rank_by,
+        batch_size, figure_dpi, rank_by, tta, zero_shot_input_mode,
     )  # fmt: skip
     with atomic_folder(final, lock="evaluation", overwrite=overwrite) as tmp:
         summary = _evaluate_and_write(comparison, tmp)
@@ -191,6 +203,8 @@ class Comparison:
     batch_size: int
     dpi: int
     rank_by: str
+    tta: str = "none"  # test-time augmentation of the adapters (octsam.segmenter.TTA_MODES)
+    zero_shot_input_mode: str = "resize"  # the zero-shot row: the resized B-scan or native windows around each box
 
 
 def _evaluate_and_write(comparison: Comparison, out: Path) -> dict[str, Any]:
@@ -244,10 +258,10 @@ def _evaluate_methods(comparison: Comparison, out: Path) -> tuple[dict[str, Any]
         start = time.perf_counter()
         if kind == "zero-shot":
             result = evaluate_zero_shot(source, c.data, c.labels, None, device=c.device, batch_size=c.batch_size,
-                                        **kwargs)  # fmt: skip
+                                        input_mode=c.zero_shot_input_mode, **kwargs)  # fmt: skip
         else:
             result = evaluate_model(source, c.data, c.labels, None, method=name, device=c.device,
-                                    batch_size=c.batch_size, **kwargs)  # fmt: skip
+                                    batch_size=c.batch_size, tta=c.tta, **kwargs)  # fmt: skip
         seconds[name] = round(time.perf_counter() - start, 2)
         write_results(result, out, name)
         results[name] = result

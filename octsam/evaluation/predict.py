@@ -91,10 +91,12 @@ def evaluate_model(
     method: str = "fine-tuned",
     device: str | torch.device = "auto",
     batch_size: int = 8,
+    tta: str = "none",
     **kwargs,
 ):
-    """Evaluate an adapter folder or Hub repo; a prompted-mode adapter gets the ground-truth boxes."""
-    segmenter = Segmenter.from_pretrained(adapter, batch_size=batch_size, device=_device_name(device))
+    """Evaluate an adapter folder or Hub repo (or a list of them: an ensemble, probabilities averaged; ``tta`` as in
+    ``Segmenter``); a prompted-mode adapter gets the ground-truth boxes."""
+    segmenter = Segmenter.from_pretrained(adapter, batch_size=batch_size, device=_device_name(device), tta=tta)
     if list(segmenter.labels) != list(labels):
         from octsam.errors import OctSamError
 

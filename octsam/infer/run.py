@@ -271,7 +271,9 @@ def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
     from octsam.segmenter import Segmenter
 
     t0 = time.perf_counter()
-    folder = resolve_adapter(args.adapter, revision=args.revision)
+    names = getattr(args, "adapters", None) or [args.adapter]
+    folders = [resolve_adapter(name, revision=args.revision) for name in names]
+    folder = folders[0]
     plan = plan_speed(
         device_type,
         "infer",
@@ -281,7 +283,7 @@ def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
         num_scans=num_scans,
     )
     segmenter = Segmenter.from_pretrained(
-        folder,
+        folders if len(folders) > 1 else folder,
         revision=args.revision,
         device=args.device,
         merge=not args.no_merge,
@@ -289,6 +291,7 @@ def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
         fast_attention=plan.attention or False,
         compile=plan.compile,
         precision=getattr(args, "precision", "auto"),
+        tta=getattr(args, "tta", "none"),
     )
     segmenter.batch_size = args.batch_size or (16 if segmenter.device.type == "cuda" else 1)
     if not args.quiet and segmenter.compiled:
@@ -506,6 +509,8 @@ def run_record(ctx: InferenceRun) -> dict:
         "adapter": args.adapter,
         "adapter_revision": args.revision,
         "adapter_folder": str(folder),
+        "ensemble": list(getattr(args, "adapters", [])) if len(getattr(args, "adapters", [])) > 1 else None,
+        "tta": getattr(args, "tta", "none"),
         "adapter_commit": folder.name if folder.parent.name == "snapshots" else None,
         "base_model": segmenter.config.base_model,
         "base_model_revision": segmenter.config.base_model_revision,

@@ -24,6 +24,7 @@ from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_d
 from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan, to_uint8
 from octsam.errors import OctSamError
 from octsam.folders import require_utf8_name
+from octsam.safepaths import check_link
 
 logger = logging.getLogger("dataset_builder")
 
@@ -130,7 +131,7 @@ def _cases(folder: Path, images: str, labels: str, ending: str | None) -> list[t
         require_utf8_name(path)
         parts = _split_name(path.name)
         if parts and not path.name.startswith(".") and (ending is None or parts[1] == ending.lower()):
-            found_labels[parts[0]] = path
+            found_labels[parts[0]] = check_link(path, folder)
     found_images: dict[str, Path] = {}
     extra_channels = []
     for path in sorted(image_dir.iterdir()) if image_dir.is_dir() else []:
@@ -138,6 +139,7 @@ def _cases(folder: Path, images: str, labels: str, ending: str | None) -> list[t
         parts = _split_name(path.name)
         if not parts or path.name.startswith(".") or (ending is not None and parts[1] != ending.lower()):
             continue
+        check_link(path, folder)
         stem = parts[0]
         if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
             if stem[-4:] == "0000":

@@ -1,0 +1,193 @@
+"""Issue 22: nothing read from outside what the user named, nothing uploaded by accident, text from data escaped
+where it lands, pickles and hostile headers refused with a message."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from octsam.errors import OctSamError
+from tests.test_volumes import write_retouch_case
+
+SECRET = b"SECRET" * 4000  # 24000 bytes: enough for the 4 x 30 x 40 uint16 volume the header declares
+
+
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret.bin"
+    path.write_bytes(SECRET)
+    return path
+
+
+def point_mhd(header: Path, target: str) -> None:
+    text = header.read_text()
+    lines = [
+        f"ElementDataFile = {target}" if line.startswith("ElementDataFile") else line for line in text.splitlines()
+    ]
+    header.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ 1. readers
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_mhd_data_file_outside_its_folder_is_refused(tmp_path, how):
+    from octsam.volumes.readers import read_annotated_volume, read_volume
+
+    secret = secret_file(tmp_path)
+    case = write_retouch_case(tmp_path / "cases" / "TRAIN001")
+    (case / "oct.raw").unlink()
+    if how == "dotdot":
+        target = "../../secret.bin"
+    elif how == "absolute":
+        target = str(secret)
+    else:
+        (case / "oct.raw").symlink_to(secret)
+        target = "oct.raw"
+    point_mhd(case / "oct.mhd", target)
+    for read in (read_volume, read_annotated_volume):
+        with pytest.raises(OctSamError, match="outside its folder") as info:
+            read(case)
+        assert "oct.mhd" in str(info.value) and target in str(info.value)
+
+
+def test_mhd_reference_outside_and_builder_refuses(tmp_path):
+    from dataset_builder.__main__ import main
+    from octsam.volumes.readers import read_annotated_volume
+
+    (tmp_path / "secret.bin").write_bytes(bytes(4 * 30 * 40))  # zeros: valid labels, so only the check refuses it
+    root = tmp_path / "RETOUCH"
+    case = write_retouch_case(root / "Spectralis" / "TRAIN001")
+    point_mhd(case / "reference.mhd", "../../../secret.bin")
+    with pytest.raises(OctSamError, match=r"reference\.mhd.*outside its folder"):
+        read_annotated_volume(case)
+    out = tmp_path / "ds"
+    assert main(["retouch", "--input", str(root), "--output", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_mhd_list_pattern_and_hostile_sizes_are_refused(tmp_path):
+    from octsam.volumes.readers import read_volume
+
+    case = write_retouch_case(tmp_path / "c")
+    header = (case / "oct.mhd").read_text()
+    point_mhd(case / "oct.mhd", "LIST")
+    with pytest.raises(OctSamError, match="several data files"):
+        read_volume(case)
+    (case / "oct.mhd").write_text(header.replace("DimSize = 40 30 4", "DimSize = 100000 100000 100000"))
+    with pytest.raises(OctSamError, match="MAX_VOLUME_VOXELS"):
+        read_volume(case)
+    (case / "oct.mhd").write_text(header.replace("DimSize = 40 30 4", "DimSize = 40 30 400"))
+    with pytest.raises(OctSamError, match="truncated"):
+        read_volume(case)
+
+
+def test_heyex_xml_image_reference_outside_is_refused(tmp_path):
+    from octsam.volumes.readers import read_volume
+
+    pytest.importorskip("eyepy")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "secret.png")
+    (folder / "scan.xml").write_text(
+        "<HEDX><BODY><Patient><Study><Series><Image><ImageData>"
+        "<ExamURL>../secret.png</ExamURL></ImageData></Image></Series></Study></Patient></BODY></HEDX>"
+    )
+    for path in (folder, folder / "scan.xml"):
+        with pytest.raises(OctSamError, match=r"scan\.xml.*\.\./secret\.png.*outside its folder"):
+            read_volume(path)
+
+
+def test_volume_folder_with_a_link_leading_out_is_refused(tmp_path):
+    from octsam.volumes.readers import read_volume
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "secret.png")
+    (folder / "2.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(OctSamError, match=r"2\.png.*outside its folder"):
+        read_volume(folder, spacing="0.1,0.1,0.1")
+    (folder / "2.png").unlink()
+    (folder / "1b.png").symlink_to(folder / "1.png")  # a link inside the folder is fine
+    assert read_volume(folder, spacing="0.1,0.1,0.1")[0].n_bscans == 3
+
+
+def test_inference_input_folder_links_leading_out_are_refused(tmp_path):
+    from octsam.infer.inputs import collect_inputs
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside / "secret.png")
+    (folder / "sub" / "inner.png").symlink_to(folder / "a.png")
+    assert sorted(s.name for s in collect_inputs([str(folder)])) == ["a"]  # a link inside: read once
+    (folder / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OctSamError, match=r"linked.*outside its folder"):
+        collect_inputs([str(folder)])
+    (folder / "linked").unlink()
+    (folder / "s.png").symlink_to(outside / "secret.png")
+    with pytest.raises(OctSamError, match=r"s\.png.*outside its folder"):
+        collect_inputs([str(folder)])
+    assert [s.name for s in collect_inputs([str(folder / "s.png")])] == ["s"]  # a file named by the user is read
+
+
+def test_builder_folder_and_nnunet_links_leading_out_are_refused(tmp_path):
+    from dataset_builder.__main__ import main
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 60 + i, np.uint8)).save(images / f"p{i}_s.png")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(masks / f"p{i}_s.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(outside / "secret.png")
+    (images / "p9_s.png").symlink_to(outside / "secret.png")
+    (masks / "p9_s.png").symlink_to(masks / "p0_s.png")
+    args = ["folder", "--images", str(images), "--masks", str(masks), "--labels", "background,fluid",
+            "--output", str(tmp_path / "ds")]  # fmt: skip
+    assert main(args) == 2 and not (tmp_path / "ds").exists()
+
+    nn = tmp_path / "nn"
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    (nn / "dataset.json").write_text('{"labels": {"background": 0, "fluid": 1}, "file_ending": ".png"}')
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 60 + i, np.uint8)).save(nn / "imagesTr" / f"c{i}_0000.png")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(nn / "labelsTr" / f"c{i}.png")
+    (nn / "labelsTr" / "c9.png").symlink_to(outside / "secret.png")
+    (nn / "imagesTr" / "c9_0000.png").symlink_to(nn / "imagesTr" / "c0_0000.png")
+    assert main(["nnunet", "--input", str(nn), "--output", str(tmp_path / "ds2")]) == 2
+    assert not (tmp_path / "ds2").exists()
+
+
+def test_app_upload_of_an_mhd_alone_opens_no_server_file(tmp_path):
+    from octsam.app.loading import open_uploads
+
+    root = tmp_path / "uploads"
+    (root / "other").mkdir(parents=True)
+    secret = secret_file(root / "other")
+    case = write_retouch_case(root / "h1")
+    os.replace(case / "oct.raw", root / "h1" / "kept.raw")
+    for target in (str(secret), "../other/secret.bin", "kept.raw"):
+        point_mhd(case / "oct.mhd", target)
+        got, volumes, problems = open_uploads([case / "oct.mhd"], root)
+        assert got == [] and volumes == [] and len(problems) == 1, problems
+        assert "oct.mhd" in problems[0] and str(root / "h1") not in problems[0]
+    # a single-file MetaImage (data after the header) opens
+    import SimpleITK as sitk
+
+    single = root / "h2" / "one.mhd"
+    single.parent.mkdir()
+    image = sitk.GetImageFromArray(np.zeros((2, 8, 9), np.uint8))
+    image.SetSpacing((0.01, 0.004, 0.1))
+    sitk.WriteImage(image, str(single.with_suffix(".mha")))
+    os.replace(single.with_suffix(".mha"), single)
+    got, volumes, problems = open_uploads([single], root)
+    assert problems == [] and len(got) == 2

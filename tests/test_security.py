@@ -191,3 +191,99 @@ def test_app_upload_of_an_mhd_alone_opens_no_server_file(tmp_path):
     os.replace(single.with_suffix(".mha"), single)
     got, volumes, problems = open_uploads([single], root)
     assert problems == [] and len(got) == 2
+
+
+# ------------------------------------------------------------------------------------------------ 3. text from data
+HOSTILE = "<img src=x onerror=alert(1)>"
+FORMULA = "=1+1"
+
+
+def test_textsafe_helpers():
+    from octsam.textsafe import csv_cell, csv_frame, html_text, markdown_text
+
+    assert "<" not in markdown_text(HOSTILE) and "&lt;img" in markdown_text(HOSTILE)
+    assert markdown_text("[x](javascript:alert(1))") == r"\[x\](javascript:alert(1))"
+    assert markdown_text("a|b\nc") == r"a\|b c"
+    assert html_text('<b a="1">') == "&lt;b a=&quot;1&quot;&gt;"
+    for text in (FORMULA, "@SUM(A1)", "+1+2", "-2+3", "\tx", "\r=1", "=cmd|' /C calc'!A0"):
+        assert csv_cell(text) == "'" + text
+    for value in ("fluid", "-0.5", "+1e-3", "12", -0.5, 3, None, "'=1"):
+        assert csv_cell(value) == value
+    import pandas as pd
+
+    frame = csv_frame(pd.DataFrame({"class_name": [FORMULA, "fluid"], "dice": [-0.5, 0.25], FORMULA: [1, 2]}))
+    assert list(frame.columns) == ["class_name", "dice", "'" + FORMULA]
+    assert frame["class_name"].tolist() == ["'" + FORMULA, "fluid"] and frame["dice"].tolist() == [-0.5, 0.25]
+
+
+def _body(card: str) -> str:
+    """The Markdown after the YAML metadata, without fenced code blocks (where HTML is shown as written)."""
+    import re
+
+    return re.sub(r"```.*?```", "", card.split("---", 2)[2], flags=re.S)
+
+
+@pytest.mark.parametrize("architecture", ["sam", "unet"])
+def test_model_card_escapes_label_names(architecture):
+    from octsam.adapter import OctSamConfig
+    from octsam.cards import render_adapter_card
+
+    config = OctSamConfig(labels=["background", HOSTILE, "fluid"], architecture=architecture)
+    metrics = {"per_class": {HOSTILE: {"dice_mean": 0.5}}, "mean_dice": 0.5, "mean_iou": 0.4}
+    for card in (render_adapter_card(config), render_adapter_card(config, metrics, dataset="a<script>b")):
+        body = _body(card)
+        assert "<img" not in body and "<script" not in body and "&lt;img src=x onerror=alert(1)&gt;" in body
+
+
+def test_dataset_card_escapes_label_names(tmp_path):
+    from dataset_builder.__main__ import main
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((16, 16), 60 + i, np.uint8)).save(images / f"p{i}_s.png")
+        mask = np.zeros((16, 16), np.uint8)
+        mask[2:6, 2:6] = 1
+        Image.fromarray(mask).save(masks / f"p{i}_s.png")
+    out = tmp_path / "ds"
+    args = ["folder", "--images", str(images), "--masks", str(masks), "--labels", f"background,{HOSTILE}",
+            "--patient-regex", r"^(p\d+)_", "--source", "<b>src</b>", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    body = _body((out / "README.md").read_text())
+    assert "<img" not in body and "<b>" not in body and "&lt;img src=x" in body
+
+
+def test_summary_csv_neutralises_formulas(tmp_path):
+    import csv
+
+    from octsam.infer.outputs import _write_summary
+
+    rows = [{"scan": "=cmd|' /C calc'!A0", "source": "@SUM(A1)", "height": 4, "width": 5, f"{FORMULA}_area_px": 3,
+             f"{FORMULA}_components": 1, "status": "ok", "error": ""}]  # fmt: skip
+    failures = [{"scan": "-x", "source": "+y", "error": "=HYPERLINK(1)"}]
+    _write_summary(tmp_path / "summary.csv", rows, failures, ["background", FORMULA], None)
+    table = list(csv.reader((tmp_path / "summary.csv").open()))
+    assert table[0][4] == f"'{FORMULA}_area_px"
+    assert table[1][:5] == ["'=cmd|' /C calc'!A0", "'@SUM(A1)", "4", "5", "3"]
+    assert table[2][:2] == ["'-x", "'+y"] and "'=HYPERLINK(1)" in table[2]
+    assert not any(cell.startswith(("=", "+", "@")) for row in table for cell in row)
+
+
+def test_evaluation_csvs_and_report_tables_escape_labels(tmp_path):
+    import csv
+
+    from octsam.evaluation.metrics import evaluate_predictions
+    from octsam.evaluation.report import _class_table, _headline_table, write_results
+
+    rng = np.random.default_rng(0)
+    refs = [(rng.random((12, 12)) > 0.5).astype(np.uint8) for _ in range(4)]
+    labels = ["background", HOSTILE]
+    result = evaluate_predictions(refs, refs, ["background", FORMULA], patient_ids=list("aabb"), n_bootstrap=5)
+    paths = write_results(result, tmp_path, "m")
+    for kind in ("per_class", "detection", "confusion"):
+        cells = [c for row in csv.reader(paths[kind].open()) for c in row]
+        assert "'" + FORMULA in cells and FORMULA not in cells, kind
+    md_result = evaluate_predictions(refs, refs, labels, patient_ids=list("aabb"), n_bootstrap=5)
+    text = _class_table({"<b>method</b>": md_result}) + _headline_table({"<b>method</b>": md_result}, labels)
+    assert "<img" not in text and "<b>" not in text and "&lt;img" in text

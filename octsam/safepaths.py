@@ -64,3 +64,40 @@ def files_under(root: str | os.PathLike) -> Iterator[Path]:
                 check_link(here / name, root)
         for name in sorted(files):
             yield check_link(here / name, root) if (here / name).is_symlink() else here / name
+
+
+# ------------------------------------------------------------------------------------------------ pickled weights
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickled_files(folder: str | os.PathLike) -> list[str]:
+    """Names of pickle-format weight files (``.bin``/``.pt``/...) directly in ``folder`` (none for a non-folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES))
+
+
+def pickle_hint(folder: str | os.PathLike) -> str:
+    """`` It holds X (pickle format) ...`` when the folder has pickled weights, else ``""``."""
+    names = pickled_files(folder)
+    if not names:
+        return ""
+    return (
+        f" It holds {', '.join(names[:5])} (pickle format); use safetensors weights instead - convert them where you "
+        "trust the file (e.g. `safetensors.torch.save_file(torch.load(PATH, weights_only=True), "
+        "'model.safetensors')`) or save the model again with save_pretrained."
+    )
+
+
+def is_pickle_refusal(err: BaseException) -> bool:
+    """True when ``err`` (or what it wraps) is torch refusing a pickle (``weights_only``) or a damaged pickle."""
+    import pickle
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

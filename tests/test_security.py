@@ -287,3 +287,39 @@ def test_evaluation_csvs_and_report_tables_escape_labels(tmp_path):
     md_result = evaluate_predictions(refs, refs, labels, patient_ids=list("aabb"), n_bootstrap=5)
     text = _class_table({"<b>method</b>": md_result}) + _headline_table({"<b>method</b>": md_result}, labels)
     assert "<img" not in text and "<b>" not in text and "&lt;img" in text
+
+
+# ------------------------------------------------------------------------------------------------ 4. pickles
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_base_or_adapter_weights_are_a_message(tmp_path, tiny_base):
+    import pickle
+    import shutil
+
+    from octsam.adapter import check_adapter_folder
+    from octsam.models.sam import load_base_sam
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (base / "model.safetensors").unlink()
+    (base / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(tmp_path / "PWNED")))
+    with pytest.raises(OctSamError, match=r"pytorch_model\.bin \(pickle format\)") as info:
+        load_base_sam(str(base))
+    assert "nothing in it ran" in str(info.value) and not (tmp_path / "PWNED").exists()
+
+    from octsam.adapter import OctSamConfig
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    OctSamConfig(labels=["background", "fluid"]).to_json_file(adapter / "octsam_config.json")
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload(tmp_path / "PWNED")))
+    with pytest.raises(OctSamError, match=r"lacks adapter_model\.safetensors.*adapter_model\.bin \(pickle format\)"):
+        check_adapter_folder(adapter)
+    assert not (tmp_path / "PWNED").exists()

@@ -323,3 +323,60 @@ def test_pickled_base_or_adapter_weights_are_a_message(tmp_path, tiny_base):
     with pytest.raises(OctSamError, match=r"lacks adapter_model\.safetensors.*adapter_model\.bin \(pickle format\)"):
         check_adapter_folder(adapter)
     assert not (tmp_path / "PWNED").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 5. hostile headers
+NIFTI_BOMB = """
+import gzip, resource, sys
+import nibabel, numpy as np
+from pathlib import Path
+folder = Path(sys.argv[1])
+header = nibabel.Nifti1Image(np.zeros((4, 4, 1), np.uint8), np.eye(4)).header
+header.set_data_shape((30000, 30000, 1))
+raw = header.binaryblock + bytes(4 + 64)
+(folder / "bomb.nii").write_bytes(raw)
+(folder / "bomb.nii.gz").write_bytes(gzip.compress(raw))
+from dataset_builder.nnunet import read_nifti
+from octsam.errors import OctSamError
+for name in ("bomb.nii", "bomb.nii.gz"):
+    try:
+        read_nifti(folder / name)
+        print("READ", name)
+    except OctSamError as err:
+        print("REFUSED", name, "MAX_SCAN_PIXELS" in str(err))
+print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def test_tiny_nifti_with_a_huge_header_is_refused_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", NIFTI_BOMB, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=300).stdout  # fmt: skip
+    assert "REFUSED bomb.nii True" in out and "REFUSED bomb.nii.gz True" in out, out
+    peak = float(out.split("PEAK_MB")[1])
+    assert peak < 1024, f"peak {peak:.0f} MB"  # was 3.6 GB (nibabel allocated the declared 900 megapixels)
+
+
+def test_dicom_and_vol_headers_declaring_huge_volumes_are_refused(tmp_path):
+    import struct
+
+    import pydicom
+
+    from octsam.volumes.readers import read_volume
+    from tests.test_volumes import write_oct_dicom
+
+    path = write_oct_dicom(tmp_path / "a.dcm", np.zeros((2, 8, 8), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames, ds.Rows, ds.Columns = 1000, 60000, 60000
+    ds.save_as(path)
+    with pytest.raises(OctSamError, match=r"a\.dcm.*MAX_VOLUME_VOXELS"):
+        read_volume(path)
+
+    vol = tmp_path / "eye.vol"  # a HEYEX VOL header declaring 5000 B-scans of 60000 x 60000, and nothing else
+    vol.write_bytes(b"HSF-OCT-103 " + struct.pack("<3I", 60000, 5000, 60000) + bytes(4096))
+    with pytest.raises(OctSamError, match=r"eye\.vol.*5000 B-scans of 60000 x 60000"):
+        read_volume(vol)

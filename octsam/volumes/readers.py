@@ -277,9 +277,37 @@ def _bad_file(path: Path, what: str, err: BaseException, vendor: bool = True) ->
     return OctSamError(f"cannot read {path} as {what}: the file is truncated or not such a file ({detail}).")
 
 
+def check_volume_size(path: Path, n: int, height: int, width: int, what: str = "") -> None:
+    """Refuse (from a header, before reading data) a volume above ``MAX_VOLUME_VOXELS`` or a B-scan (or localiser)
+    above ``MAX_SCAN_PIXELS``."""
+    if n < 0 or height < 0 or width < 0 or n * height * width > MAX_VOLUME_VOXELS or height * width > MAX_SCAN_PIXELS:
+        raise OctSamError(volume_too_large_message(f"{path}{what}", (n, height, width)))
+
+
+def _check_vol_header(path: Path) -> None:
+    """The HEYEX VOL header's sizes (little-endian uint32 after the 12-byte version: SizeX, NumBScans, SizeZ, ...,
+    SizeXSlo, SizeYSlo), checked before eyepy parses the file."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(56)
+    if len(head) < 56:
+        return  # too short to be a VOL file: eyepy's parser names the problem
+    size_x, n_bscans, size_y = struct.unpack_from("<3I", head, 12)
+    slo_x, slo_y = struct.unpack_from("<2I", head, 48)
+    try:
+        check_volume_size(path, n_bscans, size_y, size_x)
+        check_volume_size(path, 1, slo_y, slo_x, " (localiser)")
+    except OctSamError as err:  # a hostile or damaged header: refused before eyepy allocates anything
+        detail = f"its header declares {n_bscans} B-scans of {size_x} x {size_y} and a {slo_x} x {slo_y} localiser"
+        raise _bad_file(path, "a Heidelberg HEYEX VOL file", ValueError(f"{detail}, above octsam's limits")) from err
+
+
 def _read_vol(path: Path, override) -> list[OctVolume]:
     _import_eyepy(path)
     from eyepy.io.he.vol_reader import HeVolReader
+
+    _check_vol_header(path)
 
     try:
         with warnings.catch_warnings():
@@ -472,6 +500,12 @@ def _read_dicom(path: Path, override) -> list[OctVolume]:
             f"{path} is a DICOM {name} (SOP class {sop or 'missing'}, modality {modality}), not an OCT volume: "
             f"octsam reads Ophthalmic Tomography Image Storage ({OCT_SOP_CLASS})."
         )
+    try:
+        declared = (int(getattr(ds, "NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
+    except (AttributeError, TypeError, ValueError):
+        declared = None  # no image attributes: pydicom's pixel decoding names what is missing
+    if declared is not None:
+        check_volume_size(path, *declared)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - missing pixel data, unsupported compression, truncated frames

@@ -717,12 +717,13 @@ def mhd_data_file(path: Path) -> Path | None:
     name = header["ElementDataFile"]
     if name.upper() == "LOCAL":
         return None
+    if not name.upper().startswith("LIST"):
+        data = contained(name, path.parent, path)  # also a pattern's path part: refused if it leads out
     if name.upper().startswith("LIST") or "%" in name or " " in name.strip():
         raise OctSamError(
             f"{path}: ElementDataFile {name!r} names several data files (a list or a pattern); octsam reads a "
             "MetaImage with one data file (.raw) beside its header."
         )
-    data = contained(name, path.parent, path)
     compressed = header.get("CompressedData", "False").strip().lower() == "true"
     channels = header.get("ElementNumberOfChannels", "1")
     channels = int(channels) if channels.isdigit() else 1

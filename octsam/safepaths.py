@@ -51,18 +51,19 @@ def check_link(path: Path, root: str | os.PathLike) -> Path:
     return path
 
 
-def files_under(root: str | os.PathLike) -> Iterator[Path]:
-    """Every file below ``root`` (recursive, sorted within each folder) without following symbolic links that leave
-    it: a link (to a file or a folder) whose target is outside ``root`` is an OctSamError; a link to a folder inside
-    it is not descended (its files are listed under their real place)."""
+def files_under(root: str | os.PathLike, skip_hidden: bool = True) -> Iterator[Path]:
+    """Every file below ``root`` (recursive, sorted within each folder; hidden files and folders skipped unless
+    ``skip_hidden`` is False) without following symbolic links that leave it: a link (to a file or a folder) whose
+    target is outside ``root`` is an OctSamError; a link to a folder inside it is not descended (its files are listed
+    under their real place)."""
     root = Path(root)
     for folder, dirs, files in os.walk(root, followlinks=False):
         here = Path(folder)
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not (skip_hidden and d.startswith(".")))
         for name in dirs:
             if (here / name).is_symlink():
                 check_link(here / name, root)
-        for name in sorted(files):
+        for name in sorted(f for f in files if not (skip_hidden and f.startswith("."))):
             yield check_link(here / name, root) if (here / name).is_symlink() else here / name
 
 

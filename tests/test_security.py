@@ -380,3 +380,18 @@ def test_dicom_and_vol_headers_declaring_huge_volumes_are_refused(tmp_path):
     vol.write_bytes(b"HSF-OCT-103 " + struct.pack("<3I", 60000, 5000, 60000) + bytes(4096))
     with pytest.raises(OctSamError, match=r"eye\.vol.*5000 B-scans of 60000 x 60000"):
         read_volume(vol)
+
+
+def test_files_under_skips_hidden_entries_and_refuses_links_leading_out(tmp_path):
+    from octsam.safepaths import files_under
+
+    root = tmp_path / "in"
+    (root / ".git").mkdir(parents=True)
+    (root / "a").mkdir()
+    (root / "a" / "x.png").write_text("x")
+    (root / ".git" / "out").symlink_to(tmp_path)  # hidden: not listed, not refused
+    (root / ".hidden.png").symlink_to(tmp_path / "nowhere.png")
+    assert [p.relative_to(root).as_posix() for p in files_under(root)] == ["a/x.png"]
+    (root / "a" / "up").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(OctSamError, match="outside its folder"):
+        list(files_under(root))

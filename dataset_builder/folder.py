@@ -21,6 +21,7 @@ from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_d
 from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, open_image, read_scan
 from octsam.errors import OctSamError
 from octsam.folders import require_utf8_name
+from octsam.safepaths import check_link
 
 logger = logging.getLogger("dataset_builder")
 
@@ -47,6 +48,7 @@ def list_images(folder: Path, what: str, suffixes: Sequence[str] = IMAGE_SUFFIXE
         if suffix is None:
             continue
         require_utf8_name(path)
+        check_link(path, folder)  # a symbolic link must not lead out of the folder the user named
         stem = path.name[: -len(suffix)]
         if stem in found:
             clashes.append(f"{found[stem].name} / {path.name}")

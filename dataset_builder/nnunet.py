@@ -21,9 +21,11 @@ import numpy as np
 
 from dataset_builder.folder import check_pairs, index_mask, listing, patient_ids, read_mask
 from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
+from octsam.data.contract import MAX_SCAN_PIXELS, too_large_message
 from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan, to_uint8
 from octsam.errors import OctSamError
 from octsam.folders import require_utf8_name
+from octsam.safepaths import check_link
 
 logger = logging.getLogger("dataset_builder")
 
@@ -74,7 +76,13 @@ def read_nifti(path: Path) -> np.ndarray:
     import nibabel
 
     try:
-        array = np.asarray(nibabel.load(str(path)).dataobj)
+        image = nibabel.load(str(path))  # reads the header only
+        shape = tuple(int(v) for v in image.header.get_data_shape())
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
+        raise OctSamError(f"cannot read NIfTI file {path}: {err}") from err
+    check_nifti_header(path, shape, image.header.get_data_dtype().itemsize, image.header.get("vox_offset", 0))
+    try:
+        array = np.asarray(image.dataobj)
     except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
         raise OctSamError(f"cannot read NIfTI file {path}: {err}") from err
     while array.ndim > 2 and array.shape[-1] == 1:
@@ -82,6 +90,27 @@ def read_nifti(path: Path) -> np.ndarray:
     if array.ndim != 2:
         raise OctSamError(f"{path} has shape {array.shape}: only 2D (single-slice) NIfTI B-scans are supported.")
     return array.T
+
+
+def check_nifti_header(path: Path, shape: tuple[int, ...], itemsize: int, offset) -> None:
+    """Refuse, from the header and before any data are read, a NIfTI larger than a B-scan may be (``MAX_SCAN_PIXELS``)
+    or one whose uncompressed file is shorter than its header declares."""
+    pixels = 1
+    for v in shape:
+        pixels *= max(int(v), 0)
+    if pixels > MAX_SCAN_PIXELS:
+        width, height = (shape + (1, 1))[:2]
+        raise OctSamError(
+            too_large_message(path, width, height)
+            + f" (NIfTI header shape {' x '.join(str(v) for v in shape)}; a B-scan is one 2D slice)"
+        )
+    if not path.name.lower().endswith(".gz"):
+        needed = int(float(offset or 0)) + pixels * itemsize
+        if path.stat().st_size < needed:
+            raise OctSamError(
+                f"{path}: the NIfTI header declares {' x '.join(str(v) for v in shape)} voxels ({needed} bytes with "
+                f"the header) but the file holds {path.stat().st_size} bytes; it is truncated or corrupt."
+            )
 
 
 def _is_nifti(path: Path) -> bool:
@@ -130,7 +159,7 @@ def _cases(folder: Path, images: str, labels: str, ending: str | None) -> list[t
         require_utf8_name(path)
         parts = _split_name(path.name)
         if parts and not path.name.startswith(".") and (ending is None or parts[1] == ending.lower()):
-            found_labels[parts[0]] = path
+            found_labels[parts[0]] = check_link(path, folder)
     found_images: dict[str, Path] = {}
     extra_channels = []
     for path in sorted(image_dir.iterdir()) if image_dir.is_dir() else []:
@@ -138,6 +167,7 @@ def _cases(folder: Path, images: str, labels: str, ending: str | None) -> list[t
         parts = _split_name(path.name)
         if not parts or path.name.startswith(".") or (ending is not None and parts[1] != ending.lower()):
             continue
+        check_link(path, folder)
         stem = parts[0]
         if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
             if stem[-4:] == "0000":

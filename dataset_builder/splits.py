@@ -18,6 +18,7 @@ import numpy as np
 
 from octsam.data.dataset import SPLITS
 from octsam.errors import OctSamError
+from octsam.textsafe import markdown_text
 
 logger = logging.getLogger("dataset_builder")
 
@@ -205,7 +206,7 @@ class SplitStats:
 
 def split_table(summaries: Mapping[str, dict], labels: list[str]) -> str:
     """A Markdown table: B-scans, patients, and pixels (B-scans) per class for each split."""
-    header = ["split", "B-scans", "patients"] + [f"{name} px (scans)" for name in labels]
+    header = ["split", "B-scans", "patients"] + [f"{markdown_text(name)} px (scans)" for name in labels]
     rows = []
     for split, s in summaries.items():
         cells = [split, str(s["scans"]), str(s["patients"])]

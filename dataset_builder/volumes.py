@@ -30,6 +30,7 @@ from dataset_builder.folder import listing
 from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
 from octsam.data import IGNORE_INDEX
 from octsam.errors import OctSamError
+from octsam.safepaths import check_link
 from octsam.volumes.readers import read_annotated_volume
 from octsam.volumes.volume import AnnotatedVolume, parse_spacing
 
@@ -58,7 +59,9 @@ def find_duke_files(folder: Path) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise OctSamError(f"Duke .mat input not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".mat" and not p.name.startswith("."))
+    files = sorted(
+        check_link(p, folder) for p in folder.iterdir() if p.suffix.lower() == ".mat" and not p.name.startswith(".")
+    )
     if not files:
         raise OctSamError(f"no .mat files in {folder} (expected the Duke DME Subject_XX.mat files).")
     return files
@@ -70,6 +73,9 @@ def find_retouch_cases(folder: Path) -> list[Path]:
     if folder.is_file():
         folder = folder.parent
     cases = sorted({Path(root) for root, _, files in os.walk(folder) if "oct.mhd" in files})
+    for case in cases:  # the headers (and, checked by the reader, their data files) stay inside the folder named
+        for name in ("oct.mhd", "reference.mhd"):
+            check_link(case / name, folder)
     if not cases:
         raise OctSamError(f"no RETOUCH case folders (with oct.mhd) under {folder}.")
     unlabelled = [c for c in cases if not (c / "reference.mhd").is_file()]
@@ -86,7 +92,7 @@ def find_eye_files(folder: Path) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise OctSamError(f"volume input not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".eye")
+    files = sorted(check_link(p, folder) for p in folder.iterdir() if p.suffix.lower() == ".eye")
     if not files:
         raise OctSamError(f"no eyepy .eye files in {folder}.")
     return files

@@ -42,6 +42,7 @@ from octsam.data.dataset import (
 )
 from octsam.errors import OctSamError
 from octsam.folders import FolderLock, remove_stale_staging, require_utf8_name, staging_path, swap_into_place
+from octsam.textsafe import markdown_text
 
 logger = logging.getLogger("dataset_builder")
 
@@ -388,6 +389,7 @@ def render_card(labels: list[str], summaries: dict[str, dict], meta: DatasetMeta
         repo_id=repo_id,
         labels_file=LABELS_FILE,
         splits_file=SPLITS_FILE,
+        md=markdown_text,  # text from the data (labels, names, sources) stays text in the card
     )
 
 

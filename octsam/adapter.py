@@ -18,6 +18,7 @@ from typing import Any
 
 from octsam import __version__
 from octsam.errors import OctSamError
+from octsam.safepaths import pickle_hint
 
 ADAPTER_CONFIG_NAME = "octsam_config.json"
 ADAPTER_FORMAT = "octsam-adapter"
@@ -293,7 +294,9 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
     config = OctSamConfig.from_json_file(folder / ADAPTER_CONFIG_NAME)
     missing = [name for name in WEIGHT_FILES.get(config.architecture, ()) if not (folder / name).is_file()]
     if missing:
-        raise OctSamError(f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.")
+        raise OctSamError(
+            f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.{pickle_hint(folder)}"
+        )
     weights = WEIGHT_FILES.get(config.architecture, ())
     for name in weights:
         if name.endswith(".safetensors"):

@@ -19,6 +19,7 @@ from octsam import __version__
 from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
 from octsam.errors import OctSamError
 from octsam.protocol import protocol_text
+from octsam.textsafe import markdown_text
 
 
 # Package data (pyproject.toml [tool.setuptools.package-data]): installed with octsam, wheel or editable.
@@ -200,10 +201,10 @@ def render_adapter_card(
         return _render_unet_card(config, metrics, dataset, repo_id, license)
     base_shown = public_name(config.base_model)
     data = card_data(config, metrics, dataset, repo_id, license)
-    biomarkers = ", ".join(config.labels[1:])
+    biomarkers = ", ".join(markdown_text(n) for n in config.labels[1:])
     model_ref = repo_id or REPO_PLACEHOLDER
-    label_rows = [{"index": 0, "name": config.labels[0], "colour": "not drawn"}] + [
-        {"index": i, "name": name, "colour": _colour(i, list(config.labels))}
+    label_rows = [{"index": 0, "name": markdown_text(config.labels[0]), "colour": "not drawn"}] + [
+        {"index": i, "name": markdown_text(name), "colour": _colour(i, list(config.labels))}
         for i, name in enumerate(config.labels)
         if i > 0
     ]
@@ -274,7 +275,7 @@ def render_adapter_card(
         base_model_link=base_model_link,
         base_model_code=f"`{base_shown}`",
         biomarkers=biomarkers,
-        label_list=", ".join(f"{i} {name}" for i, name in enumerate(config.labels)),
+        label_list=", ".join(f"{i} {markdown_text(name)}" for i, name in enumerate(config.labels)),
         mode=config.mode,
         mode_text=mode_text,
         activation_text=activation_text,
@@ -289,7 +290,7 @@ def render_adapter_card(
         n_patients=n_patients,
         eval_mode=eval_mode,
         protocol=protocol,
-        dataset=dataset,
+        dataset=markdown_text(dataset) if dataset else dataset,
         dataset_link=f"https://huggingface.co/datasets/{dataset}" if is_hub_id(dataset) else None,
         training_rows=_training_rows(training),
         config_rows=config_rows,
@@ -336,7 +337,7 @@ def _metric_rows(config: OctSamConfig, metrics: dict | None):
             stats = per_class.get(name) or {}
             rows.append(
                 {
-                    "name": name,
+                    "name": markdown_text(name),
                     "dice": _with_ci(stats, "dice"),
                     "iou": _with_ci(stats, "iou"),
                     "dice_pooled": _fmt(stats.get("dice_pooled")),
@@ -360,7 +361,7 @@ def _render_unet_card(config: OctSamConfig, metrics, dataset, repo_id, license) 
     from huggingface_hub import ModelCard
 
     rows, mean_dice, mean_iou, n_images, n_patients, protocol = _metric_rows(config, metrics)
-    biomarkers = ", ".join(config.labels[1:])
+    biomarkers = ", ".join(markdown_text(n) for n in config.labels[1:])
     channels = config.extra.get("unet_channels")
     config_rows = [
         ("architecture", "MONAI UNet (2-D, residual units)" + (f", channels {list(channels)}" if channels else "")),
@@ -374,9 +375,9 @@ def _render_unet_card(config: OctSamConfig, metrics, dataset, repo_id, license) 
         marker=CARD_MARKER,
         title=f"octsam: U-Net baseline for {biomarkers} in OCT" + (f" ({repo_id})" if repo_id else ""),
         biomarkers=biomarkers,
-        label_rows=[{"index": 0, "name": config.labels[0], "colour": "not drawn"}]
+        label_rows=[{"index": 0, "name": markdown_text(config.labels[0]), "colour": "not drawn"}]
         + [
-            {"index": i, "name": n, "colour": _colour(i, list(config.labels))}
+            {"index": i, "name": markdown_text(n), "colour": _colour(i, list(config.labels))}
             for i, n in enumerate(config.labels)
             if i
         ],
@@ -387,6 +388,6 @@ def _render_unet_card(config: OctSamConfig, metrics, dataset, repo_id, license) 
         n_images=n_images if n_images is not None else "?",
         n_patients=n_patients,
         protocol=protocol,
-        dataset=dataset,
+        dataset=markdown_text(dataset) if dataset else dataset,
         config_rows=config_rows,
     ).content

@@ -25,7 +25,7 @@ from octsam.adapter import OctSamConfig, resolve_adapter
 from octsam.cards import REPO_PLACEHOLDER, is_octsam_card, render_adapter_card, write_adapter_card
 from octsam.cli.hub import main
 from octsam.errors import OctSamError
-from octsam.hub import HUB_IGNORE_PATTERNS, push_adapter
+from octsam.hub import push_adapter
 from octsam.models.sam import OctSamModel
 from octsam.segmenter import Segmenter
 
@@ -78,6 +78,23 @@ class FakeHub:
             hub.refs[(kwargs["repo_id"], kwargs.get("revision") or "main")] = snapshot
             return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{snapshot.name}")
 
+        def create_commit(self, **kwargs):
+            ops = kwargs["operations"]
+            hub.calls.append(("create_commit", dict(kwargs, operations=[op.path_in_repo for op in ops])))
+            contents = {}
+            for op in ops:
+                source = op.path_or_fileobj
+                contents[op.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+            digest = hashlib.sha1()
+            for name in sorted(contents):
+                digest.update(name.encode() + contents[name])
+            snapshot = hub.root / f"models--{kwargs['repo_id'].replace('/', '--')}" / "snapshots" / digest.hexdigest()
+            for name, data in contents.items():
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                (snapshot / name).write_bytes(data)
+            hub.refs[(kwargs["repo_id"], kwargs.get("revision") or "main")] = snapshot
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{snapshot.name}")
+
         def snapshot_download(repo_id, revision=None, repo_type=None, **kwargs):
             hub.calls.append(("snapshot_download", {"repo_id": repo_id, "revision": revision, "repo_type": repo_type}))
             snapshot = hub.refs.get((repo_id, revision or "main"))
@@ -88,6 +105,7 @@ class FakeHub:
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_branch", create_branch)
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
         return self
 
@@ -132,9 +150,14 @@ def test_trained_adapter_pushed_then_loaded_by_repo_id_gives_identical_masks(tra
     folder, hub = trained
     (create,) = hub.called("create_repo")
     assert create["repo_id"] == REPO_ID and create["private"] is False and create["exist_ok"] is True
-    (upload,) = hub.called("upload_folder")
-    assert upload["repo_id"] == REPO_ID and Path(upload["folder_path"]) == folder
-    assert upload["ignore_patterns"] == HUB_IGNORE_PATTERNS
+    (upload,) = hub.called("create_commit")
+    assert upload["repo_id"] == REPO_ID
+    assert upload["operations"] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "octsam_config.json",
+        "README.md",
+    ]
     snapshot = hub.refs[(REPO_ID, "main")]
     assert sorted(p.name for p in snapshot.iterdir()) == [
         "README.md",
@@ -188,7 +211,7 @@ def test_push_cli_branch_private_ignore_patterns_and_revision(trained, tmp_path,
     assert fake_hub.called("create_branch")[0] == {
         "repo_id": "octsam-test/other", "branch": "dev", "exist_ok": True, "repo_type": "model", "token": None
     }  # fmt: skip
-    assert fake_hub.called("upload_folder")[0]["revision"] == "dev"
+    assert fake_hub.called("create_commit")[0]["revision"] == "dev"
     snapshot = fake_hub.refs[("octsam-test/other", "dev")]
     uploaded = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
     assert uploaded == ["README.md", "adapter_config.json", "adapter_model.safetensors", "octsam_config.json"]
@@ -218,11 +241,79 @@ def test_push_errors_are_clear(trained, tmp_path, fake_hub, monkeypatch, capsys)
     def refuse(self, **kwargs):
         raise PermissionError("401 Unauthorized: invalid token")  # what an HTTP error carries, in any exception type
 
-    monkeypatch.setattr(HfApi, "upload_folder", refuse)
+    monkeypatch.setattr(HfApi, "create_commit", refuse)
     code = main(["push", str(trained[0]), REPO_ID])
     err = capsys.readouterr().err
     assert code == 2 and "hf auth login" in err and "401" in err and "Traceback" not in err
     assert not [p for p in trained[0].iterdir() if p.name.endswith(".tmp")]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_sends_only_the_allow_list_and_changes_nothing(trained, tmp_path, fake_hub, monkeypatch, capsys):
+    """Issue 22: credentials, keys, pickles and link targets lying in the folder are never sent; --dry-run lists and
+    sends nothing; a failed (offline) push leaves the folder byte-identical, README.md included."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained[0], folder)
+    (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n")  # PEFT's
+    secret = tmp_path / "outside.txt"
+    secret.write_text("private")
+    for name in ("credentials.json", "id_rsa", "token.txt", "pytorch_model.bin", "adapter_model.bin", "x.pkl",
+                 "notes/plan.txt"):  # fmt: skip
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("do not send")
+    (folder / "link.json").symlink_to(secret)
+    before = _tree(folder)
+
+    assert main(["push", str(folder), "octsam-test/other", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert [line.split()[0] for line in listed] == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "octsam_config.json"
+    ]  # fmt: skip
+    assert "credentials.json" in out and "not sent" in out and "nothing was sent" in out
+    assert fake_hub.calls == [] and _tree(folder) == before
+
+    def offline(self, *args, **kwargs):
+        raise OSError("network access is disabled in tests")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    assert main(["push", str(folder), "octsam-test/other"]) == 2
+    assert "Nothing in the folder was changed" in capsys.readouterr().err
+    assert _tree(folder) == before  # the card was rendered for the upload only
+
+    fake_hub.install(monkeypatch)
+    assert main(["push", str(folder), "octsam-test/other"]) == 0
+    snapshot = fake_hub.refs[("octsam-test/other", "main")]
+    assert sorted(_tree(snapshot)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                       "octsam_config.json"]  # fmt: skip
+    assert is_octsam_card((snapshot / "README.md").read_text()) and _tree(folder) == before
+
+    # an adapter file that is a symbolic link is refused, not followed
+    weights = folder / "adapter_model.safetensors"
+    weights.rename(tmp_path / "weights.safetensors")
+    weights.symlink_to(tmp_path / "weights.safetensors")
+    with pytest.raises(OctSamError, match="symbolic link"):
+        push_adapter(folder, "octsam-test/other")
+
+
+def test_push_onnx_folder_only_when_asked_and_never_pickles(trained, tmp_path, fake_hub):
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained[0], folder)
+    (folder / "onnx").mkdir()
+    for name in ("model.onnx", "model.onnx.data", "config.json", "weights.bin", "extra.pt", "notes.txt"):
+        (folder / "onnx" / name).write_text("x")
+    push_adapter(folder, REPO_ID)
+    assert not any(n.startswith("onnx/") for n in fake_hub.called("create_commit")[0]["operations"])
+    push_adapter(folder, REPO_ID, include_onnx=True)
+    sent = fake_hub.called("create_commit")[1]["operations"]
+    assert sorted(n for n in sent if n.startswith("onnx/")) == ["onnx/config.json", "onnx/model.onnx",
+                                                                  "onnx/model.onnx.data"]  # fmt: skip
+    shutil.rmtree(folder / "onnx")
+    with pytest.raises(OctSamError, match="no onnx/ folder"):
+        push_adapter(folder, REPO_ID, include_onnx=True)
 
 
 def _metrics() -> dict:

@@ -640,3 +640,26 @@ def test_disk_full_during_training_build_and_inference(small_dataset, tiny_base,
     assert sorted(p.name for p in (saved / "checkpoints").iterdir()) == ["epoch-0001"]
     args = run_args(small_dataset, tiny_base, saved, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest")
     assert train_main(args) == 0  # the checkpoint before the full disk resumes
+
+
+# ------------------------------------------------------------------------------------------------ 8. security (issue 22)
+def test_security_probes_hold(adapter, tiny_base, tmp_path):
+    """The security group of benchmarks/robustness.py on this module's tiny adapter: paths inside files and symbolic
+    links that lead out of their folder, the app's .mhd upload, hub push allow-list / dry run / failed push, label
+    names in cards and CSV cells, pickled weights, hostile NIfTI/DICOM/VOL headers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("octsam_robustness", REPO_ROOT / "benchmarks" / "robustness.py")
+    robustness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robustness)
+    world = robustness.World.__new__(robustness.World)  # the fixtures instead of the benchmark's trained world
+    world.root, world.base, world.adapter, world.n = tmp_path, tiny_base, adapter, 0
+    world.scans = tmp_path / "scans"
+    world.scans.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64), dtype=np.uint8)).save(
+            world.scans / f"scan{i}.png"
+        )
+    results = [(name, *probe()) for name, probe in robustness.security(world)]
+    failed = [f"{name}: {why}" for name, held, why in results if not held]
+    assert len(results) >= 19 and not failed, "\n".join(failed)

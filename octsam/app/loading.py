@@ -37,11 +37,23 @@ def inside(path: str | os.PathLike, root: str | os.PathLike) -> Path:
     return resolved
 
 
-def read_upload(path: Path) -> tuple[list[Scan], list[VolumeInfo]]:
-    """One uploaded file: a B-scan image, or (with ``octsam.volumes``) a volume's B-scans."""
+def read_upload(path: Path, uploaded: bool = False) -> tuple[list[Scan], list[VolumeInfo]]:
+    """One uploaded file (``uploaded``: sent by a browser; else named by the operator): a B-scan image, or (with
+    ``octsam.volumes``) a volume's B-scans. An uploaded MetaImage must hold its data (``ElementDataFile = LOCAL``):
+    the path in its header is never opened."""
     volumes = volume_support()
     name = path.name
     if volumes is not None and path.suffix.lower() not in IMAGE_SUFFIXES and volumes.is_volume_input(path):
+        if path.suffix.lower() == ".mhd" and uploaded:
+            from octsam.volumes.readers import mhd_header
+
+            target = mhd_header(path)["ElementDataFile"]
+            if target.upper() != "LOCAL":  # an uploaded header must not open a file of the server's (issue 22)
+                raise OctSamError(
+                    f"{name}: its header names the data file {target!r}, which the app does not open; upload the "
+                    "MetaImage as one file (ElementDataFile = LOCAL, e.g. written as .mha and renamed .mhd), or "
+                    "start the app with --open on the case folder."
+                )
         scans, infos = [], []
         for vol in volumes.read_volume(path):
             info = VolumeInfo(
@@ -78,7 +90,7 @@ def open_uploads(paths: list, allowed_root: str | os.PathLike) -> tuple[list[Sca
     for path in files:
         try:
             resolved = inside(path, allowed_root)
-            new_scans, new_infos = read_upload(resolved)
+            new_scans, new_infos = read_upload(resolved, uploaded=True)
         except OctSamError as err:
             problems.append(str(err).replace(str(path.parent) + os.sep, ""))
             continue

@@ -26,6 +26,7 @@ import numpy as np
 from octsam.colors import class_color, overlay
 from octsam.errors import OctSamError
 from octsam.segmenter import Prompt, Segmenter
+from octsam.textsafe import csv_row
 
 MAX_UNDO = 50
 EMBEDDING_CACHE = 32  # B-scans whose image embedding stays in memory (ViT-B: 4 MB each)
@@ -418,9 +419,9 @@ class Session:
                 row[f"{a['class']}_components"] = a["components"]
             rows.append(row)
         with open(out / "report.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(csv_row(rows[0])))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(csv_row(r) for r in rows)  # text from data never starts a spreadsheet formula
         volume_rows = []
         for vol in self.volumes:
             totals = self.volume_totals(vol, spacing_mm)
@@ -430,9 +431,9 @@ class Session:
                 volume_rows.append(row)
         if volume_rows:  # per eye: biomarker volumes over the B-scans that have a mask
             with open(out / "volumes.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(volume_rows[0]))
+                writer = csv.DictWriter(f, fieldnames=list(csv_row(volume_rows[0])))
                 writer.writeheader()
-                writer.writerows(volume_rows)
+                writer.writerows(csv_row(r) for r in volume_rows)
         (out / "labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(self.labels)}, indent=2) + "\n")
         (out / "README.txt").write_text(
             f"{len(rows)} corrected B-scan mask(s) from octsam's app (labels: {', '.join(self.labels)}).\n"

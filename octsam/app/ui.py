@@ -9,7 +9,6 @@ the same code the clicks do.
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from octsam.app.session import TOOLS, Scan, Session
 from octsam.colors import class_color
 from octsam.errors import OctSamError
 from octsam.segmenter import Segmenter
+from octsam.textsafe import html_text
 
 logger = logging.getLogger("octsam.app")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -52,7 +52,7 @@ def legend_html(labels: list[str]) -> str:
     items = "".join(
         f'<span class="octsam-legend-item" style="display:inline-flex;align-items:center;margin-right:14px">'
         f'<span style="display:inline-block;width:14px;height:14px;margin-right:5px;border:1px solid #333;'
-        f'background:rgb{class_color(i, labels)}"></span>{html.escape(name)}</span>'
+        f'background:rgb{class_color(i, labels)}"></span>{html_text(name)}</span>'
         for i, name in enumerate(labels)
         if i > 0
     )

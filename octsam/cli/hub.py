@@ -12,7 +12,11 @@ from octsam.hub import push_adapter
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="octsam-hub", description="Share octsam adapters on the Hub.")
     sub = parser.add_subparsers(dest="command", required=True)
-    push = sub.add_parser("push", help="Upload an adapter folder to a Hub model repo.")
+    push = sub.add_parser(
+        "push",
+        help="Upload an adapter folder to a Hub model repo: its adapter files only (listed first), never other "
+        "files, links or pickles.",
+    )
     push.add_argument("folder", help="Adapter folder (e.g. runs/amd/best_adapter).")
     push.add_argument("repo_id", help="Hub repo id ORG/NAME (created if missing).")
     push.add_argument("--private", action="store_true", help="Create the repo private.")
@@ -20,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN).")
     push.add_argument("--commit-message", default="Upload octsam adapter", help="Commit message.")
     push.add_argument("--no-card", action="store_true", help="Upload README.md as it is (no octsam card).")
+    push.add_argument(
+        "--onnx", action="store_true", help="Also send the onnx/ folder of an ONNX export (.onnx, .data, .json)."
+    )
+    push.add_argument(
+        "--dry-run", action="store_true", help="List the files a push would send and send nothing (no login needed)."
+    )
     return parser
 
 
@@ -35,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         revision=args.revision,
         commit_message=args.commit_message,
         card=not args.no_card,
+        include_onnx=args.onnx,
+        dry_run=args.dry_run,
+        show=print,
     )
-    print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id} ({url})")
+    if args.dry_run:
+        print(f"dry run: nothing was sent to https://huggingface.co/{args.repo_id}")
+    else:
+        print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id} ({url})")
     return 0
 
 

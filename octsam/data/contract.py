@@ -22,12 +22,26 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".b
 #: peak memory of segmenting one B-scan stays bounded (see README "Reliability").
 MAX_SCAN_PIXELS = 2**25
 
+#: The largest OCT volume octsam reads, in voxels (B-scans x height x width): 2**30, e.g. 256 B-scans of 2048 x 2048 -
+#: over ten times a Cirrus 1024 x 512 x 128 cube. Volume readers refuse a larger size from the header before reading
+#: any data (each B-scan must also stay within ``MAX_SCAN_PIXELS``).
+MAX_VOLUME_VOXELS = 2**30
+
 
 def too_large_message(source: object, width: int | None = None, height: int | None = None) -> str:
     size = f"{width} x {height} = {width * height / 1e6:.1f} megapixels" if width and height else "too large"
     return (
         f"{source}: image is {size}, more than octsam's limit of {MAX_SCAN_PIXELS / 1e6:.1f} megapixels per B-scan "
         "(octsam.data.contract.MAX_SCAN_PIXELS); crop or downscale it, or check that the file is not corrupt."
+    )
+
+
+def volume_too_large_message(source: object, shape: tuple[int, ...]) -> str:
+    size = " x ".join(str(int(v)) for v in shape)
+    return (
+        f"{source}: the header declares a volume of {size} voxels, more than octsam's limit of "
+        f"{MAX_VOLUME_VOXELS / 1e9:.2f} billion voxels per volume (octsam.data.contract.MAX_VOLUME_VOXELS) or "
+        f"{MAX_SCAN_PIXELS / 1e6:.1f} megapixels per B-scan; the file is corrupt or not an OCT volume."
     )
 
 

@@ -44,6 +44,7 @@ from octsam.evaluation.report import (
     ci_note,
 )
 from octsam.folders import atomic_folder, check_output_folder
+from octsam.textsafe import csv_frame
 
 logger = logging.getLogger("octsam")
 
@@ -284,11 +285,11 @@ def _write_tables(comparison: Comparison, results: dict[str, Any], out: Path) ->
             publication_bg, out / PUBLICATION_CSV_WITH_BACKGROUND
         ).name
     table = comparison_table(results)
-    table.to_csv(out / "comparison.csv", index=False, float_format="%.6g")
+    csv_frame(table).to_csv(out / "comparison.csv", index=False, float_format="%.6g")
     files["comparison_csv"] = "comparison.csv"
     per_class = pd.concat([r.per_class.assign(method=n) for n, r in results.items()], ignore_index=True)
     per_class = per_class[["method", *[c for c in per_class.columns if c != "method"]]]
-    per_class.to_csv(out / "per_class.csv", index=False, float_format="%.6g")
+    csv_frame(per_class).to_csv(out / "per_class.csv", index=False, float_format="%.6g")
     files["per_class_csv"] = "per_class.csv"
     return files
 

@@ -16,6 +16,7 @@ import pandas as pd
 from octsam.errors import OctSamError
 from octsam.evaluation.metrics import PUBLICATION_COLUMNS, EvaluationResult
 from octsam.protocol import CI_RULE, HEADLINE_RULE, protocol_text
+from octsam.textsafe import csv_frame, markdown_text
 
 PUBLICATION_CSV = "sam_lora_performance.csv"
 
@@ -61,12 +62,12 @@ def write_results(result: EvaluationResult, output_dir: str | Path, method_name:
         "confusion": output_dir / f"{slug}_confusion.csv",
         "summary": output_dir / f"{slug}_summary.json",
     }
-    result.per_class.to_csv(paths["per_class"], index=False, float_format="%.6g")
-    result.per_image.to_csv(paths["per_image"], index=False, float_format="%.6g")
-    result.detection.to_csv(paths["detection"], index=False, float_format="%.6g")
+    csv_frame(result.per_class).to_csv(paths["per_class"], index=False, float_format="%.6g")
+    csv_frame(result.per_image).to_csv(paths["per_image"], index=False, float_format="%.6g")
+    csv_frame(result.detection).to_csv(paths["detection"], index=False, float_format="%.6g")
     confusion = pd.DataFrame(result.confusion, index=result.labels, columns=result.labels)
     confusion.index.name = "truth \\ prediction"
-    confusion.to_csv(paths["confusion"])
+    csv_frame(confusion).to_csv(paths["confusion"])
     summary = {"method": method_name, **result.to_dict()}
     summary["note"] = (
         "mean_iou / mean_dice average per-image values over B-scans, then over foreground classes; "
@@ -86,7 +87,7 @@ def write_publication_csv(rows: Mapping[str, tuple[float, float]], path: str | P
     table = pd.DataFrame(
         [(method, float(iou), float(dice)) for method, (iou, dice) in rows.items()], columns=list(PUBLICATION_COLUMNS)
     )
-    table.to_csv(path, index=False, float_format="%.4f")
+    csv_frame(table).to_csv(path, index=False, float_format="%.4f")
     return path
 
 
@@ -136,11 +137,11 @@ def ci_note(n_patients: int, n_images: int, n_bootstrap: int) -> str:
 
 def _headline_table(results, labels) -> str:
     header = ["Method", "Mean IoU [95% CI]", "Mean Dice [95% CI]"]
-    header += [f"Dice {name} [95% CI]" for name in labels[1:]]
+    header += [f"Dice {markdown_text(name)} [95% CI]" for name in labels[1:]]
     header += ["IoU / Dice incl. background (publication-compatible)", "B-scans / patients"]
     rows = []
     for name, r in results.items():
-        row = [name]
+        row = [markdown_text(name)]
         for key in ("mean_iou", "mean_dice"):
             row.append(_fmt_ci(r.headline[key], *r.headline_ci.get(key, (np.nan, np.nan))))
         for _, c in r.per_class.iterrows():
@@ -163,7 +164,7 @@ def _class_table(results) -> str:
             c = r.per_class.set_index("class_name").loc[class_name]
             d = r.detection.set_index("class_name").loc[class_name]
             row = [
-                class_name, method, _fmt_ci(c["dice_mean"], c["dice_ci_low"], c["dice_ci_high"]),
+                markdown_text(class_name), markdown_text(method), _fmt_ci(c["dice_mean"], c["dice_ci_low"], c["dice_ci_high"]),
                 _fmt_ci(c["iou_mean"], c["iou_ci_low"], c["iou_ci_high"]), _fmt(c["dice_pooled"]),
                 _fmt(c["hd95_px_mean"], 1), _fmt(c["area_abs_error_px_mean"], 0),
             ]  # fmt: skip
@@ -205,7 +206,8 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
         "(automatic: no prompts; prompted: one ground-truth box per class instance), and the U-Net baseline is "
         "trained through the same train.py, data, splits, loss and metrics.",
         "",
-        HEADLINE_RULE + f" Here: {', '.join(summary.get('headline_classes') or []) or 'none'}.",
+        HEADLINE_RULE
+        + f" Here: {', '.join(markdown_text(c) for c in summary.get('headline_classes') or []) or 'none'}.",
         "",
         *_results_section(summary, kinds, text_table),
         *_per_class_section(summary, kinds, class_table),
@@ -221,7 +223,8 @@ def _report(summary, methods, text_table, class_table, figures, histories) -> st
 
 def _results_section(summary, kinds: dict[str, str], text_table: str) -> list[str]:
     methods = "; ".join(
-        f"**{name}**: {METHOD_DESCRIPTIONS.get(kinds[name], kinds[name])} (`{summary['methods'][name]['source']}`)"
+        f"**{markdown_text(name)}**: {METHOD_DESCRIPTIONS.get(kinds[name], kinds[name])} "
+        f"(`{summary['methods'][name]['source']}`)"
         for name in summary["methods"]
     )
     return [

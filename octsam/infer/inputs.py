@@ -14,6 +14,7 @@ import numpy as np
 from octsam.data.contract import IMAGE_SUFFIXES
 from octsam.errors import OctSamError
 from octsam.folders import is_utf8_name, printable
+from octsam.safepaths import files_under
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -130,7 +131,7 @@ def collect_inputs(
                 continue
             files = sorted(
                 p
-                for p in path.rglob("*")
+                for p in files_under(path)  # refuses a symbolic link that leads out of the folder
                 if p.is_file()
                 and p.suffix.lower() in IMAGE_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)

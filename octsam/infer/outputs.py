@@ -12,6 +12,7 @@ import numpy as np
 
 from octsam.errors import OctSamError
 from octsam.infer.overlay import overlay_with_legend
+from octsam.textsafe import csv_cell, csv_row
 
 PNG_LEVEL = 1  # zlib level of written PNGs
 
@@ -100,10 +101,17 @@ def write_summary(path: Path, rows: list[dict], failures: list[dict], labels: li
         columns += [f"{name}_area_px"] + ([f"{name}_area_mm2"] if spacing else []) + [f"{name}_components"]
     columns += ["status", "error"]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer = csv.DictWriter(f, fieldnames=[csv_cell(c) for c in columns], restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csv_row(r) for r in rows)  # text from data never starts a spreadsheet formula
         for failure in failures:
             writer.writerow(
-                {"scan": failure["scan"], "source": failure["source"], "status": "failed", "error": failure["error"]}
+                csv_row(
+                    {
+                        "scan": failure["scan"],
+                        "source": failure["source"],
+                        "status": "failed",
+                        "error": failure["error"],
+                    }
+                )
             )

@@ -43,6 +43,7 @@ from octsam.adapter import (
     resolve_adapter,
 )
 from octsam.errors import OctSamError
+from octsam.safepaths import is_pickle_refusal, pickle_hint
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,14 @@ def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dty
         model = SamModel.from_pretrained(
             base_model, revision=revision, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
         )
-    except OSError as err:
+    except Exception as err:
+        if is_pickle_refusal(err):  # a pickled .bin that torch's weights_only loader refused: nothing ran
+            raise OctSamError(
+                f"Cannot load base SAM model {base_model}: its weights are a pickle that does not hold plain "
+                f"tensors (torch refused to load it; nothing in it ran).{pickle_hint(base_model)}"
+            ) from err
+        if not isinstance(err, OSError):
+            raise
         reason = str(err).strip().rstrip(".")
         if local:
             raise OctSamError(f"Cannot load base SAM model from folder {base_model}: {reason}.") from err

@@ -31,9 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from octsam.data.contract import IGNORE_INDEX, IMAGE_SUFFIXES
+from octsam.data.contract import (
+    IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    MAX_SCAN_PIXELS,
+    MAX_VOLUME_VOXELS,
+    volume_too_large_message,
+)
 from octsam.data.dataset import read_scan, to_uint8
 from octsam.errors import OctSamError
+from octsam.safepaths import check_link, contained
 from octsam.volumes.volume import SPACING_HELP, AnnotatedVolume, OctVolume, normalise_laterality, parse_spacing
 
 logger = logging.getLogger("octsam.volumes")
@@ -270,9 +277,37 @@ def _bad_file(path: Path, what: str, err: BaseException, vendor: bool = True) ->
     return OctSamError(f"cannot read {path} as {what}: the file is truncated or not such a file ({detail}).")
 
 
+def check_volume_size(path: Path, n: int, height: int, width: int, what: str = "") -> None:
+    """Refuse (from a header, before reading data) a volume above ``MAX_VOLUME_VOXELS`` or a B-scan (or localiser)
+    above ``MAX_SCAN_PIXELS``."""
+    if n < 0 or height < 0 or width < 0 or n * height * width > MAX_VOLUME_VOXELS or height * width > MAX_SCAN_PIXELS:
+        raise OctSamError(volume_too_large_message(f"{path}{what}", (n, height, width)))
+
+
+def _check_vol_header(path: Path) -> None:
+    """The HEYEX VOL header's sizes (little-endian uint32 after the 12-byte version: SizeX, NumBScans, SizeZ, ...,
+    SizeXSlo, SizeYSlo), checked before eyepy parses the file."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(56)
+    if len(head) < 56:
+        return  # too short to be a VOL file: eyepy's parser names the problem
+    size_x, n_bscans, size_y = struct.unpack_from("<3I", head, 12)
+    slo_x, slo_y = struct.unpack_from("<2I", head, 48)
+    try:
+        check_volume_size(path, n_bscans, size_y, size_x)
+        check_volume_size(path, 1, slo_y, slo_x, " (localiser)")
+    except OctSamError as err:  # a hostile or damaged header: refused before eyepy allocates anything
+        detail = f"its header declares {n_bscans} B-scans of {size_x} x {size_y} and a {slo_x} x {slo_y} localiser"
+        raise _bad_file(path, "a Heidelberg HEYEX VOL file", ValueError(f"{detail}, above octsam's limits")) from err
+
+
 def _read_vol(path: Path, override) -> list[OctVolume]:
     _import_eyepy(path)
     from eyepy.io.he.vol_reader import HeVolReader
+
+    _check_vol_header(path)
 
     try:
         with warnings.catch_warnings():
@@ -328,9 +363,29 @@ def _read_e2e(path: Path, override) -> list[OctVolume]:
     return [_from_eyepy(ev, path, override, name, "Heidelberg Spectralis (E2E)", pid) for ev, name, pid in volumes]
 
 
+def _check_xml_references(path: Path) -> None:
+    """Every image a HEYEX XML export names (``ExamURL``, read by eyepy as the part after the last backslash, joined
+    onto the XML's folder) must lie inside that folder."""
+    from xml.etree import ElementTree
+
+    xml = path if path.is_file() else next(iter(sorted(path.glob("*.xml"))), None)
+    if xml is None:
+        return
+    try:
+        root = ElementTree.parse(xml).getroot()
+    except (ElementTree.ParseError, OSError) as err:
+        raise _bad_file(xml, "a Heidelberg HEYEX XML export", err) from err
+    for element in root.iter("ExamURL"):
+        name = (element.text or "").split("\\")[-1]
+        if name:
+            contained(name, xml.parent, xml)
+
+
 def _read_xml(path: Path, override) -> list[OctVolume]:
     _import_eyepy(path)
     from eyepy.io.he import HeXmlReader
+
+    _check_xml_references(path)
 
     try:
         with warnings.catch_warnings():
@@ -445,6 +500,12 @@ def _read_dicom(path: Path, override) -> list[OctVolume]:
             f"{path} is a DICOM {name} (SOP class {sop or 'missing'}, modality {modality}), not an OCT volume: "
             f"octsam reads Ophthalmic Tomography Image Storage ({OCT_SOP_CLASS})."
         )
+    try:
+        declared = (int(getattr(ds, "NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
+    except (AttributeError, TypeError, ValueError):
+        declared = None  # no image attributes: pydicom's pixel decoding names what is missing
+    if declared is not None:
+        check_volume_size(path, *declared)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - missing pixel data, unsupported compression, truncated frames
@@ -608,13 +669,84 @@ def _duke_masks(path: Path, mat: dict, volume: OctVolume, grader: int) -> tuple[
 # ----------------------------------------------------------------------------------------------- RETOUCH .mhd
 
 
+MHD_HEADER_BYTES = 1 << 16  # a MetaImage header is a few hundred bytes; more is not a header
+_MHD_TYPES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+              "MET_FLOAT": 4, "MET_ULONG": 8, "MET_LONG": 8, "MET_DOUBLE": 8}  # fmt: skip
+
+
+def mhd_header(path: Path) -> dict[str, str]:
+    """The ``Key = Value`` lines of a MetaImage header (up to ``ElementDataFile``, which ends it)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MHD_HEADER_BYTES + 1)
+    except OSError as err:
+        raise OctSamError(f"cannot read MetaImage header {path}: {err}") from err
+    header: dict[str, str] = {}
+    for line in raw.decode("latin-1").splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        header[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            return header
+    if len(raw) > MHD_HEADER_BYTES:
+        raise OctSamError(f"{path}: no MetaImage header (no ElementDataFile in its first {MHD_HEADER_BYTES} bytes).")
+    if "ElementDataFile" not in header:
+        raise OctSamError(f"{path}: the MetaImage header has no ElementDataFile line; not a complete .mhd header.")
+    return header
+
+
+def mhd_data_file(path: Path) -> Path | None:
+    """The data file a MetaImage header names, resolved (None for ``LOCAL``: the data follow the header). A file
+    outside the header's folder (``..``, an absolute path, a link leading out), a file list or a file pattern is
+    refused, and so is a size above octsam's limits (checked from the header, before any data are read)."""
+    header = mhd_header(path)
+    try:
+        dims = [int(v) for v in header.get("DimSize", "").split()]
+    except ValueError:
+        dims = []
+    if not dims or any(d <= 0 for d in dims):
+        raise OctSamError(
+            f"{path}: the MetaImage header's DimSize {header.get('DimSize', '(missing)')!r} is not a size."
+        )
+    voxels = 1
+    for d in dims:
+        voxels *= d
+    if voxels > MAX_VOLUME_VOXELS or dims[0] * (dims[1] if len(dims) > 1 else 1) > MAX_SCAN_PIXELS:
+        raise OctSamError(volume_too_large_message(path, tuple(reversed(dims))))
+    name = header["ElementDataFile"]
+    if name.upper() == "LOCAL":
+        return None
+    if not name.upper().startswith("LIST"):
+        data = contained(name, path.parent, path)  # also a pattern's path part: refused if it leads out
+    if name.upper().startswith("LIST") or "%" in name or " " in name.strip():
+        raise OctSamError(
+            f"{path}: ElementDataFile {name!r} names several data files (a list or a pattern); octsam reads a "
+            "MetaImage with one data file (.raw) beside its header."
+        )
+    compressed = header.get("CompressedData", "False").strip().lower() == "true"
+    channels = header.get("ElementNumberOfChannels", "1")
+    channels = int(channels) if channels.isdigit() else 1
+    item = _MHD_TYPES.get(header.get("ElementType", ""), 1)
+    if data.is_file() and not compressed and data.stat().st_size < voxels * item * channels:
+        raise OctSamError(
+            f"{path}: its data file {data.name} holds {data.stat().st_size} bytes, fewer than the "
+            f"{voxels * item * channels} the header declares (DimSize {header['DimSize']}); the file is truncated."
+        )
+    return data
+
+
 def _sitk_read(path: Path):
+    mhd_data_file(path)
     try:
         import SimpleITK as sitk
     except ImportError as err:
         raise OctSamError(f"reading {path} needs SimpleITK: pip install -c constraints.txt SimpleITK") from err
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("MetaImageIO")  # the checked header decides, not content sniffing (NRRD names files too)
+        reader.SetFileName(str(path))
+        image = reader.Execute()
         return image, sitk.GetArrayFromImage(image)
     except Exception as err:  # noqa: BLE001 - missing .raw, short .raw, bad header
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
@@ -671,7 +803,7 @@ def _natural_key(name: str):
 def _read_folder(path: Path, override) -> list[OctVolume]:
     files = sorted(
         (
-            p
+            check_link(p, path)
             for p in path.iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
         ),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from octsam.errors import OctSamError
+from octsam.textsafe import csv_row as safe_csv_row
 from octsam.volumes.measure import ETDRS_DIAMETERS_MM, VolumeMeasures
 
 
@@ -72,6 +73,7 @@ def append_volumes_csv(csv_path: str | os.PathLike, row: dict) -> Path:
     file with other columns (e.g. another label set) is an error: write to another output folder.
     """
     path = Path(csv_path)
+    row = safe_csv_row(row)  # text from data (volume ids, sources, label names) never starts a spreadsheet formula
     columns = list(row)
     rows: list[dict] = []
     if path.exists():

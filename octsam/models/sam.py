@@ -34,8 +34,6 @@ from torch import nn
 from octsam.adapter import (
     ADAPTER_CONFIG_NAME,
     CLASS_PROMPTS_MODULE,
-    ENCODER_INPUT,
-    LORA_ROLES,
     OFFLINE_HINT,
     OctSamConfig,
     check_adapter_folder,
@@ -43,6 +41,8 @@ from octsam.adapter import (
     resolve_adapter,
 )
 from octsam.errors import OctSamError
+from octsam.models.bases import base_for_name, base_of, base_of_model, get_base
+from octsam.models.contract import BaseHooks, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -103,58 +103,60 @@ def save_random_base(path: str | os.PathLike, seed: int = 0, **config_kwargs: An
     return str(path)
 
 
-LITEMEDSAM = "litemedsam"  # --base-model name of the offline pretrained base (octsam.models.litemedsam)
-
-
 def encoder_kind(sam: nn.Module) -> str:
-    """``litemedsam`` for LiteMedSAM's TinyViT encoder, ``sam`` for transformers' SAM ViT."""
-    from octsam.models.litemedsam import is_litemedsam
-
-    return "litemedsam" if is_litemedsam(sam) else "sam"
+    """The registry name of a built base's encoder (``litemedsam`` for LiteMedSAM's TinyViT, ``sam`` for
+    transformers' SAM ViT): ``octsam.models.bases.base_of_model``."""
+    return base_of_model(sam).name
 
 
 def base_fingerprint(base_model: str) -> str | None:
     """SHA-256 of the base's weights where they are a file here (the packaged LiteMedSAM checkpoint, a local folder's
-    ``model.safetensors``); None for a Hub id (its revision identifies it)."""
-    from octsam.models.litemedsam import file_sha256, litemedsam_sha256
-
-    if base_model == LITEMEDSAM:
-        return litemedsam_sha256()
-    weights = Path(base_model) / "model.safetensors"
-    return file_sha256(weights) if weights.is_file() else None
+    ``model.safetensors``); None for a Hub id (its revision identifies it). Asked of the base the name selects."""
+    return base_for_name(base_model).implementation.fingerprint(base_model)
 
 
 def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
-    """Load a ``SamModel`` from a Hub id or a local folder, with a clear message when it cannot be found offline."""
-    if base_model == LITEMEDSAM:
-        from octsam.models.litemedsam import build_litemedsam
+    """Build the base a ``--base-model`` name selects (``octsam.models.bases.base_for_name``): a ``SamModel`` from a
+    Hub id or a local folder, or a registered base such as ``litemedsam``."""
+    return base_for_name(base_model).implementation.build(base_model, revision, dtype)
 
-        model = build_litemedsam(dtype=dtype)
-        # Named as from_pretrained names a Hub or folder base: PEFT records this name in the adapter config (and
-        # warned 'renamed from litemedsam to None' when it was empty).
-        model.name_or_path = LITEMEDSAM
+
+class SamHooks(BaseHooks):
+    """transformers' SAM ViT bases (the ``sam`` record): any Hub id or local ``SamModel`` folder."""
+
+    def build(self, base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
+        """Load a ``SamModel`` from a Hub id or a local folder, with a clear message when it cannot be found
+        offline."""
+        from transformers import SamModel
+
+        local = os.path.isdir(base_model)
+        offline = not local and hub_unreachable()  # no retries against a host that cannot be reached
+        try:
+            model = SamModel.from_pretrained(
+                base_model, revision=revision, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
+            )
+        except OSError as err:
+            reason = str(err).strip().rstrip(".")
+            if local:
+                raise OctSamError(f"Cannot load base SAM model from folder {base_model}: {reason}.") from err
+            where = "the local Hugging Face cache (the Hub cannot be reached from here)" if offline else "the Hub"
+            raise OctSamError(
+                f"Cannot load base SAM model {base_model!r} from {where}: {reason}. To use it offline, "
+                + OFFLINE_HINT.format(name=base_model)
+                + " as --base-model. Without any download, --base-model litemedsam is a pretrained base that "
+                "installs with pip."
+            ) from err
+        _check_input_size(model.config.vision_config)
         return model
-    from transformers import SamModel
 
-    local = os.path.isdir(base_model)
-    offline = not local and hub_unreachable()  # no retries against a host that cannot be reached
-    try:
-        model = SamModel.from_pretrained(
-            base_model, revision=revision, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
-        )
-    except OSError as err:
-        reason = str(err).strip().rstrip(".")
-        if local:
-            raise OctSamError(f"Cannot load base SAM model from folder {base_model}: {reason}.") from err
-        where = "the local Hugging Face cache (the Hub cannot be reached from here)" if offline else "the Hub"
-        raise OctSamError(
-            f"Cannot load base SAM model {base_model!r} from {where}: {reason}. To use it offline, "
-            + OFFLINE_HINT.format(name=base_model)
-            + " as --base-model. Without any download, --base-model litemedsam is a pretrained base that installs "
-            "with pip."
-        ) from err
-    _check_input_size(model.config.vision_config)
-    return model
+    def owns(self, model: nn.Module) -> bool:
+        from transformers.models.sam.modeling_sam import SamVisionEncoder
+
+        return isinstance(getattr(model, "vision_encoder", None), SamVisionEncoder)
+
+    def fingerprint(self, base_model: str) -> str | None:
+        weights = Path(base_model) / "model.safetensors"
+        return file_sha256(weights) if weights.is_file() else None
 
 
 def _check_input_size(vision_config) -> None:
@@ -185,8 +187,7 @@ class ClassPrompts(nn.Module):
 def _lora_config(cfg: OctSamConfig):
     from peft import LoraConfig
 
-    roles = LORA_ROLES[cfg.encoder]
-    pattern = "|".join(f"(?:{roles[t]})" for t in cfg.lora_target_modules)
+    target_modules = get_base(cfg.encoder).lora_pattern(cfg.lora_target_modules)
     modules_to_save = []
     if cfg.train_mask_decoder:
         modules_to_save.append("mask_decoder")
@@ -196,7 +197,7 @@ def _lora_config(cfg: OctSamConfig):
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=f"^(?:.*\\.)?(?:{pattern})$",
+        target_modules=target_modules,
         modules_to_save=modules_to_save or None,
         base_model_name_or_path=cfg.base_model,
         revision=cfg.base_model_revision,
@@ -206,17 +207,13 @@ def _lora_config(cfg: OctSamConfig):
 def describe_base(config: OctSamConfig, sam: nn.Module) -> OctSamConfig:
     """Record in ``config`` what the base is and how it takes its input: encoder kind, input size, resize and
     normalisation the encoder was trained with, and the fingerprint of its weights."""
-    config.encoder = encoder_kind(sam)
+    base = base_of_model(sam)
+    config.encoder = base.name
     config.image_size = sam.config.vision_config.image_size
-    config.resize = ENCODER_INPUT[config.encoder]["resize"]
-    config.normalization = ENCODER_INPUT[config.encoder]["normalization"]
+    config.resize = base.resize
+    config.normalization = base.normalization
     config.base_sha256 = base_fingerprint(config.base_model)
-    roles = LORA_ROLES[config.encoder]
-    unknown = [t for t in config.lora_target_modules if t not in roles]
-    if unknown:
-        raise OctSamError(
-            f"lora_target_modules {unknown} do not exist for a {config.encoder} base; use {sorted(roles)}."
-        )
+    base.lora_pattern(config.lora_target_modules)  # refuses roles this encoder does not have
     return config
 
 
@@ -245,7 +242,11 @@ def check_base(config: OctSamConfig, sam: nn.Module, adapter: str) -> None:
 
 
 class OctSamModel(nn.Module):
-    """SAM with a LoRA adapter and the parts a mode trains; ``forward`` gives mask logits at SAM's low resolution."""
+    """SAM with a LoRA adapter and the parts a mode trains; ``forward`` gives mask logits at SAM's low resolution.
+
+    Implements ``octsam.models.contract.SegmentationModel`` for every SAM-family base of the registry."""
+
+    supports_prompts = True  # SAM's prompt encoder: boxes and points, in prompted mode and zero-shot
 
     def __init__(self, sam: nn.Module, config: OctSamConfig):
         super().__init__()
@@ -279,6 +280,18 @@ class OctSamModel(nn.Module):
                 param.requires_grad_(False)
         return cls(peft_model, config)
 
+    @classmethod
+    def for_training(cls, model_args, labels: list[str], seed: int = 0) -> OctSamModel:
+        """A new adapter from an experiment's ``ModelArguments`` (octsam.config), with its fast attention."""
+        from octsam.config import adapter_config
+
+        model = cls.from_base(adapter_config(model_args, labels), seed=seed)
+        if model_args.fast_attention and base_of(model.config).fast_attention:
+            from octsam.models.fast_attention import enable_fast_attention
+
+            enable_fast_attention(model, mode=model_args.attention_mode)
+        return model
+
     @staticmethod
     def _attach_class_prompts(sam: nn.Module, config: OctSamConfig) -> None:
         if config.mode == "automatic":
@@ -298,7 +311,7 @@ class OctSamModel(nn.Module):
 
         folder = resolve_adapter(adapter, revision=revision)
         config = check_adapter_folder(folder)
-        if config.architecture != "sam":
+        if not issubclass(cls, base_of(config).model_class):
             raise OctSamError(
                 f"{folder} holds a {config.architecture!r} model; load it with octsam.models.load_model()."
             )
@@ -324,6 +337,14 @@ class OctSamModel(nn.Module):
         from peft import PeftModel
 
         return self.sam.base_model.model if isinstance(self.sam, PeftModel) else self.sam
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        """The base's image encoder (what ``torch.compile`` and gradient checkpointing act on)."""
+        return self.core.vision_encoder
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_summary(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -380,6 +401,10 @@ class OctSamModel(nn.Module):
         return self.decode(
             self.image_embeddings(pixel_values), input_boxes, input_points, input_labels, multimask_output
         )
+
+    def class_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Automatic-mode class logits (B, K, h, w)."""
+        return self(pixel_values)[0]
 
     def decode(
         self,
@@ -494,4 +519,4 @@ def zero_shot_model(
 def zero_shot_multimask(config: OctSamConfig) -> bool:
     """Whether zero-shot uses SAM's best of 3 masks: SAM was trained with multimask output for ambiguous prompts,
     LiteMedSAM (like MedSAM) with one mask per box, so each base is prompted as it was trained."""
-    return config.encoder == "sam"
+    return base_of(config).zero_shot_multimask

@@ -1,5 +1,6 @@
-"""MONAI U-Net baseline with the same interface as ``OctSamModel`` (class logits, preprocess, adapter-like folder),
-so it trains through the same ``train.py`` and evaluates with the same command."""
+"""MONAI U-Net baseline implementing the model contract (``octsam.models.contract.SegmentationModel``) like
+``OctSamModel`` (class logits, preprocess, adapter-like folder), so it trains through the same ``train.py`` and
+evaluates with the same command; ``UNetHooks`` is the code of its registry record (``unet``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from octsam.adapter import ADAPTER_CONFIG_NAME, UNET_WEIGHTS_NAME, OctSamConfig
 from octsam.errors import OctSamError
+from octsam.models.contract import BaseHooks
 
 # Grey B-scans scaled to about [-2, 2]; repeated over the 3 input channels like SAM's input.
 UNET_MEAN = (127.5, 127.5, 127.5)
@@ -26,6 +28,8 @@ class UNetSegmenter(nn.Module):
 
     VARIANT = "unet"  # recorded as extra["unet_variant"] by subclasses (octsam.models.dynunet)
     NETWORK = "monai.networks.nets.UNet"
+
+    supports_prompts = False  # no prompt encoder: automatic only, no zero-shot, no clicks in the app
 
     def __init__(self, config: OctSamConfig):
         super().__init__()
@@ -76,6 +80,16 @@ class UNetSegmenter(nn.Module):
         torch.manual_seed(seed)
         return cls(config)
 
+    @classmethod
+    def for_training(cls, model_args, labels: list[str], seed: int = 0) -> UNetSegmenter:
+        """A new U-Net from an experiment's ``ModelArguments`` (``unet_image_size``, ``unet_channels``; it tiles like
+        an adapter does: ``input_mode``, ``tile_overlap``, ``tile_scale``)."""
+        model = cls.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
+        for name in ("input_mode", "tile_overlap", "tile_scale"):
+            setattr(model.config, name, getattr(model_args, name))
+        model.config.__post_init__()
+        return model
+
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.pixel_mean.device, non_blocking=True).float()
         if pixels.shape[1] == 1:
@@ -84,6 +98,22 @@ class UNetSegmenter(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
         return self.net(pixel_values), None
+
+    def class_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self(pixel_values)[0]
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise OctSamError("The U-Net baseline has no image embedding to prompt.")
+
+    def decode(self, embeddings: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
+        raise OctSamError("The U-Net baseline has no image embedding to prompt.")
+
+    @property
+    def image_encoder(self) -> None:
+        return None  # small: nothing worth compiling on its own
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_summary(self) -> str:
         total = sum(p.numel() for p in self.parameters())
@@ -101,6 +131,21 @@ class UNetSegmenter(nn.Module):
         return folder
 
     @classmethod
+    def from_pretrained(
+        cls,
+        adapter: str | os.PathLike,
+        revision: str | None = None,
+        base_model: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> UNetSegmenter:
+        """Load a U-Net folder (or Hub repo id); ``base_model`` is ignored (a U-Net has no base)."""
+        from octsam.adapter import check_adapter_folder, resolve_adapter
+
+        folder = resolve_adapter(adapter, revision=revision)
+        model = cls.from_folder(folder, check_adapter_folder(folder))
+        return model if dtype is None else model.to(dtype)
+
+    @classmethod
     def from_folder(cls, folder: Path, config: OctSamConfig) -> UNetSegmenter:
         if config.extra.get("unet_variant") == "dynunet":
             from octsam.models.dynunet import DynUNetSegmenter
@@ -112,3 +157,10 @@ class UNetSegmenter(nn.Module):
         except (OSError, RuntimeError) as err:
             raise OctSamError(f"Cannot load U-Net weights from {folder / UNET_WEIGHTS_NAME}: {err}") from err
         return model.eval()
+
+
+class UNetHooks(BaseHooks):
+    """The ``unet`` record's code: no base model to build or recognise; the model class is the whole model."""
+
+    def model_class(self) -> type:
+        return UNetSegmenter

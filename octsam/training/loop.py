@@ -31,7 +31,6 @@ from octsam.config import (
     DataArguments,
     ModelArguments,
     TrainArguments,
-    adapter_config,
     augment_config,
     prompt_config,
     tile_config,
@@ -40,8 +39,9 @@ from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
 from octsam.folders import FolderLock, remove_stale_staging, sigterm_as_interrupt, staging_path
+from octsam.models.bases import base_of, get_base
 from octsam.models.dynunet import DeepSupervision
-from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
+from octsam.models.sam import class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
     CHECKPOINT_DIR,
     find_checkpoint,
@@ -81,24 +81,9 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int):
 
 
 def build_model(model_args: ModelArguments, labels: list[str], seed: int):
-    """A new SAM + LoRA model or U-Net baseline for ``labels``."""
-    if model_args.model in ("unet", "dynunet"):
-        from octsam.models.dynunet import DynUNetSegmenter
-        from octsam.models.unet import UNetSegmenter
-
-        network = DynUNetSegmenter if model_args.model == "dynunet" else UNetSegmenter
-        model = network.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
-        for name in ("input_mode", "tile_overlap", "tile_scale"):  # the U-Net tiles like an adapter does
-            setattr(model.config, name, getattr(model_args, name))
-        model.config.__post_init__()
-        return model
-    config = adapter_config(model_args, labels)
-    model = OctSamModel.from_base(config, seed=seed)
-    if model_args.fast_attention:
-        from octsam.models.fast_attention import enable_fast_attention
-
-        enable_fast_attention(model, mode=model_args.attention_mode)
-    return model
+    """A new model of the family ``--model`` names (SAM + LoRA on the base ``--base-model`` selects, or the U-Net
+    baseline) for ``labels``: the ``for_training`` of its registry record's model class."""
+    return get_base(model_args.model).model_class.for_training(model_args, labels, seed)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -382,7 +367,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         model.core.vision_encoder.train()
 
     prompts = None
-    if config.mode == "prompted" and config.architecture == "sam":
+    if config.mode == "prompted" and base_of(config).has_embeddings:
         prompts = prompt_config(data_args)
     augment = augment_config(data_args)
     if train_args.cache_embeddings and not (train_args.compile and torch.cuda.is_available()):
@@ -445,7 +430,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         fast_attention=model_args.fast_attention,
         attention_mode=model_args.attention_mode,
         compile=None if train_args.compile else False,
-        architecture=model_args.model,
+        architecture=base_of(config).name,
     )
     logger.info(
         f"attention: {'transformers' if speed.attention is None else 'octsam fast (' + speed.attention + ')'}; "

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from octsam import __version__
-from octsam.errors import OctSamError
-from octsam.models.bases import (  # noqa: F401 - the weight file names, importable from here as before
+from octsam.bases import (  # noqa: F401 - the weight file names, importable from here as before
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,
     UNET_WEIGHTS_NAME,
@@ -26,6 +25,7 @@ from octsam.models.bases import (  # noqa: F401 - the weight file names, importa
     get_base,
     registered,
 )
+from octsam.errors import OctSamError
 
 ADAPTER_CONFIG_NAME = "octsam_config.json"
 ADAPTER_FORMAT = "octsam-adapter"
@@ -52,7 +52,7 @@ CLASS_PROMPTS_MODULE = "octsam_class_prompts"
 
 
 def __getattr__(name: str):
-    """Views of the base registry (``octsam.models.bases``) under the names this module had before it: LoRA roles,
+    """Views of the base registry (``octsam.bases``) under the names this module had before it: LoRA roles,
     input spec and weight files per encoder kind."""
     if name == "LORA_ROLES":
         return {b.name: dict(b.lora_roles) for b in registered() if b.peft_adapter}

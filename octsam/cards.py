@@ -17,8 +17,8 @@ from typing import Any
 
 from octsam import __version__
 from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
+from octsam.bases import base_of
 from octsam.errors import OctSamError
-from octsam.models.bases import base_of
 
 
 # Package data (pyproject.toml [tool.setuptools.package-data]): installed with octsam, wheel or editable.

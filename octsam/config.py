@@ -328,8 +328,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
 def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
     if not data_args.dataset:
         raise OctSamError("No dataset given: set `dataset:` in the config or pass --dataset DIR_OR_REPO.")
+    from octsam.bases import architectures
     from octsam.models import ATTENTION_MODES
-    from octsam.models.bases import architectures
 
     if model_args.model not in architectures():
         raise OctSamError(f"--model must be {' or '.join(architectures())}, got {model_args.model!r}.")

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from octsam.bases import base_of
 from octsam.data.prompts import Prompt
 from octsam.data.samples import image_tensor, input_frame, resize_image, to_uint8_image
 from octsam.data.tiles import box_window, rescale, window_pixels
 from octsam.errors import OctSamError
 from octsam.models import load_model
-from octsam.models.bases import base_of
 from octsam.models.sam import class_logits_from_prompts, class_probabilities, predict_index_mask, upsample_logits
 
 

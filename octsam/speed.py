@@ -40,11 +40,11 @@ def plan_speed(
 
     ``compile``: True or False when the user asked; None for the default (on CUDA: always for training, for
     inference when ``num_scans`` > ``COMPILE_MIN_SCANS``; off elsewhere). ``architecture``: the registry name of the
-    model's base (``octsam.models.bases``); one whose record says ``compiles=False`` (the U-Net baseline: small) is
+    model's base (``octsam.bases``); one whose record says ``compiles=False`` (the U-Net baseline: small) is
     never compiled by default, and fast attention applies only where its record says so. ``fast_attention`` False
     keeps transformers' attention.
     """
-    from octsam.models.bases import get_base
+    from octsam.bases import get_base
 
     if task not in ("train", "infer"):
         raise ValueError(f"task must be train or infer, got {task!r}")

@@ -20,10 +20,10 @@ from conftest import REPO_ROOT, TINY_LABELS, shape_scan
 from PIL import Image
 from torch import nn
 
+from octsam import bases
 from octsam.adapter import OctSamConfig
+from octsam.bases import Base, base_for_name, base_of, base_of_model, get_base, register, unregister
 from octsam.errors import OctSamError
-from octsam.models import bases
-from octsam.models.bases import Base, base_for_name, base_of, base_of_model, get_base, register, unregister
 from octsam.models.contract import BaseHooks, SegmentationModel
 
 

@@ -16,9 +16,9 @@ import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
+from octsam.bases import get_base
 from octsam.errors import OctSamError
 from octsam.models import litemedsam as lms
-from octsam.models.bases import get_base
 
 SHARED = Path(os.environ.get("OCTSAM_SHARED_DIR", REPO_ROOT.parent / "shared"))
 REFERENCE = SHARED / "data" / "litemedsam_reference" / "duke_s01_b25.npz"

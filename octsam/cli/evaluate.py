@@ -10,10 +10,10 @@ import sys
 from collections.abc import Mapping
 
 from octsam.adapter import check_adapter_folder, resolve_adapter
+from octsam.bases import base_of
 from octsam.data.contract import parse_pixel_spacing
 from octsam.errors import OctSamError, cli_main
 from octsam.evaluation.compare import ZERO_SHOT, default_method_name, run_comparison
-from octsam.models.bases import base_of
 
 
 def parse_adapter_arg(text: str) -> tuple[str | None, str]:

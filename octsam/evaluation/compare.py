@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from octsam.bases import base_of, get_base
 from octsam.errors import OctSamError
 from octsam.evaluation.report import (
     PUBLICATION_CSV,
@@ -43,7 +44,6 @@ from octsam.evaluation.report import (
     ci_note,
 )
 from octsam.folders import FolderLock, atomic_folder
-from octsam.models.bases import base_of, get_base
 
 logger = logging.getLogger("octsam")
 

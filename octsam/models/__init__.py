@@ -30,7 +30,7 @@ def load_model(
     The adapter is resolved here once (a Hub id is downloaded to the cache); the loaders get the local folder.
     """
     from octsam.adapter import check_adapter_folder, resolve_adapter
-    from octsam.models.bases import base_of
+    from octsam.bases import base_of
 
     folder = resolve_adapter(adapter, revision=revision)
     config = check_adapter_folder(folder)

@@ -1,9 +1,9 @@
 """The model contract: what training, inference, evaluation and the app may ask of any octsam model, and what a
-base's own module provides to the registry (``octsam.models.bases``).
+base's own module provides to the registry (``octsam.bases``).
 
 ``SegmentationModel`` is implemented by ``OctSamModel`` (SAM-family bases + LoRA) and ``UNetSegmenter`` (the
 baseline); code outside ``octsam/models`` asks the model (``supports_prompts``) or its record
-(``octsam.models.bases.base_of(config)``) instead of testing an architecture name. ``BaseHooks`` is the code half of
+(``octsam.bases.base_of(config)``) instead of testing an architecture name. ``BaseHooks`` is the code half of
 a registry record; a new base subclasses it and overrides what differs. No torch import here.
 """
 
@@ -76,14 +76,9 @@ class SegmentationModel(Protocol):
 
 
 class BaseHooks:
-    """The code of one base (``octsam.models.bases.Base.hooks`` names a subclass). Defaults fit a SAM-family base
-    whose weights identify themselves; override what differs."""
-
-    def model_class(self) -> type:
-        """The ``SegmentationModel`` class that builds and loads models of this base."""
-        from octsam.models.sam import OctSamModel
-
-        return OctSamModel
+    """The code of one base (``octsam.bases.Base.hooks`` names a subclass): what a SAM-family base's module
+    provides to build and recognise it. The defaults fit a base with nothing to add (the U-Net baseline, whose model
+    class is all of it); override what differs."""
 
     def build(self, base_model: str, revision: str | None = None, dtype: torch.dtype | None = None) -> Any:
         """The base model named ``base_model`` (SAM family: a transformers ``SamModel``, in eval mode)."""

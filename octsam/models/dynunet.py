@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from octsam.models.unet import FOREGROUND_PRIOR, UNetHooks, UNetSegmenter
+from octsam.models.unet import FOREGROUND_PRIOR, UNetSegmenter
 
 NNUNET_2D_FEATURES = (32, 64, 128, 256, 512, 512)
 DEEP_SUPERVISION_LEVELS = 3
@@ -77,10 +77,3 @@ class DynUNetSegmenter(UNetSegmenter):
             extras = DeepSupervision([out[:, i] for i in range(1, out.shape[1])], weights[1:], weights[0])
             return out[:, 0], extras
         return out, None
-
-
-class DynUNetHooks(UNetHooks):
-    """The ``dynunet`` record's code (``--model dynunet``): its model class."""
-
-    def model_class(self) -> type:
-        return DynUNetSegmenter

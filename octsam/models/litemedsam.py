@@ -34,6 +34,7 @@ from torch import nn
 
 from octsam.errors import OctSamError
 from octsam.models.contract import BaseHooks, file_sha256
+from octsam.models.sam import minmax_scale
 from octsam.models.tinyvit import TinyViT, TinyViTConfig
 
 __all__ = [
@@ -284,7 +285,7 @@ def is_litemedsam(model: nn.Module) -> bool:
 
 
 class LiteMedSamHooks(BaseHooks):
-    """The ``litemedsam`` record's code (``octsam.models.bases``): ``--base-model litemedsam`` builds it offline."""
+    """The ``litemedsam`` record's code (``octsam.bases``): ``--base-model litemedsam`` builds it offline."""
 
     def build(self, base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
         model = build_litemedsam(dtype=dtype)
@@ -319,14 +320,6 @@ def resized_shape(height: int, width: int, image_size: int = LITEMEDSAM_IMAGE_SI
     """(h, w) after resizing the longest side to ``image_size`` (MedSAM's rounding: ``int(x * scale + 0.5)``)."""
     scale = image_size / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def minmax_scale(images: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-image min-max scaling to [0, 1] over all channels and pixels of (B, C, H, W) (range clamped at ``eps``)."""
-    flat = images.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
-    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
-    return (images - low) / (high - low).clamp(min=eps)
 
 
 def preprocess_image(

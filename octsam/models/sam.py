@@ -40,8 +40,8 @@ from octsam.adapter import (
     hub_unreachable,
     resolve_adapter,
 )
+from octsam.bases import base_for_name, base_of, base_of_model, get_base
 from octsam.errors import OctSamError
-from octsam.models.bases import base_for_name, base_of, base_of_model, get_base
 from octsam.models.contract import BaseHooks, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def save_random_base(path: str | os.PathLike, seed: int = 0, **config_kwargs: An
 
 def encoder_kind(sam: nn.Module) -> str:
     """The registry name of a built base's encoder (``litemedsam`` for LiteMedSAM's TinyViT, ``sam`` for
-    transformers' SAM ViT): ``octsam.models.bases.base_of_model``."""
+    transformers' SAM ViT): ``octsam.bases.base_of_model``."""
     return base_of_model(sam).name
 
 
@@ -116,7 +116,7 @@ def base_fingerprint(base_model: str) -> str | None:
 
 
 def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
-    """Build the base a ``--base-model`` name selects (``octsam.models.bases.base_for_name``): a ``SamModel`` from a
+    """Build the base a ``--base-model`` name selects (``octsam.bases.base_for_name``): a ``SamModel`` from a
     Hub id or a local folder, or a registered base such as ``litemedsam``."""
     return base_for_name(base_model).implementation.build(base_model, revision, dtype)
 
@@ -163,6 +163,14 @@ def _check_input_size(vision_config) -> None:
     size, patch = vision_config.image_size, vision_config.patch_size
     if size % patch:
         raise OctSamError(f"SAM input size {size} is not a multiple of its patch size {patch}.")
+
+
+def minmax_scale(images: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-image min-max scaling to [0, 1] over all channels and pixels of (B, C, H, W) (range clamped at ``eps``)."""
+    flat = images.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    return (images - low) / (high - low).clamp(min=eps)
 
 
 def box_prompt_embedding(sam, image_size: int) -> torch.Tensor:
@@ -375,8 +383,6 @@ class OctSamModel(nn.Module):
             pixels = pixels.expand(-1, 3, -1, -1)
         dtype = next(self.core.vision_encoder.parameters()).dtype
         if self.config.normalization == "minmax":
-            from octsam.models.litemedsam import minmax_scale
-
             return minmax_scale(pixels).to(dtype)
         return ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
 

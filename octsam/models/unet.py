@@ -1,6 +1,6 @@
 """MONAI U-Net baseline implementing the model contract (``octsam.models.contract.SegmentationModel``) like
 ``OctSamModel`` (class logits, preprocess, adapter-like folder), so it trains through the same ``train.py`` and
-evaluates with the same command; ``UNetHooks`` is the code of its registry record (``unet``)."""
+evaluates with the same command; its registry record is ``unet``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from torch import nn
 
 from octsam.adapter import ADAPTER_CONFIG_NAME, UNET_WEIGHTS_NAME, OctSamConfig
 from octsam.errors import OctSamError
-from octsam.models.contract import BaseHooks
 
 # Grey B-scans scaled to about [-2, 2]; repeated over the 3 input channels like SAM's input.
 UNET_MEAN = (127.5, 127.5, 127.5)
@@ -157,10 +156,3 @@ class UNetSegmenter(nn.Module):
         except (OSError, RuntimeError) as err:
             raise OctSamError(f"Cannot load U-Net weights from {folder / UNET_WEIGHTS_NAME}: {err}") from err
         return model.eval()
-
-
-class UNetHooks(BaseHooks):
-    """The ``unet`` record's code: no base model to build or recognise; the model class is the whole model."""
-
-    def model_class(self) -> type:
-        return UNetSegmenter

@@ -114,7 +114,7 @@ def enable_embedding_cache(
     augmentation). Returns the cache (its ``hits``/``misses`` say how much it saved), or None. With ``directory``
     the embeddings are also kept on disk (safetensors, keyed by the base's weights and the pixels), so that runs on
     the same B-scans - cross-validation folds, modes - share them."""
-    from octsam.models.bases import base_of
+    from octsam.bases import base_of
 
     if augmented or not base_of(model.config).has_embeddings or not encoder_is_frozen(model):
         return None

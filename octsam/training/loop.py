@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from octsam.adapter import OctSamConfig
+from octsam.bases import base_of, get_base
 from octsam.config import (
     DataArguments,
     ModelArguments,
@@ -39,7 +40,6 @@ from octsam.data.dataset import IGNORE_INDEX
 from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
 from octsam.folders import FolderLock, remove_stale_staging, sigterm_as_interrupt, staging_path
-from octsam.models.bases import base_of, get_base
 from octsam.models.dynunet import DeepSupervision
 from octsam.models.sam import class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
@@ -362,9 +362,9 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     model = build_model(model_args, labels, train_args.seed)
     config = model.config
     logger.info(model.parameter_summary())
-    if train_args.gradient_checkpointing and hasattr(model, "core"):
-        model.core.vision_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.core.vision_encoder.train()
+    if train_args.gradient_checkpointing and model.image_encoder is not None:
+        model.image_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.image_encoder.train()
 
     prompts = None
     if config.mode == "prompted" and base_of(config).has_embeddings:

@@ -43,6 +43,9 @@ class Base:
     hooks: str
     """``"module:Class"`` of the base's code (an ``octsam.models.contract.BaseHooks``), imported when first used."""
     architecture: str = "sam"
+    model: str = "octsam.models.sam:OctSamModel"
+    """``"module:Class"`` of the model class (an ``octsam.models.contract.SegmentationModel``) that builds, loads
+    and saves models of this base."""
     base_names: tuple[str, ...] = ()
     """``--base-model`` names that select this base; a family default takes every name no other base claims (a Hub
     id or a local folder)."""
@@ -79,23 +82,23 @@ class Base:
             raise OctSamError(
                 f"Base {self.name}: normalization must be 'mean_std' or 'minmax', got {self.normalization!r}."
             )
-        if ":" not in self.hooks:
-            raise OctSamError(f"Base {self.name}: hooks must be 'module:Class', got {self.hooks!r}.")
+        for name in ("hooks", "model"):
+            if ":" not in getattr(self, name):
+                raise OctSamError(f"Base {self.name}: {name} must be 'module:Class', got {getattr(self, name)!r}.")
 
     @property
     def implementation(self) -> Any:
         """The base's hooks object (its module is imported on first use)."""
         found = _HOOKS.get(self.name)
         if found is None or found[0] != self.hooks:
-            module, _, attribute = self.hooks.partition(":")
-            found = (self.hooks, getattr(importlib.import_module(module), attribute)())
+            found = (self.hooks, _load(self.hooks)())
             _HOOKS[self.name] = found
         return found[1]
 
     @property
     def model_class(self) -> type:
         """The class that builds, loads and saves models of this base (an ``octsam.models.contract.SegmentationModel``)."""
-        return self.implementation.model_class()
+        return _load(self.model)
 
     def lora_pattern(self, roles: Iterable[str]) -> str:
         """A PEFT ``target_modules`` regex for ``roles`` (an unknown role is refused, naming the known ones)."""
@@ -106,6 +109,11 @@ class Base:
                 f"lora_target_modules {unknown} do not exist for a {self.name} base; use {sorted(self.lora_roles)}."
             )
         return "^(?:.*\\.)?(?:" + "|".join(f"(?:{self.lora_roles[r]})" for r in roles) + ")$"
+
+
+def _load(reference: str) -> Any:
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 _BASES: dict[str, Base] = {}
@@ -226,11 +234,20 @@ _UNET = dict(  # what the CNN baselines are and can do: whole models of their ow
 register(
     Base(
         name="unet",
-        hooks="octsam.models.unet:UNetHooks",
+        hooks="octsam.models.contract:BaseHooks",  # nothing to build or recognise: the model is all of it
         architecture="unet",
+        model="octsam.models.unet:UNetSegmenter",
         **_UNET,
     )
 )
 # ``--model dynunet`` (nnU-Net-like DynUNet): its folders are U-Net folders (architecture "unet", extra unet_variant
 # "dynunet"), which the unet record's model class loads as a DynUNetSegmenter.
-register(Base(name="dynunet", hooks="octsam.models.dynunet:DynUNetHooks", architecture="dynunet", **_UNET))
+register(
+    Base(
+        name="dynunet",
+        hooks="octsam.models.contract:BaseHooks",
+        architecture="dynunet",
+        model="octsam.models.dynunet:DynUNetSegmenter",
+        **_UNET,
+    )
+)

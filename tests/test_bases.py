@@ -161,11 +161,11 @@ def test_models_implement_the_contract(tiny_base):
 
 def test_no_base_name_or_architecture_test_outside_the_models():
     """What a base is and can do is asked of its record: no ``architecture ==`` / ``encoder ==`` test and no
-    comparison with a base name outside ``octsam/models``."""
+    comparison with a base name outside ``octsam/models`` and the registry."""
     pattern = re.compile(r"\b(architecture|encoder)\s*[!=]=|[!=]=\s*[\"'](sam|litemedsam|unet)[\"']")
     found = []
     for path in sorted((REPO_ROOT / "octsam").rglob("*.py")):
-        if path.parent.name == "models":
+        if path.parent.name == "models" or path.name == "bases.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):

@@ -34,7 +34,8 @@ class SegmentationModel(Protocol):
     - ``trainable_parameters()``; ``parameter_summary()``: one line for the log.
     - ``merge()``: fold adapters into the weights for inference (returns self).
     - ``save_pretrained(folder)``; ``from_pretrained(folder_or_hub_id, revision=None, base_model=None, dtype=None)``;
-      ``for_training(model_args, labels, seed)``: a new model from an experiment's ``ModelArguments``.
+      ``for_training(config, model_args, seed)``: a new model for an experiment (``octsam.config.adapter_config``
+      of its ``ModelArguments``, and those arguments).
     - ``image_encoder``: the module worth ``torch.compile`` (None when there is none).
     """
 
@@ -69,7 +70,7 @@ class SegmentationModel(Protocol):
     ) -> SegmentationModel: ...
 
     @classmethod
-    def for_training(cls, model_args: Any, labels: list[str], seed: int = 0) -> SegmentationModel: ...
+    def for_training(cls, config: OctSamConfig, model_args: Any, seed: int = 0) -> SegmentationModel: ...
 
     @property
     def image_encoder(self) -> torch.nn.Module | None: ...

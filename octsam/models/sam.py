@@ -289,11 +289,10 @@ class OctSamModel(nn.Module):
         return cls(peft_model, config)
 
     @classmethod
-    def for_training(cls, model_args, labels: list[str], seed: int = 0) -> OctSamModel:
-        """A new adapter from an experiment's ``ModelArguments`` (octsam.config), with its fast attention."""
-        from octsam.config import adapter_config
-
-        model = cls.from_base(adapter_config(model_args, labels), seed=seed)
+    def for_training(cls, config: OctSamConfig, model_args, seed: int = 0) -> OctSamModel:
+        """A new adapter for ``config`` (``octsam.config.adapter_config`` of the experiment), with the fast attention
+        its ``ModelArguments`` ask for."""
+        model = cls.from_base(config, seed=seed)
         if model_args.fast_attention and base_of(model.config).fast_attention:
             from octsam.models.fast_attention import enable_fast_attention
 

@@ -80,12 +80,13 @@ class UNetSegmenter(nn.Module):
         return cls(config)
 
     @classmethod
-    def for_training(cls, model_args, labels: list[str], seed: int = 0) -> UNetSegmenter:
-        """A new U-Net from an experiment's ``ModelArguments`` (``unet_image_size``, ``unet_channels``; it tiles like
-        an adapter does: ``input_mode``, ``tile_overlap``, ``tile_scale``)."""
-        model = cls.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
+    def for_training(cls, config: OctSamConfig, model_args, seed: int = 0) -> UNetSegmenter:
+        """A new U-Net for the labels of ``config`` (the experiment's adapter config) with its ``ModelArguments``'
+        ``unet_image_size`` and ``unet_channels``; it tiles like an adapter does (``input_mode``, ``tile_overlap``,
+        ``tile_scale`` of ``config``)."""
+        model = cls.create(config.labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
         for name in ("input_mode", "tile_overlap", "tile_scale"):
-            setattr(model.config, name, getattr(model_args, name))
+            setattr(model.config, name, getattr(config, name))
         model.config.__post_init__()
         return model
 

@@ -32,6 +32,7 @@ from octsam.config import (
     DataArguments,
     ModelArguments,
     TrainArguments,
+    adapter_config,
     augment_config,
     prompt_config,
     tile_config,
@@ -83,7 +84,7 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int):
 def build_model(model_args: ModelArguments, labels: list[str], seed: int):
     """A new model of the family ``--model`` names (SAM + LoRA on the base ``--base-model`` selects, or the U-Net
     baseline) for ``labels``: the ``for_training`` of its registry record's model class."""
-    return get_base(model_args.model).model_class.for_training(model_args, labels, seed)
+    return get_base(model_args.model).model_class.for_training(adapter_config(model_args, labels), model_args, seed)
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -13,7 +13,8 @@ add a base", and ``tests/test_bases.py``, which adds a toy base from a single te
 Two families exist: ``architecture="sam"`` (a transformers ``SamModel`` - SAM's prompt encoder and mask decoder behind
 the base's image encoder - with a PEFT LoRA adapter, loaded as ``OctSamModel``; the record is chosen by the
 ``encoder`` field of ``octsam_config.json``) and ``architecture="unet"`` (the MONAI U-Net baseline, a whole model of
-its own; chosen by ``architecture``). The record named like a family is that family's default.
+its own; chosen by ``architecture``; ``--model dynunet`` builds its DynUNet variant, saved as a U-Net folder). The
+record named like a family is that family's default.
 """
 
 from __future__ import annotations

@@ -147,10 +147,11 @@ class UNetSegmenter(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: Path, config: OctSamConfig) -> UNetSegmenter:
-        if config.extra.get("unet_variant") == "dynunet":
-            from octsam.models.dynunet import DynUNetSegmenter
+        variant = config.extra.get("unet_variant")
+        if variant:  # a subclass's folder (DynUNet): the model class of the record its --model names
+            from octsam.bases import get_base
 
-            cls = DynUNetSegmenter
+            cls = get_base(variant).model_class
         model = cls(config)
         try:
             load_model(model.net, str(folder / UNET_WEIGHTS_NAME))

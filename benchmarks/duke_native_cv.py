@@ -50,8 +50,11 @@ TRAININGS = {
     "prompted": ("prompted", "LoRA prompted native", ["--mode", "prompted"]),
     "automatic-shrunk": ("auto_shrunk", "LoRA automatic (shrunk)", ["--mode", "automatic", "--input-mode", "resize"]),
     "prompted-shrunk": ("prompted_shrunk", "LoRA prompted (shrunk)", ["--mode", "prompted", "--input-mode", "resize"]),
-    "dynunet": ("dynunet", "DynUNet native", ["--model", "dynunet", "--unet-image-size", "256", "--unet-channels",
-                                              "32", "64", "128", "256", "512", "512"]),  # fmt: skip
+    "dynunet": (
+        "dynunet",
+        "DynUNet native",
+        ["--model", "dynunet", "--unet-image-size", "256", "--unet-channels", "32", "64", "128", "256", "512", "512"],
+    ),  # fmt: skip
 }
 ZERO_SHOT = ("zero-shot (shrunk)", "zero-shot native")
 TTA_SUFFIX = " + flip TTA"

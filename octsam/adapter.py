@@ -17,27 +17,32 @@ from pathlib import Path
 from typing import Any
 
 from octsam import __version__
+from octsam.bases import (  # noqa: F401 - the weight file names, importable from here as before
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    UNET_WEIGHTS_NAME,
+    base_of,
+    get_base,
+    registered,
+)
 from octsam.errors import OctSamError
 from octsam.safepaths import pickle_hint
 
 ADAPTER_CONFIG_NAME = "octsam_config.json"
 ADAPTER_FORMAT = "octsam-adapter"
 ADAPTER_FORMAT_VERSION = 1
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-UNET_WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 RUN_RECORD_NAME = "run.json"
-# What a model kind needs in its folder, and what a Hub download fetches (nothing else: no checkpoints).
-WEIGHT_FILES = {"sam": (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME), "unet": (UNET_WEIGHTS_NAME,)}
-ADAPTER_FILES = (
-    ADAPTER_CONFIG_NAME,
-    CARD_NAME,
-    RUN_RECORD_NAME,
-    PEFT_CONFIG_NAME,
-    PEFT_WEIGHTS_NAME,
-    UNET_WEIGHTS_NAME,
-)
+
+
+def adapter_files() -> tuple[str, ...]:
+    """What a Hub download of an adapter fetches (nothing else: no checkpoints): the config, card, run record and
+    the weight files of every registered base."""
+    weights = dict.fromkeys(name for base in registered() for name in base.weight_files)
+    return (ADAPTER_CONFIG_NAME, CARD_NAME, RUN_RECORD_NAME, *weights)
+
+
+ADAPTER_FILES = adapter_files()  # of the built-in bases
 
 # How a B-scan meets the model's input (OctSamConfig.input_mode; octsam.data.tiles does the work).
 INPUT_MODES = ("resize", "native")
@@ -45,31 +50,18 @@ INPUT_MODES = ("resize", "native")
 SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
 SAM_IMAGE_STD = (58.395, 57.12, 57.375)
 CLASS_PROMPTS_MODULE = "octsam_class_prompts"
-# LoRA targets by role (the names accepted in ``lora_target_modules``) for each image encoder, so that a config says
-# "qkv", "attention" or "mlp" without knowing an encoder's module names.
-_DECODER_ATTENTION = r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)"
-LORA_ROLES: dict[str, dict[str, str]] = {
-    "sam": {
-        "qkv": r"vision_encoder\.layers\.\d+\.attn\.qkv",
-        "proj": r"vision_encoder\.layers\.\d+\.attn\.proj",
-        "attention": r"vision_encoder\.layers\.\d+\.attn\.(?:qkv|proj)",
-        "mlp": r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
-        "decoder_attention": _DECODER_ATTENTION,
-    },
-    "litemedsam": {
-        "qkv": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.qkv",
-        "proj": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.proj",
-        "attention": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.attn\.(?:qkv|proj)",
-        "mlp": r"vision_encoder\.tinyvit\.layers\.\d+\.blocks\.\d+\.mlp\.fc[12]",
-        "decoder_attention": _DECODER_ATTENTION,
-    },
-}
-LORA_TARGETS = LORA_ROLES["sam"]  # the roles of transformers' SAM ViT (adapters written before other encoders)
-# How each image encoder wants its input (what it was trained with): resize and normalisation.
-ENCODER_INPUT = {
-    "sam": {"resize": "stretch", "normalization": "mean_std"},
-    "litemedsam": {"resize": "pad", "normalization": "minmax"},
-}
+
+
+def __getattr__(name: str):
+    """Views of the base registry (``octsam.bases``) under the names this module had before it: LoRA roles,
+    input spec and weight files per encoder kind."""
+    if name == "LORA_ROLES":
+        return {b.name: dict(b.lora_roles) for b in registered() if b.peft_adapter}
+    if name == "ENCODER_INPUT":
+        return {b.name: {"resize": b.resize, "normalization": b.normalization} for b in registered() if b.peft_adapter}
+    if name == "WEIGHT_FILES":
+        return {b.architecture: b.weight_files for b in registered() if b.name == b.architecture}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -123,9 +115,10 @@ class OctSamConfig:
             raise OctSamError(f"mode must be 'automatic' or 'prompted', got {self.mode!r}.")
         if self.class_activation not in ("softmax", "sigmoid"):
             raise OctSamError(f"class_activation must be 'softmax' or 'sigmoid', got {self.class_activation!r}.")
-        if self.encoder not in LORA_ROLES:
-            raise OctSamError(f"encoder must be one of {', '.join(LORA_ROLES)}, got {self.encoder!r}.")
-        roles = LORA_ROLES[self.encoder]
+        known = [b.name for b in registered() if b.peft_adapter]
+        if self.encoder not in known:
+            raise OctSamError(f"encoder must be one of {', '.join(known)}, got {self.encoder!r}.")
+        roles = get_base(self.encoder).lora_roles
         unknown = [t for t in self.lora_target_modules if t not in roles]
         if unknown:
             raise OctSamError(f"Unknown lora_target_modules {unknown}; choose from {sorted(roles)}.")
@@ -262,7 +255,7 @@ def resolve_adapter(adapter: str | os.PathLike, revision: str | None = None) -> 
                 adapter,
                 revision=revision,
                 repo_type="model",
-                allow_patterns=list(ADAPTER_FILES),
+                allow_patterns=list(adapter_files()),
                 local_files_only=offline,
             )
         )
@@ -292,16 +285,16 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
             "folder that train.py writes."
         )
     config = OctSamConfig.from_json_file(folder / ADAPTER_CONFIG_NAME)
-    missing = [name for name in WEIGHT_FILES.get(config.architecture, ()) if not (folder / name).is_file()]
+    base = base_of(config)
+    missing = [name for name in base.weight_files if not (folder / name).is_file()]
     if missing:
         raise OctSamError(
             f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.{pickle_hint(folder)}"
         )
-    weights = WEIGHT_FILES.get(config.architecture, ())
-    for name in weights:
+    for name in base.weight_files:
         if name.endswith(".safetensors"):
             keys = safetensors_keys(folder / name)
-            if config.architecture == "sam":
+            if base.peft_adapter:
                 has_prompts = any(CLASS_PROMPTS_MODULE in k for k in keys)
                 if has_prompts != (config.mode == "automatic"):
                     trained = "automatic" if has_prompts else "prompted"

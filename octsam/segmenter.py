@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from octsam.bases import base_of
 from octsam.data.prompts import Prompt
 from octsam.data.samples import image_tensor, input_frame, resize_image, to_uint8_image
 from octsam.data.tiles import box_window, rescale, window_pixels
@@ -95,6 +96,7 @@ class Segmenter:
         self.members = [m.to(self.device).eval() for m in members]
         self.model = self.members[0]
         self.config = self.model.config
+        self.base = base_of(self.config)  # the registry record: what this model's base can do
         self.batch_size = batch_size
         self.tta = tta
         self.compiled = False
@@ -127,7 +129,7 @@ class Segmenter:
             if merge:
                 model.merge()
                 fuse_for_inference(model)
-            if fast_attention and model.config.architecture == "sam":
+            if fast_attention and base_of(model.config).fast_attention:
                 from octsam.models.fast_attention import enable_fast_attention
 
                 enable_fast_attention(model, mode="auto" if fast_attention is True else fast_attention)
@@ -145,11 +147,11 @@ class Segmenter:
         new batch size would compile again (about a minute for ViT-B on 2 cores), so a short last batch is padded to
         ``batch_size``; it pays for many B-scans, not for one.
         """
-        if self.config.architecture != "sam":
-            return  # the U-Net baseline is small; nothing to gain
+        if not self.base.compiles or self.model.image_encoder is None:
+            return  # e.g. the U-Net baseline: small, nothing to gain
         options = {"freezing": True} if self.device.type == "cpu" else None
         for model in self.members:
-            model.core.vision_encoder.compile(dynamic=False, options=options)
+            model.image_encoder.compile(dynamic=False, options=options)
         self.compiled = True
 
     def segment_volume(self, volume):
@@ -409,7 +411,7 @@ class Segmenter:
     def embed(self, image) -> torch.Tensor:
         """SAM's image embedding (1, C, g, g) of one B-scan (array or PIL image at native size): encode once, then
         prompt it many times with ``segment_embedding``."""
-        if self.config.architecture != "sam":
+        if not self.base.has_embeddings:
             raise OctSamError(f"A {self.config.architecture!r} model has no image embedding to prompt.")
         array = to_uint8_image(image)
         if self.native or len(self.members) > 1 or self.tta != "none":
@@ -535,13 +537,9 @@ def prompt_extent(prompt: Prompt) -> tuple[float, float, float, float]:
 
 
 def fuse_for_inference(model: torch.nn.Module) -> None:
-    """Fold BatchNorm into the convolutions of a merged model's TinyViT encoder (LiteMedSAM): faster, same outputs
-    up to float round-off; training mode undoes it (``octsam.models.tinyvit.TinyViT.fuse_for_inference``)."""
-    from octsam.models.tinyvit import TinyViT
-
-    for module in model.modules():
-        if isinstance(module, TinyViT):
-            module.fuse_for_inference()
+    """What a merged model's base does to run faster with the same outputs up to float round-off (its registry
+    hooks: LiteMedSAM folds BatchNorm into TinyViT's convolutions; training mode undoes it)."""
+    base_of(model.config).implementation.fuse_for_inference(model)
 
 
 def device_name(device) -> str:

@@ -39,17 +39,22 @@ def plan_speed(
     "mps").
 
     ``compile``: True or False when the user asked; None for the default (on CUDA: always for training, for
-    inference when ``num_scans`` > ``COMPILE_MIN_SCANS``; off elsewhere). The U-Net baseline is small and never
-    compiled by default. ``fast_attention`` False keeps transformers' attention.
+    inference when ``num_scans`` > ``COMPILE_MIN_SCANS``; off elsewhere). ``architecture``: the registry name of the
+    model's base (``octsam.bases``); one whose record says ``compiles=False`` (the U-Net baseline: small) is
+    never compiled by default, and fast attention applies only where its record says so. ``fast_attention`` False
+    keeps transformers' attention.
     """
+    from octsam.bases import get_base
+
     if task not in ("train", "infer"):
         raise ValueError(f"task must be train or infer, got {task!r}")
-    attention = attention_mode if fast_attention and architecture == "sam" else None
+    base = get_base(architecture)
+    attention = attention_mode if fast_attention and base.fast_attention else None
     if compile is not None:
         return SpeedPlan(attention, bool(compile), "asked for" if compile else "turned off")
     if device_type != "cuda":
         return SpeedPlan(attention, False, f"not compiled by default on {device_type}")
-    if architecture != "sam":
+    if not base.compiles:
         return SpeedPlan(attention, False, f"{architecture} is not compiled by default")
     if task == "train":
         return SpeedPlan(attention, True, "compiled by default for training on CUDA")

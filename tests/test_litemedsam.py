@@ -16,6 +16,7 @@ import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
+from octsam.bases import get_base
 from octsam.errors import OctSamError
 from octsam.models import litemedsam as lms
 
@@ -117,7 +118,7 @@ def test_lora_roles_name_the_tinyvit_linears(model):
     names = [name for name, _ in model.named_modules()]
 
     def matched(roles: list[str]) -> list[str]:
-        pattern = re.compile(lms.lora_target_pattern("litemedsam", roles))
+        pattern = re.compile(get_base("litemedsam").lora_pattern(roles))
         return [n for n in names if pattern.match(n)]
 
     qkv, proj, mlp = matched(["qkv"]), matched(["proj"]), matched(["mlp"])
@@ -126,7 +127,7 @@ def test_lora_roles_name_the_tinyvit_linears(model):
     assert sorted(matched(["attention"])) == sorted(qkv + proj)
     assert not any(n.startswith("mask_decoder") for n in matched(["attention", "mlp"]))
     with pytest.raises(OctSamError):
-        lms.lora_target_pattern("litemedsam", ["lin1"])
+        get_base("litemedsam").lora_pattern(["lin1"])
 
 
 def test_training_mode_keeps_batchnorm_frozen(model):

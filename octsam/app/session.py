@@ -155,7 +155,7 @@ class Session:
                 "This adapter was trained in prompted mode: click inside the biomarker (point +) or draw a box."
             )
         start = time.perf_counter()
-        if self.segmenter.config.architecture == "sam":
+        if self.segmenter.base.has_embeddings:
             self.embeddings.pop(self.current, None)
             mask = self.segmenter.segment_embedding(self.embedding(), self.shape).mask
         else:
@@ -233,7 +233,7 @@ class Session:
 
     def _decode(self, label: int) -> str:
         """Re-decode class ``label`` from its prompts and the cached embedding; timed as ``click_s``."""
-        if self.segmenter.config.architecture != "sam":
+        if not self.segmenter.model.supports_prompts:
             raise OctSamError("Prompts need a SAM adapter; this is the U-Net baseline. Use the brush instead.")
         embedding = self.embedding()  # cached after the first click on a B-scan
         start = time.perf_counter()

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Mapping
 
 from octsam.adapter import check_adapter_folder, resolve_adapter
+from octsam.bases import base_of
 from octsam.data.contract import parse_pixel_spacing
 from octsam.errors import OctSamError, cli_main
 from octsam.evaluation.compare import ZERO_SHOT, default_method_name, run_comparison
@@ -87,7 +88,7 @@ def _zero_shot_base(args: argparse.Namespace, adapters: Mapping[str, str]) -> st
         return args.base_model
     for folder in adapters.values():
         config = check_adapter_folder(folder[0] if isinstance(folder, list) else folder)
-        if config.architecture == "sam":
+        if base_of(config).has_embeddings:
             return config.base_model
     raise OctSamError("--method zero-shot needs a SAM base: pass --base-model ID_OR_DIR (or a SAM --adapter).")
 

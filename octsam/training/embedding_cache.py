@@ -23,7 +23,7 @@ DEFAULT_LIMIT_BYTES = 4 * 1024**3
 
 def encoder_is_frozen(model) -> bool:
     """True when no parameter of the image encoder of ``model`` (an ``OctSamModel``) is trained."""
-    encoder = model.core.vision_encoder
+    encoder = model.image_encoder
     return not any(p.requires_grad for p in encoder.parameters())
 
 
@@ -114,9 +114,11 @@ def enable_embedding_cache(
     augmentation). Returns the cache (its ``hits``/``misses`` say how much it saved), or None. With ``directory``
     the embeddings are also kept on disk (safetensors, keyed by the base's weights and the pixels), so that runs on
     the same B-scans - cross-validation folds, modes - share them."""
-    if augmented or not hasattr(model, "core") or not encoder_is_frozen(model):
+    from octsam.bases import base_of
+
+    if augmented or not base_of(model.config).has_embeddings or not encoder_is_frozen(model):
         return None
-    encoder = model.core.vision_encoder
+    encoder = model.image_encoder
     config = model.config
     namespace = f"{config.encoder}:{config.base_model}:{config.base_sha256}:{config.image_size}:{config.resize}:"
     cache = EmbeddingCache(encoder, limit_bytes, directory, namespace + config.normalization)

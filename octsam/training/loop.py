@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from octsam.adapter import ADAPTER_CONFIG_NAME, OctSamConfig
+from octsam.bases import base_of, get_base
 from octsam.config import (
     DataArguments,
     ModelArguments,
@@ -41,7 +42,7 @@ from octsam.data.samples import EpochSampler, SegmentationSamples, collate
 from octsam.errors import OctSamError
 from octsam.folders import FolderLock, move_aside_and_empty, remove_stale_staging, sigterm_as_interrupt
 from octsam.models.dynunet import DeepSupervision
-from octsam.models.sam import OctSamModel, class_logits_from_prompts, predict_index_mask, upsample_logits
+from octsam.models.sam import class_logits_from_prompts, predict_index_mask, upsample_logits
 from octsam.training.checkpoint import (
     BEST_ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -86,24 +87,9 @@ def build_accelerator(args: TrainArguments, gradient_accumulation_steps: int):
 
 
 def build_model(model_args: ModelArguments, labels: list[str], seed: int):
-    """A new SAM + LoRA model or U-Net baseline for ``labels``."""
-    if model_args.model in ("unet", "dynunet"):
-        from octsam.models.dynunet import DynUNetSegmenter
-        from octsam.models.unet import UNetSegmenter
-
-        network = DynUNetSegmenter if model_args.model == "dynunet" else UNetSegmenter
-        model = network.create(labels, model_args.unet_image_size, model_args.unet_channels, seed=seed)
-        for name in ("input_mode", "tile_overlap", "tile_scale"):  # the U-Net tiles like an adapter does
-            setattr(model.config, name, getattr(model_args, name))
-        model.config.__post_init__()
-        return model
-    config = adapter_config(model_args, labels)
-    model = OctSamModel.from_base(config, seed=seed)
-    if model_args.fast_attention:
-        from octsam.models.fast_attention import enable_fast_attention
-
-        enable_fast_attention(model, mode=model_args.attention_mode)
-    return model
+    """A new model of the family ``--model`` names (SAM + LoRA on the base ``--base-model`` selects, or the U-Net
+    baseline) for ``labels``: the ``for_training`` of its registry record's model class."""
+    return get_base(model_args.model).model_class.for_training(adapter_config(model_args, labels), model_args, seed)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -386,12 +372,12 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     model = build_model(model_args, labels, train_args.seed)
     config = model.config
     logger.info(model.parameter_summary())
-    if train_args.gradient_checkpointing and hasattr(model, "core"):
-        model.core.vision_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.core.vision_encoder.train()
+    if train_args.gradient_checkpointing and model.image_encoder is not None:
+        model.image_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.image_encoder.train()
 
     prompts = None
-    if config.mode == "prompted" and config.architecture == "sam":
+    if config.mode == "prompted" and base_of(config).has_embeddings:
         prompts = prompt_config(data_args)
     augment = augment_config(data_args)
     if train_args.cache_embeddings and not (train_args.compile and torch.cuda.is_available()):
@@ -454,7 +440,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         fast_attention=model_args.fast_attention,
         attention_mode=model_args.attention_mode,
         compile=None if train_args.compile else False,
-        architecture=model_args.model,
+        architecture=base_of(config).name,
     )
     logger.info(
         f"attention: {'transformers' if speed.attention is None else 'octsam fast (' + speed.attention + ')'}; "

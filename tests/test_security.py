@@ -257,12 +257,12 @@ def test_dataset_card_escapes_label_names(tmp_path):
 def test_summary_csv_neutralises_formulas(tmp_path):
     import csv
 
-    from octsam.infer.outputs import _write_summary
+    from octsam.infer.outputs import write_summary
 
     rows = [{"scan": "=cmd|' /C calc'!A0", "source": "@SUM(A1)", "height": 4, "width": 5, f"{FORMULA}_area_px": 3,
              f"{FORMULA}_components": 1, "status": "ok", "error": ""}]  # fmt: skip
     failures = [{"scan": "-x", "source": "+y", "error": "=HYPERLINK(1)"}]
-    _write_summary(tmp_path / "summary.csv", rows, failures, ["background", FORMULA], None)
+    write_summary(tmp_path / "summary.csv", rows, failures, ["background", FORMULA], None)
     table = list(csv.reader((tmp_path / "summary.csv").open()))
     assert table[0][4] == f"'{FORMULA}_area_px"
     assert table[1][:5] == ["'=cmd|' /C calc'!A0", "'@SUM(A1)", "4", "5", "3"]

@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=None)
     parser.add_argument("--cv", type=Path, default=None)
-    parser.add_argument("--cv-block", default="duke-cv", choices=["duke-cv", "duke-cv-cpu"])
+    parser.add_argument(
+        "--cv-block",
+        default="duke-cv",
+        choices=["duke-cv", "duke-cv-cpu", "duke-native-cpu", "duke-native-gpu"],
+        help="duke-native-*: the results folder of benchmarks/duke_native_cv.py (--cv benchmarks/results/RUN)",
+    )
     args = parser.parse_args(argv)
     readme = REPO / "README.md"
     text = readme.read_text()
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv is not None:
         text = replace_block(text, args.cv_block, cv_block(args.cv))
         results = REPO / "benchmarks" / "DUKE_RESULTS.md"
-        results.write_text(replace_block(results.read_text(), args.cv_block, cv_block(args.cv)))
+        if f"<!-- {args.cv_block}:start -->" in results.read_text():
+            results.write_text(replace_block(results.read_text(), args.cv_block, cv_block(args.cv)))
     readme.write_text(text)
     print(f"updated {readme}")
     return 0

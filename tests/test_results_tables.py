@@ -1,0 +1,33 @@
+"""The README's Duke tables are generated from raw output committed under benchmarks/results: regenerate each from its
+per-B-scan CSVs and compare with what the README (and the run's own cv_table.md) says."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def readme_block(name: str) -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    assert match, f"README.md has no {name} block"
+    return match.group(1)
+
+
+def table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_duke_cpu_cv_table_regenerates_from_its_csvs():
+    from benchmarks.duke_cv import summarise, table
+
+    work = RESULTS / "duke_cv_cpu"
+    regenerated = table(summarise(work, 5, n_bootstrap=2000, seed=0))
+    assert table_rows(regenerated) == table_rows((work / "cv_table.md").read_text())
+    assert table_rows(regenerated) == table_rows(readme_block("duke-cv-cpu"))

@@ -322,7 +322,10 @@ def run(args: argparse.Namespace) -> int:
             num_scans = len(inputs)
         with _ModelAndWriters(args, final, tmp, started, num_scans) as ctx:
             if volumes:
-                failed = segment_volumes(ctx, inputs)
+                record = run_record(ctx)
+                record.update(segment_volumes(ctx, inputs))
+                write_run_record(ctx.tmp, record)
+                failed = 0
             else:
                 outcome = _segment_scans(ctx, inputs, prompting, spacing)
                 failed = len(outcome.failures)

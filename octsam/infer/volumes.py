@@ -45,10 +45,10 @@ def read_volumes(args: argparse.Namespace) -> list:
     return volumes
 
 
-def segment_volumes(ctx, volumes: list) -> int:
+def segment_volumes(ctx, volumes: list) -> dict:
     """Segment every volume with the run's model (``ctx``: ``octsam.infer.run.InferenceRun``) into its staging
-    folder: one folder per eye (written by the writer pool) and ``volumes.csv`` rows in input order; returns 0."""
-    from octsam.infer.run import run_record, write_run_record
+    folder: one folder per eye (written by the writer pool) and ``volumes.csv`` rows in input order; returns what
+    run.json says of the volumes (the run writes it)."""
     from octsam.volumes.report import append_volumes_csv, csv_row
     from octsam.volumes.segment import VOLUMES_CSV, segment_volume, write_volume_folder
     from octsam.volumes.volume import parse_spacing
@@ -84,16 +84,11 @@ def segment_volumes(ctx, volumes: list) -> int:
             future.cancel()
         raise
     timings.loop_end = time.perf_counter()
-    record = run_record(ctx)
-    record.update(
-        {
-            "volumes": [volume.source for volume in volumes],
-            "spacing_mm": list(parse_spacing(args.spacing)) if args.spacing else None,
-            "inputs": sum(volume.n_bscans for volume in volumes),
-            "segmented": sum(volume.n_bscans for volume in volumes),
-            "seconds": round(time.perf_counter() - timings.started, 2),
-            "timings": timings.record(sum(volume.n_bscans for volume in volumes)),
-        }
-    )
-    write_run_record(ctx.tmp, record)
-    return 0
+    return {
+        "volumes": [volume.source for volume in volumes],
+        "spacing_mm": list(parse_spacing(args.spacing)) if args.spacing else None,
+        "inputs": sum(volume.n_bscans for volume in volumes),
+        "segmented": sum(volume.n_bscans for volume in volumes),
+        "seconds": round(time.perf_counter() - timings.started, 2),
+        "timings": timings.record(sum(volume.n_bscans for volume in volumes)),
+    }

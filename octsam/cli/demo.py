@@ -86,7 +86,7 @@ def run(out: Path, overwrite: bool, epochs: int | None, patients: int, unet: boo
 
 
 def _history(run_dir: Path) -> list[dict]:
-    from octsam.training.checkpoint import run_history
+    from octsam.runs import run_history
 
     return run_history(run_dir) or []
 

@@ -60,7 +60,7 @@ def default_method_name(config) -> str:
 
 def training_history(adapter: str | os.PathLike) -> list[dict] | None:
     """The per-epoch history of the run that wrote ``RUN/best_adapter`` (from ``RUN/checkpoints/*/trainer_state``)."""
-    from octsam.training.checkpoint import run_history
+    from octsam.runs import run_history
 
     folder = Path(adapter)
     return run_history(folder.parent) if folder.is_dir() else None

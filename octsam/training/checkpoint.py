@@ -17,17 +17,19 @@ from octsam.errors import OctSamError
 from octsam.folders import atomic_folder, swap_into_place
 
 # ------------------------------------------------------------------------------------------------ run folder names
-# A training run folder (--output): RUN/best_adapter (an adapter folder, octsam.adapter's file names),
-# RUN/checkpoints/epoch-NNNN (the files below), RUN/all_results.json. Every module that reads a run uses these.
-CHECKPOINT_DIR = "checkpoints"
-BEST_ADAPTER_DIR = "best_adapter"
-RESULTS_FILE = "all_results.json"
-CHECKPOINT_GLOB = "epoch-[0-9][0-9][0-9][0-9]"
+# The run folder's layout lives in octsam.runs (read by evaluation and the demo too); re-exported here.
+from octsam.runs import (  # noqa: E402, F401
+    BEST_ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    CHECKPOINT_GLOB,
+    RESULTS_FILE,
+    TRAINER_STATE,
+    checkpoint_name,
+    list_checkpoints,
+    run_history,
+)
+
 SHARED_STAGING_SUFFIX = ".tmp"  # checkpoints/epoch-NNNN.tmp: one name for every process of a distributed run
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"epoch-{epoch:04d}"
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -74,7 +76,6 @@ def set_rng_state(state: dict) -> None:
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 SCHEDULER_JSON = "scheduler.json"
-TRAINER_STATE = "trainer_state.json"
 LEGACY_PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state_*.pt")
 
 
@@ -253,21 +254,6 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
     if rng is not None:
         set_rng_state(rng)
     return state
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob(CHECKPOINT_GLOB) if (p / TRAINER_STATE).is_file())
-
-
-def run_history(run_dir: Path) -> list[dict] | None:
-    """The per-epoch history of a training run folder (from its latest checkpoint's trainer state); None if none."""
-    ckpts = list_checkpoints(Path(run_dir) / CHECKPOINT_DIR)
-    if not ckpts:
-        return None
-    try:
-        return json.loads((ckpts[-1] / TRAINER_STATE).read_text()).get("history") or None
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def prune_checkpoints(root: Path, best_epoch: int, keep: int) -> None:

@@ -84,6 +84,9 @@ def parse_spacing(sy, sx) -> tuple[float, float] | None:
 
 
 def build_app(config: AppConfig) -> gr.Blocks:
+    """The Gradio page. Long on purpose: a ``gr.Blocks`` page is declared inside one ``with`` block, and each event
+    handler is wired to components created in that same scope; every handler is a thin call into ``Session``
+    (octsam/app/session.py), where the logic lives and is tested without a browser."""
     upload_root = Path(config.upload_root or gr.utils.get_upload_folder())
     segmenters = dict(config.adapters)
 

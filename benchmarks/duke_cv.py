@@ -67,11 +67,12 @@ def cache_embeddings_everywhere(directory: Path) -> None:
 
     def init(self, model, *args, **kwargs):
         original(self, model, *args, **kwargs)
-        config = model.config
+        config = self.model.config  # the first of an ensemble; each member's encoder is cached below
         # zero-shot (no LoRA at all) or LoRA only in the mask decoder: the encoder is the base's
         encoder_untouched = all(role == "decoder_attention" for role in config.lora_target_modules)
         if getattr(config, "encoder", None) == "litemedsam" and encoder_untouched:
-            enable_embedding_cache(self.model, augmented=False, directory=directory)
+            for member in getattr(self, "members", [self.model]):
+                enable_embedding_cache(member, augmented=False, directory=directory)
 
     seg.Segmenter.__init__ = init
 

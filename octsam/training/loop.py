@@ -353,7 +353,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     if accelerator.is_main_process:
         warn_about_data(train_split, labels, data_args)
 
-    if effective > len(train_split):
+    if model_args.input_mode != "native" and effective > len(train_split):  # checked before the model loads
         raise OctSamError(
             f"The effective batch ({effective}) is larger than the training split ({len(train_split)} scans): every "
             f"epoch would be one smaller, uneven step. Set --effective-batch-size to at most {len(train_split)}."
@@ -399,6 +399,12 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
         dataset["validation"], config.image_size, config.num_labels, None, prompts, resize=config.resize, tiles=tiles,
         validation=True,
     )  # fmt: skip
+    if tiles is not None and effective > len(train_data):  # native mode: an epoch is its crops
+        raise OctSamError(
+            f"The effective batch ({effective}) is larger than the training crops of an epoch ({len(train_data)}): "
+            f"every epoch would be one smaller, uneven step. Set --effective-batch-size to at most {len(train_data)} "
+            "or raise --crops-per-scan."
+        )
     if tiles is not None:
         logger.info(
             f"native tiles of {tiles.size} px: {len(train_data)} training crops per epoch ({tiles.crop_sampling}), "

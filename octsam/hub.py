@@ -45,13 +45,15 @@ def push_adapter(
     revision: str | None = None,
     commit_message: str = "Upload octsam adapter",
     card: bool = True,
+    with_onnx: bool = False,
 ) -> str:
     """Upload an adapter folder to the Hub repo ``repo_id`` (created if missing) and return the commit URL.
 
     With ``card``, a ``README.md`` that is not octsam's (missing, or PEFT's template) is replaced by the adapter card
     (without metrics: write it with ``octsam.cards.write_adapter_card`` first to include them), and the card's
     ``ORG/NAME`` placeholder becomes ``repo_id``. Training checkpoints and temporary files are never uploaded
-    (``HUB_IGNORE_PATTERNS``).
+    (``HUB_IGNORE_PATTERNS``). ``with_onnx`` also uploads the folder's ``onnx/`` (``octsam-export --output
+    FOLDER/onnx``), checked first; without it ``onnx/`` stays local.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError
@@ -75,6 +77,18 @@ def push_adapter(
         elif REPO_PLACEHOLDER in text:
             readme.write_text(text.replace(REPO_PLACEHOLDER, repo_id), encoding="utf-8")
 
+    from octsam.export.spec import ONNX_SUBFOLDER, read_spec
+
+    if with_onnx:  # the exported folder must be complete and of this adapter's format
+        if not (folder / ONNX_SUBFOLDER).is_dir():
+            raise OctSamError(
+                f"--with-onnx: {folder} has no {ONNX_SUBFOLDER}/ folder; export it first with `octsam-export "
+                f"--adapter {folder} --output {folder / ONNX_SUBFOLDER}`."
+            )
+        read_spec(folder / ONNX_SUBFOLDER)
+    keep_local = not with_onnx and (folder / ONNX_SUBFOLDER).is_dir()
+    ignore = list(HUB_IGNORE_PATTERNS) + ([f"{ONNX_SUBFOLDER}/*"] if keep_local else [])
+
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
@@ -86,7 +100,7 @@ def push_adapter(
             repo_type="model",
             revision=revision,
             commit_message=commit_message,
-            ignore_patterns=list(HUB_IGNORE_PATTERNS),  # upload_folder extends the list it is given
+            ignore_patterns=ignore,  # upload_folder extends the list it is given
             token=token,
         )
     except OctSamError:

@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN).")
     push.add_argument("--commit-message", default="Upload octsam adapter", help="Commit message.")
     push.add_argument("--no-card", action="store_true", help="Upload README.md as it is (no octsam card).")
+    push.add_argument(
+        "--with-onnx",
+        action="store_true",
+        help="Also upload FOLDER/onnx (written by `octsam-export --adapter FOLDER --output FOLDER/onnx`).",
+    )
     return parser
 
 
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         revision=args.revision,
         commit_message=args.commit_message,
         card=not args.no_card,
+        with_onnx=args.with_onnx,
     )
     print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id} ({url})")
     return 0

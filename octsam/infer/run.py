@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     from octsam import __version__
     from octsam.adapter import resolve_adapter
-    from octsam.segmenter import Segmenter
+    from octsam.export.runtime import load_segmenter
 
     started = time.perf_counter()
     if args.batch_size is not None and args.batch_size < 1:
@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
         stack.callback(writers.shutdown, wait=True, cancel_futures=True)
 
         t0 = time.perf_counter()
-        folder = resolve_adapter(args.adapter, revision=args.revision)
+        engine = getattr(args, "engine", "torch")  # an ONNX folder is found by octsam.export.runtime
+        folder = resolve_adapter(args.adapter, revision=args.revision) if engine == "torch" else Path(args.adapter)
         plan = plan_speed(
             device_type,
             "infer",
@@ -221,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile,
             num_scans=len(scans),
         )
-        segmenter = Segmenter.from_pretrained(
+        segmenter = load_segmenter(
+            engine,
             folder,
             revision=args.revision,
             device=args.device,
@@ -352,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
         record = {
             "adapter": args.adapter,
             "adapter_revision": args.revision,
+            "engine": engine,
             "adapter_folder": str(folder),
             "adapter_commit": folder.name if folder.parent.name == "snapshots" else None,
             "base_model": segmenter.config.base_model,

@@ -24,7 +24,7 @@ def wants_volumes(args: argparse.Namespace) -> bool:
 
 def run_volumes(args: argparse.Namespace) -> int:
     """Segment every volume of ``args.input`` into ``args.output`` (all or nothing); returns 0."""
-    from octsam.segmenter import Segmenter
+    from octsam.export.runtime import load_segmenter
     from octsam.volumes.readers import read_volume
     from octsam.volumes.segment import check_unique_folders, write_volume_outputs
     from octsam.volumes.volume import parse_spacing
@@ -40,7 +40,8 @@ def run_volumes(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     volumes = [v for path in args.input for v in read_volume(path, spacing)]  # every file checked before any work
     check_unique_folders(volumes)
-    segmenter = Segmenter.from_pretrained(
+    segmenter = load_segmenter(
+        getattr(args, "engine", "torch"),
         args.adapter,
         revision=args.revision,
         device=args.device,

@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--colour-overlay", action="store_true", help="Also write NAME_overlay.png with class colours.")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own).")
     args = p.parse_args(argv)
+    missing = [str(path) for path in args.input if not path.is_file()]
+    if missing:
+        sys.exit(f"error: input file(s) not found: {', '.join(missing)}")
     spec, sessions = load_model(args.model, args.threads)
     single = args.output.suffix.lower() == ".png"
     if single and len(args.input) != 1:

@@ -222,6 +222,27 @@ def test_inference_cli_engine_onnxruntime_writes_the_same_outputs(auto_adapter, 
     assert code == 2 and "octsam-export" in err and "Traceback" not in err
 
 
+def test_volumes_with_engine_onnxruntime(auto_adapter, auto_onnx, tmp_path, capsys):
+    """A folder of B-scans with --spacing is one volume: the same masks and volumes.csv columns with either engine."""
+    folder = tmp_path / "bscans"
+    folder.mkdir()
+    frames = np.random.default_rng(0).integers(0, 255, (3, 40, 48)).astype(np.uint8)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"b{i:02d}.png")
+    outs = {}
+    for engine, adapter in (("torch", auto_adapter), ("onnxruntime", auto_onnx)):
+        outs[engine] = tmp_path / engine
+        args = ["--adapter", adapter, "--engine", engine, "--input", folder, "--spacing", "0.0039,0.0117,0.05"]
+        code, err = run_cli([*args, "--output", outs[engine], "--quiet"], capsys)
+        assert code == 0, err
+    masks = {e: sorted(p for p in outs[e].rglob("masks/*.png")) for e in outs}
+    assert len(masks["torch"]) == len(masks["onnxruntime"]) == 3
+    for a, b in zip(masks["torch"], masks["onnxruntime"]):
+        assert agreement(np.asarray(Image.open(b)), np.asarray(Image.open(a))) >= 0.999
+    header = [(outs[e] / "volumes.csv").read_text().splitlines()[0] for e in outs]
+    assert header[0] == header[1]
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _edited_copy(folder: Path, tmp_path: Path, name: str, **changes) -> Path:
     copy = tmp_path / name

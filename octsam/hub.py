@@ -134,6 +134,15 @@ def push_adapter(
         raise OctSamError(f"{repo_id!r} is not a valid Hub repo id; use ORG/NAME ({err}).") from err
     if "/" not in repo_id:
         raise OctSamError(f"Hub repo id {repo_id!r} needs an owner: use ORG/NAME (your user name or an organisation).")
+    if include_onnx:  # the exported folder must be complete and of this adapter's format, checked before sending
+        from octsam.export.spec import ONNX_SUBFOLDER, read_spec
+
+        if not (folder / ONNX_SUBFOLDER).is_dir():
+            raise OctSamError(
+                f"--onnx: {folder} has no {ONNX_SUBFOLDER}/ folder; export it first with `octsam-export "
+                f"--adapter {folder} --output {folder / ONNX_SUBFOLDER}`."
+            )
+        read_spec(folder / ONNX_SUBFOLDER)
     plan = upload_plan(folder, repo_id, card=card, include_onnx=include_onnx)
     (show or logger.info)(plan.describe())
     if dry_run:

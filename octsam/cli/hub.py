@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default="Upload octsam adapter", help="Commit message.")
     push.add_argument("--no-card", action="store_true", help="Upload README.md as it is (no octsam card).")
     push.add_argument(
-        "--onnx", action="store_true", help="Also send the onnx/ folder of an ONNX export (.onnx, .data, .json)."
+        "--onnx",
+        "--with-onnx",
+        dest="onnx",
+        action="store_true",
+        help="Also send the onnx/ folder of an ONNX export (`octsam-export --adapter FOLDER --output FOLDER/onnx`).",
     )
     push.add_argument(
         "--dry-run", action="store_true", help="List the files a push would send and send nothing (no login needed)."

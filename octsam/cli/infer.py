@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the adapter.")
     p.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "onnxruntime"],
+        help="torch: the adapter with PyTorch. onnxruntime: --adapter names an ONNX folder from octsam-export (or an "
+        "adapter folder / Hub repo with onnx/), run with ONNX Runtime (fp32; same masks).",
+    )
+    p.add_argument(
         "--base-model",
         default=None,
         help="Base SAM to use instead of the adapter's (e.g. a local copy of facebook/sam-vit-base for offline use).",

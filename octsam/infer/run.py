@@ -268,11 +268,15 @@ def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
     """Resolve the adapter once and load it with the speed plan of this device and run size; returns
     (adapter folder, plan, segmenter, seconds)."""
     from octsam.adapter import resolve_adapter
-    from octsam.segmenter import Segmenter
+    from octsam.export.runtime import load_segmenter as load_engine
 
     t0 = time.perf_counter()
+    engine = getattr(args, "engine", "torch")  # an ONNX folder (or Hub repo with onnx/) is found by the runtime
     names = getattr(args, "adapters", None) or [args.adapter]
-    folders = [resolve_adapter(name, revision=args.revision) for name in names]
+    if engine == "torch":
+        folders = [resolve_adapter(name, revision=args.revision) for name in names]
+    else:
+        folders = [Path(name) for name in names]
     folder = folders[0]
     plan = plan_speed(
         device_type,
@@ -282,7 +286,8 @@ def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
         compile=args.compile,
         num_scans=num_scans,
     )
-    segmenter = Segmenter.from_pretrained(
+    segmenter = load_engine(
+        engine,
         folders if len(folders) > 1 else folder,
         revision=args.revision,
         device=args.device,
@@ -511,6 +516,7 @@ def run_record(ctx: InferenceRun) -> dict:
     return {
         "adapter": args.adapter,
         "adapter_revision": args.revision,
+        "engine": getattr(args, "engine", "torch"),
         "adapter_folder": str(folder),
         "ensemble": list(getattr(args, "adapters", [])) if len(getattr(args, "adapters", [])) > 1 else None,
         "tta": getattr(args, "tta", "none"),

@@ -122,7 +122,7 @@ class UNetGraph(nn.Module):
 
 
 def _class_colors(labels: list[str]) -> list[list[int]]:
-    from octsam.evaluation.plots import class_colors  # the overlay's colours (octsam.infer.overlay)
+    from octsam.colors import class_colors  # the one colour scheme (overlays, figures, app, cards)
 
     return [list(map(int, c)) for c in class_colors(labels)]
 

@@ -98,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     """``octsam-evaluate`` / ``python -m octsam.cli.evaluate``: 0 done, 2 a usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from octsam.folders import sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no lock file or staging folder is left
+            return _evaluate(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written (an existing --output is unchanged).", file=sys.stderr)
+        return 130
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     if args.n_bootstrap < 1:
         raise OctSamError(f"--n-bootstrap must be at least 1, got {args.n_bootstrap}.")
     if args.batch_size < 1:

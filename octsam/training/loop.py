@@ -107,9 +107,12 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
 
     Call with the folder's lock held (``FolderLock``): nothing else writes it meanwhile. Overwriting moves the old
     run aside with one rename (so a new run never mixes with, prunes against or resumes from the old one) and then
-    deletes it; a crash in between leaves a hidden ``.NAME.old-PID-*`` that the next run puts back or removes.
+    deletes it; a crash in between leaves a hidden ``.NAME.del-PID-*`` that the next run removes (never puts back: after
+    ``--overwrite`` and a kill, ``--resume-from-checkpoint latest`` cannot find the old run's checkpoints).
     """
     out = Path(args.output_dir)
+    if main_process:
+        remove_stale_staging(out.parent, out.name)  # first: what the checks below see is what the run will find
     if out.exists() and not out.is_dir():
         raise OctSamError(f"--output {out} is a file; give a folder.")
     resume = args.resume_from_checkpoint
@@ -132,7 +135,6 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
                 "checkpoint's own run folder."
             )
     if main_process:
-        remove_stale_staging(out.parent, out.name)
         if non_empty and args.overwrite_output_dir:
             move_aside_and_empty(out)
             logger.info(f"--overwrite: removed the previous run in {out}")

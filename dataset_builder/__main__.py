@@ -130,6 +130,8 @@ def run(args: argparse.Namespace, command: str = "") -> None:
     if args.folds is not None and args.fold is None:
         if args.output is None or args.push_to_hub is not None:
             raise OctSamError("--folds K without --fold writes K datasets under --output (no --push-to-hub).")
+        if args.folds < 2:
+            raise OctSamError(f"--folds must be at least 2, got {args.folds}.")
         root = Path(args.output)
         for fold in range(args.folds):
             one = argparse.Namespace(**{**vars(args), "fold": fold, "output": str(root / f"fold-{fold}")})
@@ -139,8 +141,26 @@ def run(args: argparse.Namespace, command: str = "") -> None:
     _run_one(args, command)
 
 
+def build_record(args: argparse.Namespace) -> dict:
+    """What makes two builds the same: every option but where it goes (--output, --overwrite, the Hub), with input
+    paths made absolute. Written into the dataset (``build.json``); the same command run again keeps a complete
+    output with an equal record instead of refusing it."""
+    skip = {"output", "overwrite", "push_to_hub", "private"}
+    record = {}
+    for key, value in sorted(vars(args).items()):
+        if key in skip:
+            continue
+        if key in ("images", "masks", "input", "split_file") and value is not None:
+            value = os.path.abspath(os.path.expanduser(value))
+        if key == "palette" and value is not None and os.path.exists(value):
+            value = os.path.abspath(value)
+        record[key] = list(value) if isinstance(value, tuple) else value
+    return record
+
+
 def _write_folds_file(root: Path, folds: int) -> None:
-    """``folds.json``: every patient's test fold (read back from the folds' own split files)."""
+    """``folds.json``: every patient's test fold (read back from the folds' own split files), written atomically
+    (its presence says the K-fold build is complete)."""
     import json
 
     fold_of = {}
@@ -148,11 +168,31 @@ def _write_folds_file(root: Path, folds: int) -> None:
         splits = json.loads((root / f"fold-{fold}" / "splits.json").read_text())
         fold_of.update({patient: fold for patient in splits["test"]})
     table = {"folds": folds, "validation": "the next fold (k + 1 mod K)", "test_fold_of_patient": fold_of}
-    (root / "folds.json").write_text(json.dumps(table, indent=2) + "\n")
+    tmp = root / f".folds.json.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(table, indent=2) + "\n")
+        os.replace(tmp, root / "folds.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {folds} folds under {root} (folds.json: each patient's test fold)")
 
 
 def _run_one(args: argparse.Namespace, command: str) -> None:
+    from dataset_builder.writer import built_by, recording
+
+    record = build_record(args)
+    if args.output is not None and not args.overwrite and args.push_to_hub is None:
+        from octsam.folders import recover
+
+        out = recover(args.output)
+        if built_by(out, record):  # the same command finished this output before (a rerun after a kill)
+            print(f"{out} was already built by this same command: kept (pass --overwrite to build it again).")
+            return
+    with recording(record):
+        _run_builder(args, command)
+
+
+def _run_builder(args: argparse.Namespace, command: str) -> None:
     common = dict(
         split=parse_fractions(args.split),
         seed=args.seed,

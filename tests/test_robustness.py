@@ -59,6 +59,8 @@ HOOK = textwrap.dedent(
         from octsam.cli.train import main
     elif entry == "build":
         from dataset_builder.__main__ import main
+    elif entry == "evaluate":
+        from octsam.cli.evaluate import main
     else:
         from octsam.cli.infer import main
     sys.exit(main(args))
@@ -663,3 +665,126 @@ def test_security_probes_hold(adapter, tiny_base, tmp_path):
     results = [(name, *probe()) for name, probe in robustness.security(world)]
     failed = [f"{name}: {why}" for name, held, why in results if not held]
     assert len(results) >= 19 and not failed, "\n".join(failed)
+
+
+# ------------------------------------------------------------------------------------------------ 9. restartable (issue 22, item 5)
+def _dead_pid() -> str:
+    return subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_swap_cut_between_renames_is_never_replaced_by_the_next_run(tmp_path, capsys):
+    """The old output a cut swap left aside is put back *before* the next run looks at its output: without
+    --overwrite that run is refused (it used to pass the check, restore the old copy and then swap over it)."""
+    from dataset_builder.__main__ import main as build_main
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "data.txt").write_text("precious")
+    os.replace(final, tmp_path / f".out.old-{_dead_pid()}-deadbeef")
+    with pytest.raises(OctSamError, match="not empty"):
+        with atomic_folder(final, overwrite=False) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert _tree(final) == {"data.txt": b"precious"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    data = tmp_path / "data"
+    assert build_main(build_args(data, "--seed", "1")) == 0
+    before = _tree(data)
+    os.replace(data, tmp_path / f".data.old-{_dead_pid()}-deadbeef")
+    capsys.readouterr()
+    assert build_main(build_args(data, "--seed", "2")) == 2  # another command: refused, the old dataset is back
+    assert "already exists" in capsys.readouterr().err
+    assert _tree(data) == before and not list(tmp_path.glob(".data.*"))
+
+
+def test_overwritten_run_is_never_put_back(tmp_path, monkeypatch):
+    """--overwrite moves the old run aside as .NAME.del-*: a kill before the new folder exists must not let the next
+    run (--resume-from-checkpoint latest) find and resume the old run's checkpoints."""
+    from octsam import folders
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        folders.move_aside_and_empty(run)
+    monkeypatch.undo()
+    (aside,) = tmp_path.iterdir()
+    os.replace(aside, aside.with_name(aside.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")))  # its run died
+    folders.remove_stale_staging(tmp_path, "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_kfold_build_goes_on_when_run_again(tmp_path, capsys):
+    """kill -9 inside fold 1 of a 3-fold build: the same command (no --overwrite) keeps the finished fold 0, rebuilds
+    fold 1 over its .fold-1.partial-* and stale lock, and writes folds.json."""
+    from dataset_builder.__main__ import main as build_main
+
+    root = tmp_path / "cv"
+    args = build_args(root, "--folds", "3")
+    proc = hooked_process(tmp_path, "dataset_builder.writer", "check_pair", 8, "build", args)  # 6 scans per fold
+    kill(proc)
+    assert (root / "fold-0" / "dataset_dict.json").is_file() and not (root / "folds.json").exists()
+    assert list(root.glob(".fold-1.*"))  # the killed fold's workspace and lock
+    fold0 = _tree(root / "fold-0")
+    assert build_main(args) == 0
+    out = capsys.readouterr().out
+    assert "already built by this same command" in out and "wrote 3 folds" in out
+    assert _tree(root / "fold-0") == fold0
+    assert (root / "folds.json").is_file() and sorted(p.name for p in root.iterdir()) == [
+        "fold-0", "fold-1", "fold-2", "folds.json"
+    ]  # fmt: skip
+    assert build_main(args) == 0  # complete: the same command again changes nothing
+    assert build_main(build_args(root, "--folds", "3", "--seed", "4")) == 2  # another command: refused
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_finished_build_run_again_is_kept(tmp_path, capsys):
+    from dataset_builder.__main__ import main as build_main
+
+    out = tmp_path / "data"
+    assert build_main(build_args(out)) == 0
+    before = _tree(out)
+    assert build_main(build_args(out)) == 0  # e.g. killed after its swap, before it could say so
+    assert "already built by this same command" in capsys.readouterr().out and _tree(out) == before
+
+
+def test_read_only_output_folder_is_a_message(small_dataset, tiny_base, adapter, tmp_path):
+    reason = _tmpfs_available()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    scan = tmp_path / "scan.png"
+    Image.fromarray(np.full((40, 48), 90, np.uint8)).save(scan)
+    train = " ".join(map(str, run_args(small_dataset, tiny_base, mnt / "run", "--num_train_epochs", "1")))
+    script = (
+        f"mount -t tmpfs -o size=1m,ro tmpfs {mnt} && "
+        f"{sys.executable} -m dataset_builder {' '.join(build_args(mnt / 'data'))}; echo BUILD=$?; "
+        f"{sys.executable} {REPO_ROOT / 'train.py'} {train}; echo TRAIN=$?; "
+        f"{sys.executable} {REPO_ROOT / 'inference.py'} --adapter {adapter} --input {scan} --output {mnt}/pred "
+        f"--quiet; echo INFER=$?"
+    )
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "BUILD=2" in out and "TRAIN=2" in out and "INFER=2" in out, out[-3000:]
+    assert "Traceback" not in out and out.count("read-only") == 3, out[-3000:]
+
+
+def test_sigterm_during_evaluation_leaves_no_lock_or_staging(small_dataset, adapter, tmp_path):
+    out = tmp_path / "o"
+    args = ["--adapter", str(adapter), "--dataset", small_dataset, "--output", str(out), "--n-bootstrap", "10",
+            "--device", "cpu"]  # fmt: skip
+    proc = hooked_process(tmp_path, "octsam.evaluation.compare", "_evaluate_and_write", 1, "evaluate", args)
+    code, err = kill(proc, signal.SIGTERM)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hook.py"]

@@ -13,6 +13,10 @@ from pathlib import Path
 from dataset_builder.splits import parse_fractions
 from octsam.errors import OctSamError, cli_main
 from octsam.folders import printable, sigterm_as_interrupt
+from octsam.options import Positive, Range, arg_type
+
+_COUNT = arg_type(int, Range(1), "int")  # the constraint table's types: argparse names the option in its message
+_SEED = arg_type(int, Range(0), "int")
 
 EPILOG = """examples:
   python -m dataset_builder synthetic --disease amd --num-patients 20 --scans-per-patient 4 --seed 0 --output data/amd_synth
@@ -48,18 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # --split is a split name in every other command; the old spelling of the fractions stays accepted, unlisted.
     sp.add_argument("--split", dest="split", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sp.add_argument("--seed", type=int, default=0, help="seed of the split (and of synthetic drawing); default 0")
+    sp.add_argument("--seed", type=_SEED, default=0, help="seed of the split (and of synthetic drawing); default 0")
     sp.add_argument(
         "--split-file", help='JSON {"train": [patient ids], "validation": [...], "test": [...]} to use instead'
     )
     sp.add_argument(
         "--folds",
-        type=int,
+        type=arg_type(int, Range(2), "int"),
         metavar="K",
         help="patient-level K-fold cross-validation: builds OUTPUT/fold-0 .. fold-(K-1), each patient in exactly one "
         "test fold, the next fold as validation (early stopping), the rest train; folds.json records the folds",
     )
-    sp.add_argument("--fold", type=int, metavar="k", help="with --folds: build only fold k into --output")
+    sp.add_argument("--fold", type=_SEED, metavar="k", help="with --folds: build only fold k into --output")
 
     parser = argparse.ArgumentParser(
         prog="python -m dataset_builder",
@@ -71,13 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     syn = sub.add_parser("synthetic", parents=[common], help="realistic synthetic B-scans (demos and tests)")
     syn.add_argument("--disease", required=True, choices=["amd", "macular_hole"])
-    syn.add_argument("--num-patients", type=int, required=True)
-    syn.add_argument("--scans-per-patient", type=int, required=True)
+    syn.add_argument("--num-patients", type=_COUNT, required=True)
+    syn.add_argument("--scans-per-patient", type=_COUNT, required=True)
     syn.add_argument(
         "--size", type=_size, help="WIDTHxHEIGHT of every B-scan, or a height (default: vendor-like sizes vary)"
     )
     syn.add_argument(
-        "--lesion-scale", type=float, default=1.0, help="AMD lesion size factor (default 1 = typical sizes; demo: 2)"
+        "--lesion-scale",
+        type=arg_type(float, Positive(), "float"),
+        default=1.0,
+        help="AMD lesion size factor (default 1 = typical sizes; demo: 2)",
     )
 
     meta = argparse.ArgumentParser(add_help=False)
@@ -130,8 +137,6 @@ def run(args: argparse.Namespace, command: str = "") -> None:
     if args.folds is not None and args.fold is None:
         if args.output is None or args.push_to_hub is not None:
             raise OctSamError("--folds K without --fold writes K datasets under --output (no --push-to-hub).")
-        if args.folds < 2:
-            raise OctSamError(f"--folds must be at least 2, got {args.folds}.")
         root = Path(args.output)
         for fold in range(args.folds):
             one = argparse.Namespace(**{**vars(args), "fold": fold, "output": str(root / f"fold-{fold}")})

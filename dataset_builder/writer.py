@@ -249,6 +249,10 @@ def build_dataset(
     that every record carries in ``ScanRecord.extra``; the contract's columns are always written."""
     if output is None and push_to_hub is None:
         raise OctSamError("nowhere to write: pass --output DIR and/or --push-to-hub ORG/NAME.")
+    blank = [i for i, name in enumerate(labels or []) if not isinstance(name, str) or not name.strip()]
+    if blank:
+        raise OctSamError(f"label names must not be blank: --labels {','.join(map(str, labels))!r} has an empty name "
+                          f"at position {blank[0]}; e.g. --labels background,fluid")  # fmt: skip
     if not labels or labels[0] != "background":
         raise OctSamError(f"label names must start with 'background', got {labels}; e.g. --labels background,fluid")
     extra_features = dict(extra_features or {})

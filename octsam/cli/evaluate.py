@@ -14,6 +14,7 @@ from octsam.bases import base_of
 from octsam.data.contract import parse_pixel_spacing
 from octsam.errors import OctSamError, cli_main
 from octsam.evaluation.compare import ZERO_SHOT, default_method_name, run_comparison
+from octsam.options import Range, arg_type
 
 
 def parse_adapter_arg(text: str) -> tuple[str | None, str]:
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="Where to run.")
     p.add_argument("--batch-size", type=int, default=8, help="B-scans per forward pass.")
-    p.add_argument("--dpi", type=int, default=150, help="Resolution of the figures (default 150).")
+    p.add_argument("--dpi", type=arg_type(int, Range(10, 2400), "int"), default=150,
+                   help="Resolution of the figures, 10 to 2400 (default 150).")  # fmt: skip
     return p
 
 

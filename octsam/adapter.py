@@ -278,6 +278,8 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
         raise OctSamError(
             f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.{pickle_hint(folder)}"
         )
+    if base.peft_adapter:
+        check_peft_config(folder / PEFT_CONFIG_NAME)
     for name in base.weight_files:
         if name.endswith(".safetensors"):
             keys = safetensors_keys(folder / name)
@@ -291,6 +293,31 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
                         "fix the mode in octsam_config.json or use the folder train.py wrote."
                     )
     return config
+
+
+def check_peft_config(path: Path) -> None:
+    """PEFT's ``adapter_config.json`` must be a LoRA config: a damaged one is named as such (PEFT would fail later
+    with a message that blames the base model)."""
+    if not path.is_file():
+        return  # the weight-file check names what is missing
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        if data.get("peft_type") != "LORA":
+            raise ValueError(f"peft_type is {data.get('peft_type')!r}, not 'LORA'")
+        r = data.get("r")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r is {r!r}, not a positive integer")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise OctSamError(
+            f"{path} is damaged ({err}); it is not the LoRA config train.py writes. Copy or download the adapter "
+            "again."
+        ) from None
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
 
 
 def check_same_labels(adapter_labels, dataset_labels, adapter: str, dataset: str) -> None:
@@ -322,8 +349,12 @@ def safetensors_keys(path: str | os.PathLike) -> list[str]:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            start, stop = info["data_offsets"]
-            end = max(end, int(stop))
+            start, stop = (int(v) for v in info["data_offsets"])
+            count = math.prod(int(d) for d in info["shape"])
+            width = _DTYPE_BYTES.get(info["dtype"])  # a dtype not listed here: only its byte range is checked
+            if not 0 <= start <= stop or (width is not None and stop - start != count * width):
+                raise ValueError(f"tensor {key!r}: its dtype, shape and byte range disagree (damaged header)")
+            end = max(end, stop)
         if 8 + length + end > size:
             raise ValueError(f"the tensors need {8 + length + end} bytes, the file has {size} (truncated?)")
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:

@@ -788,3 +788,46 @@ def test_sigterm_during_evaluation_leaves_no_lock_or_staging(small_dataset, adap
     code, err = kill(proc, signal.SIGTERM)
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hook.py"]
+
+
+# ------------------------------------------------------------------------------------------------ 10. messages that name the real problem
+@pytest.mark.parametrize("damage", ["peft-config-not-json", "peft-config-not-lora", "tensor-header-shape"])
+def test_damaged_adapter_files_are_named_not_blamed_on_the_base(damage, adapter, tmp_path, capsys):
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    peft_config = broken / "adapter_config.json"
+    if damage == "peft-config-not-json":
+        peft_config.write_text('{"peft_type": "LORA", "r": ')
+    elif damage == "peft-config-not-lora":
+        peft_config.write_text(json.dumps({**json.loads(peft_config.read_text()), "peft_type": "PROMPT_TUNING"}))
+    else:  # one tensor's shape in the header no longer fits its bytes
+        weights = broken / "adapter_model.safetensors"
+        data = weights.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + length])
+        key = next(k for k in header if k != "__metadata__")
+        header[key]["shape"] = [s * 2 for s in header[key]["shape"]]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (length - len(text)) if len(text) <= length else b""
+        assert len(text) == length
+        weights.write_bytes(data[:8] + text + data[8 + length :])
+    src = tmp_path / "scan.png"
+    Image.fromarray(np.full((40, 48), 90, np.uint8)).save(src)
+    code = infer_main(["--adapter", str(broken), "--input", str(src), "--output", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "damaged" in err and "does not fit base model" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_another_unet_size_is_refused(small_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    unet = ["--model", "unet", "--unet_channels", "4", "8", "--unet_image_size", "32", "--num_train_epochs", "2"]
+    args = run_args(small_dataset, "unused", run, *unet, "--stop_after_epochs", "1")
+    assert train_main(args) == 0
+    capsys.readouterr()
+    for change in (["--unet_image_size", "64"], ["--unet_channels", "4", "8", "16"]):
+        resumed = run_args(small_dataset, "unused", run, *unet, *change, "--resume_from_checkpoint", "latest")
+        assert train_main(resumed) == 2
+        err = capsys.readouterr().err
+        assert "another network" in err and ("image_size 32 -> 64" in err or "unet_channels" in err), err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]

@@ -262,8 +262,14 @@ def build_dataset(
     if out is None:
         return _build(records, labels, None, *settings)
     require_utf8_name(out)
-    with FolderLock(out, "dataset build"):
-        return _build(records, labels, out, *settings)
+    created = _missing_ancestors(out.parent)  # made for the lock file: removed again if the build is refused
+    try:
+        with FolderLock(out, "dataset build"):
+            return _build(records, labels, out, *settings)
+    except BaseException:
+        for folder in reversed(created):
+            _rmdir_if_empty(folder)
+        raise
 
 
 def _build(

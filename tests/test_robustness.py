@@ -831,3 +831,19 @@ def test_resume_with_another_unet_size_is_refused(small_dataset, tmp_path, capsy
         err = capsys.readouterr().err
         assert "another network" in err and ("image_size 32 -> 64" in err or "unet_channels" in err), err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]
+
+
+def test_refused_build_leaves_no_output_folder(tmp_path, capsys):
+    """A build refused by its input (a decompression bomb) leaves neither --output nor the missing folders above it
+    (made for its lock file)."""
+    from dataset_builder.__main__ import main as build_main
+
+    images, masks = folder_source(tmp_path / "src", n=3)
+    bomb_png(images / "p9_scan.png")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(masks / "p9_scan.png")
+    out = tmp_path / "new" / "deeper" / "data"
+    code = build_main(["folder", "--images", str(images), "--masks", str(masks), "--labels", "background,fluid",
+                       "--patient-regex", "^(p\\d)_", "--output", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "p9_scan" in err and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()

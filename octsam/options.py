@@ -283,13 +283,19 @@ def check_fields(obj: Any, names: Sequence[str] | None = None) -> None:
         if constraint is None or value is None:
             continue
         if not constraint.ok(value):
-            raise OptionError(f.name, value, constraint.describe())
+            raise OptionError(f.name, value, describe(f))
 
 
 def describe(f: dataclasses.Field) -> str:
     """The "allowed" part of a field's help text ('' without a constraint)."""
     constraint = f.metadata.get("check")
-    return constraint.describe() if constraint is not None else ""
+    if constraint is None:
+        return ""
+    return _for_type(constraint.describe(), _kind(f.type)[0])
+
+
+def _for_type(text: str, base: str) -> str:
+    return text.replace("a finite number", "an integer") if base == "int" else text
 
 
 def bad_values(f: dataclasses.Field) -> list[Any]:
@@ -314,7 +320,8 @@ def arg_type(convert, constraint, name: str):
     def parse(text: str):
         value = convert(text)
         if not constraint.ok(value):
-            raise argparse.ArgumentTypeError(f"{value!r} is not allowed: {constraint.describe()}")
+            allowed = _for_type(constraint.describe(), getattr(convert, "__name__", ""))
+            raise argparse.ArgumentTypeError(f"{value!r} is not allowed: {allowed}")
         return value
 
     parse.__name__ = name

@@ -845,3 +845,13 @@ def test_refused_build_leaves_no_output_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "at least 3 patients" in err and "Traceback" not in err, err
     assert not (tmp_path / "new").exists()
+
+
+def test_empty_validation_split_is_named(tmp_path, capsys):
+    dataset = write_shape_dataset(tmp_path / "d", (4, 0, 2), seed=1)
+    args = run_args(str(dataset), "unused", tmp_path / "run", "--model", "unet", "--unet_channels", "4", "8",
+                    "--unet_image_size", "32")  # fmt: skip
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "empty 'validation' split" in err and "list index" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

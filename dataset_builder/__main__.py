@@ -148,10 +148,14 @@ def run(args: argparse.Namespace, command: str = "") -> None:
 
 def build_record(args: argparse.Namespace) -> dict:
     """What makes two builds the same: every option but where it goes (--output, --overwrite, the Hub), with input
-    paths made absolute. Written into the dataset (``build.json``); the same command run again keeps a complete
-    output with an equal record instead of refusing it."""
+    paths made absolute - as a SHA-256 digest, so no path of this machine is written into the dataset. Written into
+    the dataset (``build.json``); the same command run again keeps a complete output with an equal record instead of
+    refusing it."""
+    import hashlib
+    import json
+
     skip = {"output", "overwrite", "push_to_hub", "private"}
-    record = {}
+    options = {}
     for key, value in sorted(vars(args).items()):
         if key in skip:
             continue
@@ -159,8 +163,9 @@ def build_record(args: argparse.Namespace) -> dict:
             value = os.path.abspath(os.path.expanduser(value))
         if key == "palette" and value is not None and os.path.exists(value):
             value = os.path.abspath(value)
-        record[key] = list(value) if isinstance(value, tuple) else value
-    return record
+        options[key] = list(value) if isinstance(value, tuple) else value
+    text = json.dumps(options, sort_keys=True, default=str)
+    return {"build_command_sha256": hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()}
 
 
 def _write_folds_file(root: Path, folds: int) -> None:

@@ -729,8 +729,8 @@ def test_killed_kfold_build_goes_on_when_run_again(tmp_path, capsys):
     from dataset_builder.__main__ import main as build_main
 
     root = tmp_path / "cv"
-    args = build_args(root, "--folds", "3")
-    proc = hooked_process(tmp_path, "dataset_builder.writer", "check_pair", 8, "build", args)  # 6 scans per fold
+    args = build_args(root, "--folds", "3", "--scans-per-patient", "1")
+    proc = hooked_process(tmp_path, "dataset_builder.writer", "check_pair", 5, "build", args)  # 3 scans per fold
     kill(proc)
     assert (root / "fold-0" / "dataset_dict.json").is_file() and not (root / "folds.json").exists()
     assert list(root.glob(".fold-1.*"))  # the killed fold's workspace and lock

@@ -418,7 +418,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
 
     def source(key: str) -> str:
         if key in on_command_line or config_path is None:
-            return "the command line"
+            return f"the command line, {CLI_NAMES.get(key, '--' + key.replace('_', '-'))}"
         return config_path if key in values else "the defaults"
 
     try:

@@ -72,6 +72,8 @@ HOOK = textwrap.dedent(
         from octsam.cli.train import main
     elif entry == "build":
         from dataset_builder.__main__ import main
+    elif entry == "evaluate":
+        from octsam.cli.evaluate import main
     else:
         from octsam.cli.infer import main
     print("STARTED", flush=True)
@@ -98,7 +100,8 @@ def litter(parent: Path) -> list[str]:
         [
             p.name
             for p in parent.iterdir()
-            if p.name.startswith(".") and any(t in p.name for t in (".tmp-", ".partial-", ".old-", ".octsam.lock"))
+            if p.name.startswith(".")
+            and any(t in p.name for t in (".tmp-", ".partial-", ".old-", ".del-", ".octsam.lock"))
         ]
         if parent.is_dir()
         else []
@@ -112,6 +115,8 @@ def cli(entry: str, args: list[str]) -> tuple[int, str]:
         from octsam.cli.train import main
     elif entry == "build":
         from dataset_builder.__main__ import main
+    elif entry == "evaluate":
+        from octsam.cli.evaluate import main
     else:
         from octsam.cli.infer import main
     err = io.StringIO()
@@ -398,6 +403,15 @@ def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
         "adapter_config.json missing": lambda f: (f / "adapter_config.json").unlink(),
     }.items():
         infer_probe(label, lambda t, edit=edit: ([scan()], adapter_copy(t, edit), []))
+    # issue 22: damaged files are named as damaged (not "does not fit base model"); every setting is checked
+    for label, edit in {
+        "adapter_config.json damaged": lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA", "r": '),
+        "octsam_config.json image_mean of the wrong length": config_edit({"image_mean": [1.0, 2.0]}),
+        "octsam_config.json tile_overlap 1": config_edit({"tile_overlap": 1.0}),
+        "octsam_config.json blank label name": config_edit({"labels": ["background", " "]}),
+    }.items():
+        needles = ("damaged",) if "damaged" in label else ("is not allowed",)
+        infer_probe(label, lambda t, edit=edit: ([scan()], adapter_copy(t, edit), []), needles=needles)
 
     # ---- dataset builder
     def build_probe(name, make, expect=2, needles=("error:",)):
@@ -421,6 +435,29 @@ def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
         ], t / "out"  # fmt: skip
 
     build_probe("images folder missing", lambda t: folder_args(t, images=t / "none"))
+    # issue 22, item 4
+    for label, extra in {
+        "split fractions NaN": ["--split-fractions", "nan,0.5,0.5"],
+        "split fractions inf": ["--split-fractions", "inf,0.5,0.5"],
+        "blank label name": ["--labels", "background, ,fluid"],
+        "--folds 1": ["--folds", "1"],
+        "--seed negative": ["--seed", "-1"],
+    }.items():
+        build_probe(label, lambda t, extra=extra: folder_args(t, *extra))
+
+    def evaluate_probe(name, extra, needles=("error:",)):
+        def probe():
+            tmp = w.fresh(name)
+            args = ["--adapter", str(w.adapter), "--dataset", str(w.dataset), "--output", str(tmp / "o"), *extra]
+            code, err = cli("evaluate", args)
+            ok, why = clean(code, err, 2, needles, tmp)
+            if ok and (tmp / "o").exists():
+                ok, why = False, "an output folder was written"
+            return ok, why
+
+        probes.append((f"evaluation: {name}", probe))
+
+    evaluate_probe("--dpi 0", ["--dpi", "0"], needles=("--dpi",))
 
     def with_file(kind):
         def make(t):
@@ -513,6 +550,32 @@ def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
         return ["--config", str(t / "c.yaml"), *w.train_args(t / "run")], []
 
     train_probe("unknown config key", lambda t: yaml(t, "learning_rat: 1\n"))
+    # issue 22, item 4: every option is checked against one constraint table (octsam.options) before any work
+    for label, extra in {
+        "learning rate negative": ["--learning-rate", "-1"],
+        "learning rate zero": ["--learning-rate", "0"],
+        "learning rate NaN": ["--learning-rate", "nan"],
+        "weight decay negative": ["--weight-decay", "-0.1"],
+        "patience negative": ["--early-stopping-patience", "-1"],
+        "keep_checkpoints negative": ["--keep-checkpoints", "-1"],
+        "stop-after-epochs negative": ["--stop-after-epochs", "-1"],
+        "max_train_samples 0": ["--max-train-samples", "0"],
+        "Dice and CE weights both 0": ["--dice-weight", "0", "--ce-weight", "0"],
+        "warm-up ratio 2": ["--warmup-ratio", "2"],
+        "unknown scheduler": ["--lr-scheduler-type", "cosinus"],
+        "unknown mixed precision": ["--mixed-precision", "fp32"],
+        "tile overlap 1": ["--tile-overlap", "1"],
+    }.items():
+        train_probe(f"option: {label}", lambda t, extra=extra: (w.train_args(t / "run", *extra), []),
+                    needles=("is not allowed", "the command line"))  # fmt: skip
+    for label, text in {
+        "a list for a number": "weight_decay: [1, 2]\n",
+        "null for a number": "seed: null\n",
+        "empty unet_channels": "model: unet\nunet_channels: []\n",
+    }.items():
+        train_probe(
+            f"option in YAML: {label}", lambda t, text=text: yaml(t, text), needles=("is not allowed", "c.yaml")
+        )
     train_probe("config not YAML", lambda t: yaml(t, "a: [\n"))
     train_probe(
         "effective batch over the training split",
@@ -1133,6 +1196,82 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
         return ok, f"old output restored: {ok}", not ok
 
     probes.append(("any command: killed between the two renames of a swap", swap_killed))
+
+    def swap_killed_then_next_build():
+        tmp = w.fresh("swapnext")
+        out = tmp / "data"
+        assert cli("build", w.build_args(out, "--seed", "1"))[0] == 0
+        before = tree_digest(out)
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        os.replace(out, tmp / f".data.old-{dead.stdout.strip()}-00000000")  # a swap killed between its renames
+        code, err = cli("build", w.build_args(out, "--seed", "2"))  # another build, without --overwrite
+        kept = tree_digest(out) == before
+        ok = kept and code == 2 and "already exists" in err and not litter(tmp)
+        return ok, f"old output kept: {kept}; next build (no --overwrite) exit {code}", not kept
+
+    probes.append(("builder: swap cut between its renames, then another build without --overwrite",
+                   swap_killed_then_next_build))  # fmt: skip
+
+    def kfold_killed():
+        tmp = w.fresh("kfold")
+        root = tmp / "cv"
+        args = w.build_args(root, "--folds", "3")
+        proc = start(tmp, "build", args, ("dataset_builder.writer", "check_pair", 10))  # inside fold 1 (8 scans each)
+        wait_for(proc, "REACHED")
+        stop(proc, signal.SIGKILL)
+        fold0 = tree_digest(root / "fold-0")
+        code, err = cli("build", args)  # the same command, no --overwrite
+        names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        ok = (
+            code == 0
+            and names == ["fold-0", "fold-1", "fold-2", "folds.json"]
+            and tree_digest(root / "fold-0") == fold0
+        )
+        return (
+            ok,
+            f"same command again: exit {code}, {names}",
+            fold0 is not None and tree_digest(root / "fold-0") != fold0,
+        )
+
+    probes.append(("builder: kill -9 inside a K-fold build, then the same command", kfold_killed))
+
+    def evaluate_sigterm():
+        tmp = w.fresh("evalterm")
+        args = ["--adapter", str(w.adapter), "--dataset", str(w.dataset), "--output", str(tmp / "o"), "--n-bootstrap",
+                "10", "--device", "cpu"]  # fmt: skip
+        proc = start(tmp, "evaluate", args, ("octsam.evaluation.compare", "_evaluate_and_write", 1))
+        wait_for(proc, "REACHED")
+        code, err = stop(proc, signal.SIGTERM)
+        left = sorted(p.name for p in tmp.iterdir() if p.name != "hook.py")
+        ok = code == 130 and "Traceback" not in err and not left
+        return ok, f"exit {code}, left {left}", False
+
+    probes.append(("evaluation: SIGTERM while writing", evaluate_sigterm))
+
+    def read_only():
+        tmp = w.fresh("readonly")
+        mnt = tmp / "ro"
+        mnt.mkdir()
+        if shutil.which("unshare") is None:
+            return None, "no unshare", False
+        train = " ".join(w.train_args(mnt / "run", "--num-train-epochs", "1"))
+        script = (
+            f"mount -t tmpfs -o size=1m,ro tmpfs {mnt} || exit 99; "
+            f"{sys.executable} -m dataset_builder {' '.join(w.build_args(mnt / 'data'))}; echo BUILD=$?; "
+            f"{sys.executable} {REPO / 'train.py'} {train}; echo TRAIN=$?; "
+            f"{sys.executable} {REPO / 'inference.py'} --adapter {w.adapter} --input {w.scans} --output {mnt}/pred "
+            f"--quiet; echo INFER=$?"
+        )
+        proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=ENV,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        if proc.returncode == 99:
+            return None, "cannot mount a tmpfs here", False
+        out = proc.stdout + proc.stderr
+        codes = all(f"{k}=2" in out for k in ("BUILD", "TRAIN", "INFER"))
+        ok = codes and "Traceback" not in out and out.count("read-only") == 3
+        return ok, f"exit codes 2: {codes}, messages {out.count('read-only')} of 3", False
+
+    probes.append(("read-only output folder (training, build, inference)", read_only))
 
     def disk_full():
         tmp = w.fresh("diskfull")

@@ -13,6 +13,10 @@ from pathlib import Path
 from dataset_builder.splits import parse_fractions
 from octsam.errors import OctSamError, cli_main
 from octsam.folders import printable, sigterm_as_interrupt
+from octsam.options import Positive, Range, arg_type
+
+_COUNT = arg_type(int, Range(1), "int")  # the constraint table's types: argparse names the option in its message
+_SEED = arg_type(int, Range(0), "int")
 
 EPILOG = """examples:
   python -m dataset_builder synthetic --disease amd --num-patients 20 --scans-per-patient 4 --seed 0 --output data/amd_synth
@@ -48,18 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # --split is a split name in every other command; the old spelling of the fractions stays accepted, unlisted.
     sp.add_argument("--split", dest="split", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sp.add_argument("--seed", type=int, default=0, help="seed of the split (and of synthetic drawing); default 0")
+    sp.add_argument("--seed", type=_SEED, default=0, help="seed of the split (and of synthetic drawing); default 0")
     sp.add_argument(
         "--split-file", help='JSON {"train": [patient ids], "validation": [...], "test": [...]} to use instead'
     )
     sp.add_argument(
         "--folds",
-        type=int,
+        type=arg_type(int, Range(2), "int"),
         metavar="K",
         help="patient-level K-fold cross-validation: builds OUTPUT/fold-0 .. fold-(K-1), each patient in exactly one "
         "test fold, the next fold as validation (early stopping), the rest train; folds.json records the folds",
     )
-    sp.add_argument("--fold", type=int, metavar="k", help="with --folds: build only fold k into --output")
+    sp.add_argument("--fold", type=_SEED, metavar="k", help="with --folds: build only fold k into --output")
 
     parser = argparse.ArgumentParser(
         prog="python -m dataset_builder",
@@ -71,13 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     syn = sub.add_parser("synthetic", parents=[common], help="realistic synthetic B-scans (demos and tests)")
     syn.add_argument("--disease", required=True, choices=["amd", "macular_hole"])
-    syn.add_argument("--num-patients", type=int, required=True)
-    syn.add_argument("--scans-per-patient", type=int, required=True)
+    syn.add_argument("--num-patients", type=_COUNT, required=True)
+    syn.add_argument("--scans-per-patient", type=_COUNT, required=True)
     syn.add_argument(
         "--size", type=_size, help="WIDTHxHEIGHT of every B-scan, or a height (default: vendor-like sizes vary)"
     )
     syn.add_argument(
-        "--lesion-scale", type=float, default=1.0, help="AMD lesion size factor (default 1 = typical sizes; demo: 2)"
+        "--lesion-scale",
+        type=arg_type(float, Positive(), "float"),
+        default=1.0,
+        help="AMD lesion size factor (default 1 = typical sizes; demo: 2)",
     )
 
     meta = argparse.ArgumentParser(add_help=False)
@@ -139,8 +146,31 @@ def run(args: argparse.Namespace, command: str = "") -> None:
     _run_one(args, command)
 
 
+def build_record(args: argparse.Namespace) -> dict:
+    """What makes two builds the same: every option but where it goes (--output, --overwrite, the Hub), with input
+    paths made absolute - as a SHA-256 digest, so no path of this machine is written into the dataset. Written into
+    the dataset (``build.json``); the same command run again keeps a complete output with an equal record instead of
+    refusing it."""
+    import hashlib
+    import json
+
+    skip = {"output", "overwrite", "push_to_hub", "private"}
+    options = {}
+    for key, value in sorted(vars(args).items()):
+        if key in skip:
+            continue
+        if key in ("images", "masks", "input", "split_file") and value is not None:
+            value = os.path.abspath(os.path.expanduser(value))
+        if key == "palette" and value is not None and os.path.exists(value):
+            value = os.path.abspath(value)
+        options[key] = list(value) if isinstance(value, tuple) else value
+    text = json.dumps(options, sort_keys=True, default=str)
+    return {"build_command_sha256": hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()}
+
+
 def _write_folds_file(root: Path, folds: int) -> None:
-    """``folds.json``: every patient's test fold (read back from the folds' own split files)."""
+    """``folds.json``: every patient's test fold (read back from the folds' own split files), written atomically
+    (its presence says the K-fold build is complete)."""
     import json
 
     fold_of = {}
@@ -148,11 +178,31 @@ def _write_folds_file(root: Path, folds: int) -> None:
         splits = json.loads((root / f"fold-{fold}" / "splits.json").read_text())
         fold_of.update({patient: fold for patient in splits["test"]})
     table = {"folds": folds, "validation": "the next fold (k + 1 mod K)", "test_fold_of_patient": fold_of}
-    (root / "folds.json").write_text(json.dumps(table, indent=2) + "\n")
+    tmp = root / f".folds.json.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(table, indent=2) + "\n")
+        os.replace(tmp, root / "folds.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {folds} folds under {root} (folds.json: each patient's test fold)")
 
 
 def _run_one(args: argparse.Namespace, command: str) -> None:
+    from dataset_builder.writer import built_by, recording
+
+    record = build_record(args)
+    if args.output is not None and not args.overwrite and args.push_to_hub is None:
+        from octsam.folders import recover
+
+        out = recover(args.output)
+        if built_by(out, record):  # the same command finished this output before (a rerun after a kill)
+            print(f"{out} was already built by this same command: kept (pass --overwrite to build it again).")
+            return
+    with recording(record):
+        _run_builder(args, command)
+
+
+def _run_builder(args: argparse.Namespace, command: str) -> None:
     common = dict(
         split=parse_fractions(args.split),
         seed=args.seed,

@@ -205,7 +205,13 @@ def check_pairs(
 def resolve_labels(labels: Sequence[str] | str | None, palette: Palette | None) -> list[str]:
     """Label names from --labels and/or the palette; index 0 must be background."""
     if isinstance(labels, str):
-        labels = [x.strip() for x in labels.split(",") if x.strip()]
+        text = labels
+        labels = [x.strip() for x in text.split(",")]
+        if any(not name for name in labels):  # a dropped blank name would shift every later label's mask value
+            raise OctSamError(
+                f"--labels {text!r}: label names must not be blank (mask value {labels.index('')} has none); "
+                "e.g. --labels background,fluid"
+            )
     if palette is not None:
         if labels and list(labels) != list(palette.labels):
             raise OctSamError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,9 @@ def parse_fractions(text: str | Iterable[float]) -> tuple[float, float, float]:
         values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
     except ValueError as err:
         raise OctSamError(f"--split {text!r}: expected three numbers like 0.7,0.15,0.15 ({err})") from err
-    if len(values) != 3 or any(v <= 0 for v in values):
+    if len(values) != 3 or any(not math.isfinite(v) or v <= 0 for v in values):
         raise OctSamError(
-            f"--split {text!r}: expected three positive fractions for train,validation,test like 0.7,0.15,0.15 "
+            f"--split {text!r}: expected three positive, finite fractions for train,validation,test like 0.7,0.15,0.15 "
             "(no split may be empty)."
         )
     total = sum(values)

@@ -8,6 +8,8 @@ temporary folder next to the output and moved into place only when complete; on 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -41,13 +43,24 @@ from octsam.data.dataset import (
     labels_to_id2label,
 )
 from octsam.errors import OctSamError
-from octsam.folders import FolderLock, remove_stale_staging, require_utf8_name, staging_path, swap_into_place
+from octsam.folders import (
+    FolderLock,
+    recover,
+    remove_stale_staging,
+    require_utf8_name,
+    staging_path,
+    swap_into_place,
+)
 from octsam.textsafe import markdown_text
 
 logger = logging.getLogger("dataset_builder")
 
 # Package data of octsam (pyproject.toml [tool.setuptools.package-data]), next to the adapter card template.
 SPLITS_FILE = "splits.json"
+#: What command built the dataset (its options, inputs as absolute paths): a build run again with the same command
+#: keeps an output it finds complete instead of refusing it (a K-fold build killed half-way goes on where it stopped).
+BUILD_RECORD_FILE = "build.json"
+_BUILD_RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("build_record", default=None)
 WRITER_BATCH_SIZE = 32  # rows per Arrow record batch: bounds the memory held while streaming
 
 
@@ -157,8 +170,29 @@ def _unwrap(err: BaseException) -> OctSamError | None:
     return None
 
 
+@contextlib.contextmanager
+def recording(record: dict) -> Iterator[None]:
+    """Within the block every dataset written carries ``record`` in ``build.json`` (see ``built_by``)."""
+    token = _BUILD_RECORD.set(record)
+    try:
+        yield
+    finally:
+        _BUILD_RECORD.reset(token)
+
+
+def built_by(output: Path, record: dict) -> bool:
+    """True if ``output`` is a complete dataset written by the command ``record`` describes."""
+    try:
+        found = json.loads((output / BUILD_RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return found == json.loads(json.dumps(record)) and (output / "dataset_dict.json").is_file()
+
+
 def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``; even then only replace a dataset folder or an empty one."""
+    """Refuse an existing output unless ``overwrite``; even then only replace a dataset folder or an empty one.
+    An old output a killed swap left aside is put back first (and so refused, never replaced)."""
+    recover(output)
     if not output.exists():
         return
     if not overwrite:
@@ -215,6 +249,10 @@ def build_dataset(
     that every record carries in ``ScanRecord.extra``; the contract's columns are always written."""
     if output is None and push_to_hub is None:
         raise OctSamError("nowhere to write: pass --output DIR and/or --push-to-hub ORG/NAME.")
+    blank = [i for i, name in enumerate(labels or []) if not isinstance(name, str) or not name.strip()]
+    if blank:
+        raise OctSamError(f"label names must not be blank: --labels {','.join(map(str, labels))!r} has an empty name "
+                          f"at position {blank[0]}; e.g. --labels background,fluid")  # fmt: skip
     if not labels or labels[0] != "background":
         raise OctSamError(f"label names must start with 'background', got {labels}; e.g. --labels background,fluid")
     extra_features = dict(extra_features or {})
@@ -224,8 +262,14 @@ def build_dataset(
     if out is None:
         return _build(records, labels, None, *settings)
     require_utf8_name(out)
-    with FolderLock(out, "dataset build"):
-        return _build(records, labels, out, *settings)
+    created = _missing_ancestors(out.parent)  # made for the lock file: removed again if the build is refused
+    try:
+        with FolderLock(out, "dataset build"):
+            return _build(records, labels, out, *settings)
+    except BaseException:
+        for folder in reversed(created):
+            _rmdir_if_empty(folder)
+        raise
 
 
 def _build(
@@ -315,6 +359,9 @@ def _write(
     (final_dir / LABELS_FILE).write_text(json.dumps(labels_to_id2label(labels), indent=2) + "\n")
     split_lists = {s: sorted(p for p, v in assignment.items() if v == s) for s in SPLITS}
     (final_dir / SPLITS_FILE).write_text(json.dumps(split_lists, indent=2) + "\n")
+    record = _BUILD_RECORD.get()
+    if record is not None:
+        (final_dir / BUILD_RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return {s: stats[s].summary(labels) for s in SPLITS}
 
 

@@ -26,6 +26,7 @@ from octsam.bases import (  # noqa: F401 - the weight file names, importable fro
     registered,
 )
 from octsam.errors import OctSamError
+from octsam.options import All, Choice, Each, Fraction, Length, NonEmpty, OptionError, Range, checked
 from octsam.safepaths import pickle_hint
 
 ADAPTER_CONFIG_NAME = "octsam_config.json"
@@ -64,6 +65,34 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _encoders() -> tuple[str, ...]:
+    return tuple(b.name for b in registered() if b.peft_adapter)
+
+
+# The constraint table of an adapter's settings (octsam.options); train.py's options of the same names copy theirs.
+ADAPTER_CHECKS = {
+    "labels": All((Length(tuple(range(2, 256))), Each(NonEmpty()))),
+    "base_model": NonEmpty(),
+    "mode": Choice(("automatic", "prompted")),
+    "class_activation": Choice(("softmax", "sigmoid")),
+    "image_size": Range(1),
+    "image_mean": All((Length((1, 3)), Each(Range()))),
+    "image_std": All((Length((1, 3)), Each(Range(0, min_open=True)))),
+    "tokens_per_class": Range(1),
+    "lora_r": Range(1),
+    "lora_alpha": Range(1),
+    "lora_dropout": Fraction(open_top=True),
+    "encoder": Choice(_encoders),
+    "resize": Choice(("stretch", "pad")),
+    "normalization": Choice(("mean_std", "minmax")),
+    "input_mode": Choice(INPUT_MODES),
+    "tile_overlap": Fraction(open_top=True),
+    "tile_scale": Range(0.05, 8),
+    "format_version": Range(1),
+}
+
+
+@checked(ADAPTER_CHECKS)
 @dataclass
 class OctSamConfig:
     """Everything needed to rebuild a trained model from its folder (saved as ``octsam_config.json``)."""
@@ -102,65 +131,23 @@ class OctSamConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.labels, (list, tuple)) or not all(isinstance(n, str) and n for n in self.labels):
-            raise OctSamError(f"labels must be a list of class names, got {self.labels!r}.")
+        """After every field passed the table (``checked``): the checks that involve several fields."""
         self.labels = list(self.labels)
         if len(set(self.labels)) != len(self.labels):
-            raise OctSamError(f"labels must be distinct, got {self.labels}.")
-        if len(self.labels) < 2 or self.labels[0] != "background":
-            raise OctSamError(
-                f"labels must start with 'background' and name at least one biomarker, got {self.labels}."
-            )
-        if self.mode not in ("automatic", "prompted"):
-            raise OctSamError(f"mode must be 'automatic' or 'prompted', got {self.mode!r}.")
-        if self.class_activation not in ("softmax", "sigmoid"):
-            raise OctSamError(f"class_activation must be 'softmax' or 'sigmoid', got {self.class_activation!r}.")
-        known = [b.name for b in registered() if b.peft_adapter]
-        if self.encoder not in known:
-            raise OctSamError(f"encoder must be one of {', '.join(known)}, got {self.encoder!r}.")
+            raise OptionError("labels", self.labels, "distinct class names")
+        if self.labels[0] != "background":
+            raise OptionError("labels", self.labels, "'background' first, then at least one biomarker")
         roles = get_base(self.encoder).lora_roles
         unknown = [t for t in self.lora_target_modules if t not in roles]
         if unknown:
-            raise OctSamError(f"Unknown lora_target_modules {unknown}; choose from {sorted(roles)}.")
-        if self.resize not in ("stretch", "pad"):
-            raise OctSamError(f"resize must be 'stretch' or 'pad', got {self.resize!r}.")
-        if self.normalization not in ("mean_std", "minmax"):
-            raise OctSamError(f"normalization must be 'mean_std' or 'minmax', got {self.normalization!r}.")
+            raise OptionError("lora_target_modules", self.lora_target_modules, f"roles of {self.encoder}: "
+                              f"{', '.join(sorted(roles))}")  # fmt: skip
         if self.train_mask_decoder and "decoder_attention" in self.lora_target_modules:
             raise OctSamError(
                 "lora_target_modules 'decoder_attention' and train_mask_decoder=true both train the mask decoder; "
                 "set train_mask_decoder false to use LoRA on the decoder instead."
             )
-        for name in ("image_size", "tokens_per_class", "lora_r", "lora_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise OctSamError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if (
-                not isinstance(value, (list, tuple))
-                or len(value) not in (1, 3)
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-                or not all(math.isfinite(v) for v in value)
-            ):
-                raise OctSamError(f"{name} must be 1 or 3 finite numbers (0-255 scale), got {value!r}.")
-            setattr(self, name, tuple(float(v) for v in value))
-        if min(self.image_std) <= 0:
-            raise OctSamError(
-                f"image_std must be positive (it divides the pixels), got {list(self.image_std)}: with 0 every pixel "
-                "becomes infinite and every mask empty."
-            )
-        if self.input_mode not in INPUT_MODES:
-            raise OctSamError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {self.input_mode!r}.")
-        if not _is_number(self.tile_overlap) or not 0 <= self.tile_overlap < 1:
-            raise OctSamError(f"tile_overlap must be a number in [0, 1), got {self.tile_overlap!r}.")
-        if not _is_number(self.tile_scale) or not 0.05 <= self.tile_scale <= 8:
-            raise OctSamError(
-                f"tile_scale must be a number in [0.05, 8] (1 = the B-scan's own pixel size), got {self.tile_scale!r}."
-            )
-        self.tile_overlap, self.tile_scale = float(self.tile_overlap), float(self.tile_scale)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise OctSamError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     @property
     def num_labels(self) -> int:
@@ -291,6 +278,8 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
         raise OctSamError(
             f"Adapter folder {folder} lacks {', '.join(missing)}; save it again with train.py.{pickle_hint(folder)}"
         )
+    if base.peft_adapter:
+        check_peft_config(folder / PEFT_CONFIG_NAME)
     for name in base.weight_files:
         if name.endswith(".safetensors"):
             keys = safetensors_keys(folder / name)
@@ -304,6 +293,31 @@ def check_adapter_folder(folder: str | os.PathLike) -> OctSamConfig:
                         "fix the mode in octsam_config.json or use the folder train.py wrote."
                     )
     return config
+
+
+def check_peft_config(path: Path) -> None:
+    """PEFT's ``adapter_config.json`` must be a LoRA config: a damaged one is named as such (PEFT would fail later
+    with a message that blames the base model)."""
+    if not path.is_file():
+        return  # the weight-file check names what is missing
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        if data.get("peft_type") != "LORA":
+            raise ValueError(f"peft_type is {data.get('peft_type')!r}, not 'LORA'")
+        r = data.get("r")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r is {r!r}, not a positive integer")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise OctSamError(
+            f"{path} is damaged ({err}); it is not the LoRA config train.py writes. Copy or download the adapter "
+            "again."
+        ) from None
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
 
 
 def check_same_labels(adapter_labels, dataset_labels, adapter: str, dataset: str) -> None:
@@ -335,8 +349,12 @@ def safetensors_keys(path: str | os.PathLike) -> list[str]:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            start, stop = info["data_offsets"]
-            end = max(end, int(stop))
+            start, stop = (int(v) for v in info["data_offsets"])
+            count = math.prod(int(d) for d in info["shape"])
+            width = _DTYPE_BYTES.get(info["dtype"])  # a dtype not listed here: only its byte range is checked
+            if not 0 <= start <= stop or (width is not None and stop - start != count * width):
+                raise ValueError(f"tensor {key!r}: its dtype, shape and byte range disagree (damaged header)")
+            end = max(end, stop)
         if 8 + length + end > size:
             raise ValueError(f"the tensors need {8 + length + end} bytes, the file has {size} (truncated?)")
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:

@@ -20,20 +20,102 @@ from octsam.data.augment import AugmentConfig
 from octsam.data.prompts import PromptConfig
 from octsam.data.tiles import CROP_SAMPLINGS, TileConfig
 from octsam.errors import OctSamError
+from octsam.options import (
+    MIXED_PRECISIONS,
+    SCHEDULER_TYPES,
+    All,
+    Choice,
+    Each,
+    Fraction,
+    NonEmpty,
+    NonNegative,
+    OptionError,
+    Positive,
+    Range,
+    checked,
+    coerce,
+    describe,
+)
 
 
 def _copy_field(source, name: str, help: str):
-    """A field with the name and default of ``source``'s field ``name`` (defaults written once, in ``source``)."""
+    """A field with the name, default and constraint of ``source``'s field ``name`` (written once, in ``source``)."""
     original = {f.name: f for f in dataclasses.fields(source)}[name]
+    metadata = {"help": help}
+    if "check" in original.metadata:
+        metadata["check"] = original.metadata["check"]
     if original.default_factory is not dataclasses.MISSING:
-        return field(default_factory=original.default_factory, metadata={"help": help})
-    return field(default=original.default, metadata={"help": help})
+        return field(default_factory=original.default_factory, metadata=metadata)
+    return field(default=original.default, metadata=metadata)
 
 
 def _adapter_field(name: str, help: str):
     return _copy_field(OctSamConfig, name, help)
 
 
+def _architectures() -> tuple[str, ...]:
+    from octsam.bases import architectures
+
+    return tuple(architectures())
+
+
+def _attention_modes() -> tuple[str, ...]:
+    from octsam.models import ATTENTION_MODES
+
+    return tuple(ATTENTION_MODES)
+
+
+# The constraint table of train.py's options (octsam.options): the parser, --help and the checks all read it. The
+# adapter's own settings (mode, lora_r, tile_overlap ...) take theirs from OctSamConfig's table (octsam.adapter).
+MODEL_CHECKS = {
+    "model": Choice(_architectures),
+    "base_model": NonEmpty(),
+    "attention_mode": Choice(_attention_modes),
+    "unet_channels": All((NonEmpty(), Each(Range(1)))),
+    "unet_image_size": Range(16),
+}
+DATA_CHECKS = {
+    "max_prompts": Range(1),
+    "box_jitter": NonNegative(),
+    "min_box_jitter_px": NonNegative(),
+    "positive_points": NonNegative(),
+    "negative_points": NonNegative(),
+    "prompt_types": All((NonEmpty(), Each(Choice(("box", "point", "box+point"))))),
+    "hflip_p": Fraction(),
+    "rotate_limit": Range(0, 180),
+    "rotate_p": Fraction(),
+    "brightness_limit": Fraction(),
+    "contrast_limit": Fraction(),
+    "brightness_contrast_p": Fraction(),
+    "crop_sampling": Choice(CROP_SAMPLINGS),
+    "crops_per_scan": Range(1),
+    "foreground_ratio": Fraction(),
+    "num_workers": NonNegative(),
+    "max_train_samples": Range(1),
+}
+TRAIN_CHECKS = {
+    "output_dir": NonEmpty(),
+    "learning_rate": Positive(),
+    "weight_decay": NonNegative(),
+    "dice_weight": NonNegative(),
+    "ce_weight": NonNegative(),
+    "lr_scheduler_type": Choice(SCHEDULER_TYPES),
+    "warmup_ratio": Fraction(open_top=True),
+    "effective_batch_size": Range(1),
+    "per_device_train_batch_size": Range(1),
+    "per_device_eval_batch_size": Range(1),
+    "num_train_epochs": Range(1),
+    "early_stopping_patience": NonNegative(),
+    "mixed_precision": Choice(MIXED_PRECISIONS),
+    "seed": NonNegative(),
+    "logging_steps": Range(1),
+    "report_to": Choice(("tensorboard", "trackio", "wandb", "none")),
+    "keep_checkpoints": NonNegative(),
+    "stop_after_epochs": Range(1),
+}
+
+
+@checked(MODEL_CHECKS)
 @dataclass
 class ModelArguments:
     model: str = field(
@@ -90,6 +172,7 @@ class ModelArguments:
     unet_image_size: int = field(default=256, metadata={"help": "U-Net input size (square)."})
 
 
+@checked(DATA_CHECKS)
 @dataclass
 class DataArguments:
     dataset: str = field(default="", metadata={"help": "Dataset folder (save_to_disk) or Hub dataset repo id."})
@@ -131,6 +214,7 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training scans."})
 
 
+@checked(TRAIN_CHECKS)
 @dataclass
 class TrainArguments:
     output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints, adapter, results go."})
@@ -257,6 +341,9 @@ def _add_field(group, f: dataclasses.Field) -> None:
     kebab, snake = f"--{f.name.replace('_', '-')}", f"--{f.name}"
     names = list(dict.fromkeys([CLI_NAMES.get(f.name, kebab), kebab, snake]))
     help_text = f.metadata.get("help", "")
+    allowed = describe(f)  # the constraint table: what the check accepts is what --help says
+    if allowed:
+        help_text = f"{help_text} Allowed: {allowed}."
     kind = str(f.type)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if kind == "bool":
@@ -313,56 +400,58 @@ def parse_config(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
             raise OctSamError(
                 f"Config file {config_path} must be a mapping of option: value, not {type(values).__name__}."
             )
-        known = {f.name for dc in ALL_ARGUMENTS for f in dataclasses.fields(dc)}
-        unknown = sorted(set(values) - known)
+        fields_by_name = {f.name: f for dc in ALL_ARGUMENTS for f in dataclasses.fields(dc)}
+        unknown = sorted(set(values) - set(fields_by_name))
         if unknown:
             raise OctSamError(
-                f"Unknown config key(s) {unknown} in {config_path}. Known keys: {', '.join(sorted(known))}."
+                f"Unknown config key(s) {unknown} in {config_path}. Known keys: {', '.join(sorted(fields_by_name))}."
             )
+        try:  # the file's own types first: a list or null for a number is refused here, naming the file
+            values = {key: coerce(fields_by_name[key], value) for key, value in values.items()}
+        except OptionError as err:
+            raise err.at(config_path) from None
         parser.set_defaults(**values)
     namespace, rest = parser.parse_known_args(argv)
     if rest:
         raise OctSamError(f"Unknown command-line argument(s) {rest}; run with --help for the options.")
-    outputs = []
-    for dc in ALL_ARGUMENTS:
-        names = {f.name for f in dataclasses.fields(dc) if f.init}
-        outputs.append(dc(**{k: v for k, v in vars(namespace).items() if k in names}))
-    model_args, data_args, train_args = outputs
-    validate(model_args, data_args, train_args)
+    on_command_line = _given_on_command_line(parser, argv)
+
+    def source(key: str) -> str:
+        if key in on_command_line or config_path is None:
+            return f"the command line, {CLI_NAMES.get(key, '--' + key.replace('_', '-'))}"
+        return config_path if key in values else "the defaults"
+
+    try:
+        outputs = []
+        for dc in ALL_ARGUMENTS:  # each dataclass checks its fields against the table (octsam.options)
+            names = {f.name for f in dataclasses.fields(dc) if f.init}
+            outputs.append(dc(**{k: v for k, v in vars(namespace).items() if k in names}))
+        model_args, data_args, train_args = outputs
+        validate(model_args, data_args, train_args)
+    except OptionError as err:
+        raise err.at(source(err.key)) from None
     return model_args, data_args, train_args
 
 
+def _given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The option names (dests) spelled out in ``argv``."""
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            action = parser._option_string_actions.get(token.split("=", 1)[0])
+            if action is not None:
+                given.add(action.dest)
+    return given
+
+
 def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """The checks that involve several options (each option alone is checked by its dataclass, from the table)."""
     if not data_args.dataset:
         raise OctSamError("No dataset given: set `dataset:` in the config or pass --dataset DIR_OR_REPO.")
-    from octsam.bases import architectures
-    from octsam.models import ATTENTION_MODES
-
-    if model_args.model not in architectures():
-        raise OctSamError(f"--model must be {' or '.join(architectures())}, got {model_args.model!r}.")
-
-    if model_args.attention_mode not in ATTENTION_MODES:
-        raise OctSamError(
-            f"--attention-mode must be one of {', '.join(ATTENTION_MODES)}, got {model_args.attention_mode!r}."
-        )
-    if train_args.report_to not in ("tensorboard", "trackio", "wandb", "none"):
-        raise OctSamError(f"--report-to must be tensorboard, trackio, wandb or none, got {train_args.report_to!r}.")
-    bad = [t for t in data_args.prompt_types if t not in ("box", "point", "box+point")]
-    if bad:
-        raise OctSamError(f"prompt_types {bad} unknown; use box, point, box+point.")
-    if data_args.crop_sampling not in CROP_SAMPLINGS:
-        raise OctSamError(
-            f"--crop-sampling must be one of {', '.join(CROP_SAMPLINGS)}, got {data_args.crop_sampling!r}."
-        )
-    if data_args.crops_per_scan < 1:
-        raise OctSamError(f"--crops-per-scan must be at least 1, got {data_args.crops_per_scan}.")
-    if not 0 <= data_args.foreground_ratio <= 1:
-        raise OctSamError(f"--foreground-ratio must be in [0, 1], got {data_args.foreground_ratio}.")
+    if train_args.dice_weight == 0 and train_args.ce_weight == 0:
+        raise OptionError("ce_weight", 0.0, "not 0 when dice_weight is 0 too (the loss would be 0: nothing learned)")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise OctSamError("--push-to-hub needs --hub-model-id ORG/NAME.")
-    for name in ("effective_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size"):
-        if getattr(train_args, name) < 1:
-            raise OctSamError(f"--{name} must be at least 1.")
 
 
 def _subset(target, source):

@@ -44,9 +44,31 @@ def disk_full_message(err: BaseException, where: str | os.PathLike | None = None
     )
 
 
+def not_permitted(err: BaseException | None) -> OSError | None:
+    """The OSError in ``err``'s chain that says a file or folder may not be written (read-only file system,
+    permission denied), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def not_permitted_message(err: OSError) -> str:
+    where = err.filename if err.filename is not None else "a file"
+    why = "the file system is read-only" if err.errno == errno.EROFS else "permission denied"
+    return (
+        f"cannot write or read {where}: {why}. Nothing half-written was kept: choose a folder you may write "
+        "(--output) or change its permissions, and run the command again."
+    )
+
+
 def cli_main(main: _Main) -> _Main:
     """Decorate a command line's ``main``: an :class:`OctSamError` that escapes it prints ``error: MESSAGE`` on
-    stderr (no traceback) and ``main`` returns exit status 2, and so does a full disk (whatever library noticed it); anything else (return value, other exceptions,
+    stderr (no traceback) and ``main`` returns exit status 2, and so does a full disk (whatever library noticed it) or a
+    read-only / not permitted file or folder; anything else (return value, other exceptions,
     ``SystemExit`` from argparse) passes through unchanged."""
 
     @functools.wraps(main)
@@ -57,6 +79,10 @@ def cli_main(main: _Main) -> _Main:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
         except Exception as err:
+            denied = not_permitted(err)
+            if denied is not None:
+                print(f"error: {not_permitted_message(denied)}", file=sys.stderr)
+                return EXIT_USER_ERROR
             if not is_disk_full(err):
                 raise
             print(f"error: {disk_full_message(err)}", file=sys.stderr)

@@ -27,7 +27,9 @@ from pathlib import Path
 
 from octsam.errors import OctSamError, disk_full_message, is_disk_full  # noqa: F401 (re-exported)
 
-STAGING_TAGS = (".tmp-", ".partial-", ".old-")
+STAGING_TAGS = (".tmp-", ".partial-", ".old-", ".del-")
+#: ``.old-``: the complete previous output of a swap (put back if the swap was cut between its renames);
+#: ``.del-``: a folder the user asked to replace (``--overwrite``), never put back; the others: half-written.
 LOCK_NAME = ".octsam.lock"
 
 
@@ -99,9 +101,21 @@ def swap_into_place(staged: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output_folder(final: str | os.PathLike, overwrite: bool, option: str = "--output") -> Path:
-    """Refuse an output that is a file, or a non-empty folder without ``--overwrite`` (the message names ``option``)."""
+def recover(final: str | os.PathLike) -> Path:
+    """Put back the old ``final`` of a swap cut between its two renames and remove dead runs' staging folders.
+
+    Every command calls this (through ``check_output_folder`` / ``atomic_folder``) before it looks at its output, so a
+    restored old output is seen - and refused without ``--overwrite`` - rather than replaced by the next run."""
     final = Path(final).expanduser()
+    with contextlib.suppress(OSError):  # a read-only parent: nothing of ours can be there to recover
+        remove_stale_staging(final.parent, final.name)
+    return final
+
+
+def check_output_folder(final: str | os.PathLike, overwrite: bool, option: str = "--output") -> Path:
+    """Refuse an output that is a file, or a non-empty folder without ``--overwrite`` (the message names ``option``);
+    an old output left aside by a killed swap is put back first (``recover``)."""
+    final = recover(final)
     if final.exists() and not final.is_dir():
         raise OctSamError(f"{option} {final} is a file; give a folder.")
     if final.is_dir() and any(final.iterdir()) and not overwrite:
@@ -126,10 +140,10 @@ def atomic_folder(
     with contextlib.ExitStack() as stack:
         if lock is not None:
             stack.enter_context(FolderLock(final, lock))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover(final)  # before the check: a restored old output must be refused, not replaced
         if overwrite is not None:
             check_output_folder(final, overwrite, option)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(final.parent, final.name)
         tmp = staging_path(final)
         tmp.mkdir()
         try:
@@ -141,10 +155,11 @@ def atomic_folder(
 
 
 def move_aside_and_empty(folder: Path) -> None:
-    """Replace ``folder`` by an empty one: the old content is moved aside with one rename (a new run never mixes with
-    it) and then deleted; a crash in between leaves a hidden ``.NAME.old-PID-*`` that ``remove_stale_staging`` puts
-    back or removes."""
-    aside = staging_path(folder, "old")
+    """Replace ``folder`` by an empty one (``--overwrite``): the old content is moved aside with one rename (a new run
+    never mixes with it) and then deleted; a crash in between leaves a hidden ``.NAME.del-PID-*`` that
+    ``remove_stale_staging`` removes - never puts back: the user asked for it to go, and a later
+    ``--resume-from-checkpoint latest`` must not find the old run."""
+    aside = staging_path(folder, "del")
     os.replace(folder, aside)
     folder.mkdir()
     shutil.rmtree(aside, ignore_errors=True)

@@ -229,7 +229,7 @@ def test_an_adapter_of_an_unregistered_base_is_refused_with_its_name(toy, tmp_pa
     config = OctSamConfig(labels=TINY_LABELS, base_model="toy", encoder="toy", lora_target_modules=["qkv"])
     unregister("toy")
     try:
-        with pytest.raises(OctSamError, match="encoder must be one of"):
+        with pytest.raises(OctSamError, match="option encoder = .toy. is not allowed: one of"):
             OctSamConfig(labels=TINY_LABELS, encoder="toy")
     finally:
         register(TOY)

@@ -465,7 +465,9 @@ def test_cli_success_and_clear_errors(tmp_path, capsys):
     assert "| split" in printed and "fluid px" in printed and "wrote" in printed
     dsd, _ = load_oct_dataset(out)
     assert np.asarray(dsd["train"][0]["image"]).shape == (64, 80)
-    assert main(argv + ["--output", str(out)]) == 2
+    assert main(argv + ["--output", str(out)]) == 0  # the same command again: its complete output is kept
+    assert "already built by this same command" in capsys.readouterr().out
+    assert main(argv + ["--output", str(out), "--seed", "5"]) == 2  # another command: refused
     err = capsys.readouterr().err
     assert err.startswith("error: output") and "Traceback" not in err
     assert (

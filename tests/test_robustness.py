@@ -59,6 +59,8 @@ HOOK = textwrap.dedent(
         from octsam.cli.train import main
     elif entry == "build":
         from dataset_builder.__main__ import main
+    elif entry == "evaluate":
+        from octsam.cli.evaluate import main
     else:
         from octsam.cli.infer import main
     sys.exit(main(args))
@@ -663,3 +665,193 @@ def test_security_probes_hold(adapter, tiny_base, tmp_path):
     results = [(name, *probe()) for name, probe in robustness.security(world)]
     failed = [f"{name}: {why}" for name, held, why in results if not held]
     assert len(results) >= 19 and not failed, "\n".join(failed)
+
+
+# ------------------------------------------------------------------------------------------------ 9. restartable (issue 22, item 5)
+def _dead_pid() -> str:
+    return subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_swap_cut_between_renames_is_never_replaced_by_the_next_run(tmp_path, capsys):
+    """The old output a cut swap left aside is put back *before* the next run looks at its output: without
+    --overwrite that run is refused (it used to pass the check, restore the old copy and then swap over it)."""
+    from dataset_builder.__main__ import main as build_main
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "data.txt").write_text("precious")
+    os.replace(final, tmp_path / f".out.old-{_dead_pid()}-deadbeef")
+    with pytest.raises(OctSamError, match="not empty"):
+        with atomic_folder(final, overwrite=False) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert _tree(final) == {"data.txt": b"precious"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    data = tmp_path / "data"
+    assert build_main(build_args(data, "--seed", "1")) == 0
+    before = _tree(data)
+    os.replace(data, tmp_path / f".data.old-{_dead_pid()}-deadbeef")
+    capsys.readouterr()
+    assert build_main(build_args(data, "--seed", "2")) == 2  # another command: refused, the old dataset is back
+    assert "already exists" in capsys.readouterr().err
+    assert _tree(data) == before and not list(tmp_path.glob(".data.*"))
+
+
+def test_overwritten_run_is_never_put_back(tmp_path, monkeypatch):
+    """--overwrite moves the old run aside as .NAME.del-*: a kill before the new folder exists must not let the next
+    run (--resume-from-checkpoint latest) find and resume the old run's checkpoints."""
+    from octsam import folders
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        folders.move_aside_and_empty(run)
+    monkeypatch.undo()
+    (aside,) = tmp_path.iterdir()
+    os.replace(aside, aside.with_name(aside.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")))  # its run died
+    folders.remove_stale_staging(tmp_path, "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_kfold_build_goes_on_when_run_again(tmp_path, capsys):
+    """kill -9 inside fold 1 of a 3-fold build: the same command (no --overwrite) keeps the finished fold 0, rebuilds
+    fold 1 over its .fold-1.partial-* and stale lock, and writes folds.json."""
+    from dataset_builder.__main__ import main as build_main
+
+    root = tmp_path / "cv"
+    args = build_args(root, "--folds", "3", "--scans-per-patient", "1")
+    proc = hooked_process(tmp_path, "dataset_builder.writer", "check_pair", 5, "build", args)  # 3 scans per fold
+    kill(proc)
+    assert (root / "fold-0" / "dataset_dict.json").is_file() and not (root / "folds.json").exists()
+    assert list(root.glob(".fold-1.*"))  # the killed fold's workspace and lock
+    fold0 = _tree(root / "fold-0")
+    assert build_main(args) == 0
+    out = capsys.readouterr().out
+    assert "already built by this same command" in out and "wrote 3 folds" in out
+    assert _tree(root / "fold-0") == fold0
+    assert (root / "folds.json").is_file() and sorted(p.name for p in root.iterdir()) == [
+        "fold-0", "fold-1", "fold-2", "folds.json"
+    ]  # fmt: skip
+    assert build_main(args) == 0  # complete: the same command again changes nothing
+    assert build_main(build_args(root, "--folds", "3", "--seed", "4")) == 2  # another command: refused
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_finished_build_run_again_is_kept(tmp_path, capsys):
+    from dataset_builder.__main__ import main as build_main
+
+    out = tmp_path / "data"
+    assert build_main(build_args(out)) == 0
+    before = _tree(out)
+    assert build_main(build_args(out)) == 0  # e.g. killed after its swap, before it could say so
+    assert "already built by this same command" in capsys.readouterr().out and _tree(out) == before
+
+
+def test_read_only_output_folder_is_a_message(small_dataset, tiny_base, adapter, tmp_path):
+    reason = _tmpfs_available()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    scan = tmp_path / "scan.png"
+    Image.fromarray(np.full((40, 48), 90, np.uint8)).save(scan)
+    train = " ".join(map(str, run_args(small_dataset, tiny_base, mnt / "run", "--num_train_epochs", "1")))
+    script = (
+        f"mount -t tmpfs -o size=1m,ro tmpfs {mnt} && "
+        f"{sys.executable} -m dataset_builder {' '.join(build_args(mnt / 'data'))}; echo BUILD=$?; "
+        f"{sys.executable} {REPO_ROOT / 'train.py'} {train}; echo TRAIN=$?; "
+        f"{sys.executable} {REPO_ROOT / 'inference.py'} --adapter {adapter} --input {scan} --output {mnt}/pred "
+        f"--quiet; echo INFER=$?"
+    )
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "BUILD=2" in out and "TRAIN=2" in out and "INFER=2" in out, out[-3000:]
+    assert "Traceback" not in out and out.count("read-only") == 3, out[-3000:]
+
+
+def test_sigterm_during_evaluation_leaves_no_lock_or_staging(small_dataset, adapter, tmp_path):
+    out = tmp_path / "o"
+    args = ["--adapter", str(adapter), "--dataset", small_dataset, "--output", str(out), "--n-bootstrap", "10",
+            "--device", "cpu"]  # fmt: skip
+    proc = hooked_process(tmp_path, "octsam.evaluation.compare", "_evaluate_and_write", 1, "evaluate", args)
+    code, err = kill(proc, signal.SIGTERM)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hook.py"]
+
+
+# ------------------------------------------------------------------------------------------------ 10. messages that name the real problem
+@pytest.mark.parametrize("damage", ["peft-config-not-json", "peft-config-not-lora", "tensor-header-shape"])
+def test_damaged_adapter_files_are_named_not_blamed_on_the_base(damage, adapter, tmp_path, capsys):
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    peft_config = broken / "adapter_config.json"
+    if damage == "peft-config-not-json":
+        peft_config.write_text('{"peft_type": "LORA", "r": ')
+    elif damage == "peft-config-not-lora":
+        peft_config.write_text(json.dumps({**json.loads(peft_config.read_text()), "peft_type": "PROMPT_TUNING"}))
+    else:  # one tensor's shape in the header no longer fits its bytes
+        weights = broken / "adapter_model.safetensors"
+        data = weights.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + length])
+        key = next(k for k in header if k != "__metadata__")
+        header[key]["shape"] = [s * 2 for s in header[key]["shape"]]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (length - len(text)) if len(text) <= length else b""
+        assert len(text) == length
+        weights.write_bytes(data[:8] + text + data[8 + length :])
+    src = tmp_path / "scan.png"
+    Image.fromarray(np.full((40, 48), 90, np.uint8)).save(src)
+    code = infer_main(["--adapter", str(broken), "--input", str(src), "--output", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "damaged" in err and "does not fit base model" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_another_unet_size_is_refused(small_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    unet = ["--model", "unet", "--unet_channels", "4", "8", "--unet_image_size", "32", "--num_train_epochs", "2"]
+    args = run_args(small_dataset, "unused", run, *unet, "--stop_after_epochs", "1")
+    assert train_main(args) == 0
+    capsys.readouterr()
+    for change in (["--unet_image_size", "64"], ["--unet_channels", "4", "8", "16"]):
+        resumed = run_args(small_dataset, "unused", run, *unet, *change, "--resume_from_checkpoint", "latest")
+        assert train_main(resumed) == 2
+        err = capsys.readouterr().err
+        assert "another network" in err and ("image_size 32 -> 64" in err or "unet_channels" in err), err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001"]
+
+
+def test_refused_build_leaves_no_output_folder(tmp_path, capsys):
+    """A build refused under its lock (too few patients to split) leaves neither --output nor the missing folders
+    above it (made for its lock file)."""
+    from dataset_builder.__main__ import main as build_main
+
+    images, masks = folder_source(tmp_path / "src", n=2)
+    out = tmp_path / "new" / "deeper" / "data"
+    code = build_main(["folder", "--images", str(images), "--masks", str(masks), "--labels", "background,fluid",
+                       "--output", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "at least 3 patients" in err and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_empty_validation_split_is_named(tmp_path, capsys):
+    dataset = write_shape_dataset(tmp_path / "d", (4, 0, 2), seed=1)
+    args = run_args(str(dataset), "unused", tmp_path / "run", "--model", "unet", "--unet_channels", "4", "8",
+                    "--unet_image_size", "32")  # fmt: skip
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "empty 'validation' split" in err and "list index" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -129,7 +129,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_base):
 
 def test_early_stopping_stops_after_patience(tmp_path, shape_dataset, tiny_base):
     out = tmp_path / "run"
-    args = run_args(shape_dataset, tiny_base, out, "--learning_rate", "0", "--num_train_epochs", "10",
+    args = run_args(shape_dataset, tiny_base, out, "--learning_rate", "1e-30", "--num_train_epochs", "10",
                     "--early_stopping_patience", "2", "--evaluate_test", "false")  # fmt: skip
     model_args, data_args, train_args = parse_config(args)
     results = train(model_args, data_args, train_args)

@@ -14,6 +14,7 @@ from octsam.bases import base_of
 from octsam.data.contract import parse_pixel_spacing
 from octsam.errors import OctSamError, cli_main
 from octsam.evaluation.compare import ZERO_SHOT, default_method_name, run_comparison
+from octsam.options import Range, arg_type
 
 
 def parse_adapter_arg(text: str) -> tuple[str | None, str]:
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="Where to run.")
     p.add_argument("--batch-size", type=int, default=8, help="B-scans per forward pass.")
-    p.add_argument("--dpi", type=int, default=150, help="Resolution of the figures (default 150).")
+    p.add_argument("--dpi", type=arg_type(int, Range(10, 2400), "int"), default=150,
+                   help="Resolution of the figures, 10 to 2400 (default 150).")  # fmt: skip
     return p
 
 
@@ -98,6 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     """``octsam-evaluate`` / ``python -m octsam.cli.evaluate``: 0 done, 2 a usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from octsam.folders import sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no lock file or staging folder is left
+            return _evaluate(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written (an existing --output is unchanged).", file=sys.stderr)
+        return 130
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     if args.n_bootstrap < 1:
         raise OctSamError(f"--n-bootstrap must be at least 1, got {args.n_bootstrap}.")
     if args.batch_size < 1:

@@ -132,10 +132,27 @@ def load_oct_dataset(
     return dsd, labels
 
 
+def _refuse_empty_splits(path: Path) -> None:
+    """A split saved without rows has no data file, and ``load_from_disk`` fails on it with "list index out of range":
+    name the split instead."""
+    for state in sorted(path.glob("*/state.json")):
+        try:
+            files = json.loads(state.read_text(encoding="utf-8")).get("_data_files")
+        except (OSError, ValueError, AttributeError):
+            continue  # load_from_disk reports a damaged folder
+        if files == []:
+            raise OctSamError(
+                f"Dataset {path} has an empty {state.parent.name!r} split (no B-scans); train, validation and test "
+                "each need at least one patient: rebuild it with dataset_builder (more patients, or other "
+                "--split-fractions)."
+            )
+
+
 def _load_local(path: Path) -> tuple[datasets.DatasetDict, list[str]]:
     if not path.is_dir():
         raise OctSamError(f"{path} is a file, not a dataset folder; pass the folder written by dataset_builder.")
     if (path / "dataset_dict.json").is_file():
+        _refuse_empty_splits(path)
         try:
             dsd = datasets.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - any failure here means a damaged folder

@@ -107,9 +107,12 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
 
     Call with the folder's lock held (``FolderLock``): nothing else writes it meanwhile. Overwriting moves the old
     run aside with one rename (so a new run never mixes with, prunes against or resumes from the old one) and then
-    deletes it; a crash in between leaves a hidden ``.NAME.old-PID-*`` that the next run puts back or removes.
+    deletes it; a crash in between leaves a hidden ``.NAME.del-PID-*`` that the next run removes (never puts back: after
+    ``--overwrite`` and a kill, ``--resume-from-checkpoint latest`` cannot find the old run's checkpoints).
     """
     out = Path(args.output_dir)
+    if main_process:
+        remove_stale_staging(out.parent, out.name)  # first: what the checks below see is what the run will find
     if out.exists() and not out.is_dir():
         raise OctSamError(f"--output {out} is a file; give a folder.")
     resume = args.resume_from_checkpoint
@@ -132,13 +135,38 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
                 "checkpoint's own run folder."
             )
     if main_process:
-        remove_stale_staging(out.parent, out.name)
         if non_empty and args.overwrite_output_dir:
             move_aside_and_empty(out)
             logger.info(f"--overwrite: removed the previous run in {out}")
         for stale in (out / CHECKPOINT_DIR).glob(f"epoch-*{SHARED_STAGING_SUFFIX}"):
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint write killed half-way (the lock is ours)
     return out
+
+
+#: What shapes a trained network: a checkpoint resumed with other values would not load, or would silently train at
+#: another size (the U-Net's unet_image_size is its image_size).
+NETWORK_SETTINGS = ("architecture", "mode", "image_size", "tokens_per_class", "lora_r", "lora_target_modules",
+                    "input_mode", "encoder")  # fmt: skip
+NETWORK_EXTRAS = ("unet_channels", "unet_variant")
+
+
+def check_same_network(saved: OctSamConfig, asked: OctSamConfig, resume_path: Path) -> None:
+    """Refuse to resume ``resume_path`` (trained as ``saved``) with options that build another network."""
+    changed = [
+        f"{name} {getattr(saved, name)!r} -> {getattr(asked, name)!r}"
+        for name in NETWORK_SETTINGS
+        if getattr(saved, name) != getattr(asked, name)
+    ] + [
+        f"{name} {saved.extra.get(name)!r} -> {asked.extra.get(name)!r}"
+        for name in NETWORK_EXTRAS
+        if saved.extra.get(name) != asked.extra.get(name)
+    ]
+    if changed:
+        raise OctSamError(
+            f"Checkpoint {resume_path} was trained with another network than these options build ({'; '.join(changed)}"
+            f"); resume with the options it was trained with (see its {ADAPTER_CONFIG_NAME}; unet_image_size is "
+            "image_size) or start a new run."
+        )
 
 
 def best_checkpoint_for(resume_path: Path) -> Path | None:
@@ -371,6 +399,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
             )
     model = build_model(model_args, labels, train_args.seed)
     config = model.config
+    if resume_path is not None:
+        check_same_network(saved, config, resume_path)
     logger.info(model.parameter_summary())
     if train_args.gradient_checkpointing and model.image_encoder is not None:
         model.image_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -44,13 +44,15 @@ class Processes:
     """This process's place in the run: index, count, device; collectives are no-ops in a one-process run (which
     never imports Accelerate's state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "auto") -> None:
         self.state = None
         self.index, self.count, self.device = 0, 1, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # on the CPU (ACCELERATE_USE_CPU, as `accelerate launch --cpu` sets it, or --device cpu): gloo
+            cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or device == "cpu"
+            self.state = PartialState(cpu=cpu)
             self.index, self.count, self.device = self.state.process_index, self.state.num_processes, self.state.device
 
     @property
@@ -60,7 +62,7 @@ class Processes:
     def use_device(self, requested: str) -> str:
         """The device this process runs on: Accelerate's for this process (``cuda:LOCAL_RANK``) unless ``--device``
         asks for another kind."""
-        if self.device is None or requested not in ("auto", self.device.type):
+        if self.device is None or self.device.type == "cpu" or requested not in ("auto", self.device.type):
             return requested
         return str(self.device)
 
@@ -168,6 +170,11 @@ def latest_entries(entries: list[dict], key: str) -> dict[str, dict]:
     return latest
 
 
+def finished(entries: list[dict]) -> int:
+    """How many B-scans or volumes the journal ``entries`` hold as finished (written, not failed)."""
+    return sum("row" in e for key in ("scan", "volume") for e in latest_entries(entries, key).values())
+
+
 def count_lines(folder: Path, offsets: dict) -> int:
     """Lines added to the journal files of ``folder`` since the last call (``offsets`` keeps the positions)."""
     added = 0
@@ -212,18 +219,16 @@ def run_folder(final: Path, args, processes: Processes, arguments: dict) -> Iter
                 return ""
             stack.enter_context(FolderLock(final, "inference"))
             key_path = partial / JOURNAL_DIR / "arguments.json"
-            if partial.exists() and not getattr(args, "resume", False):
-                if args.overwrite:
-                    shutil.rmtree(partial)
-                else:
-                    done = len(latest_entries(read_journal(partial), "scan")) + len(
-                        latest_entries(read_journal(partial), "volume")
-                    )
-                    raise OctSamError(
-                        f"An interrupted run into {final} left {done} finished B-scan(s)/volume(s) in {partial}. "
-                        f"Resume it with:\n  {_command(argv, '--resume')}\nor discard it and start again with:\n  "
-                        f"{_command(argv, '--overwrite')}"
-                    )
+            resume = getattr(args, "resume", False)
+            done = finished(read_journal(partial)) if partial.exists() else 0
+            if partial.exists() and not resume and (args.overwrite or not done):
+                shutil.rmtree(partial)  # discarded on request, or nothing in it was finished
+            elif partial.exists() and not resume:
+                raise OctSamError(
+                    f"An interrupted run into {final} left {done} finished B-scan(s)/volume(s) in {partial}. "
+                    f"Resume it with:\n  {_command(argv, '--resume')}\nor discard it and start again with:\n  "
+                    f"{_command(argv, '--overwrite')}"
+                )
             if partial.exists() and key_path.is_file():
                 before = _output_arguments(json.loads(key_path.read_text()))
                 now = _output_arguments(arguments)
@@ -252,7 +257,7 @@ def run_folder(final: Path, args, processes: Processes, arguments: dict) -> Iter
                 swap_into_place(partial, final)
             processes.barrier()
         except BaseException:
-            if processes.is_main and partial.exists() and not (read_journal(partial)):
+            if processes.is_main and partial.exists() and not finished(read_journal(partial)):
                 shutil.rmtree(partial, ignore_errors=True)  # nothing done: nothing to resume, no litter
             elif processes.is_main and partial.exists():
                 print(

@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     check_arguments(args)
-    processes = Processes()
+    processes = Processes(args.device)
     volumes = wants_volumes(args)
     if volumes:
         check_volume_arguments(args)
@@ -373,12 +373,13 @@ def run(args: argparse.Namespace) -> int:
                 processes.agree(lambda: _check_scans(ctx, inputs, prompting))
                 share = _segment_scans(ctx, mine, prompting, spacing, len(inputs), len(inputs) - len(todo))
                 outcome = _finish_scans(ctx, inputs, share, prompting, spacing, len(inputs) - len(todo))
-    if processes.is_main:
-        if volumes:
-            print(f"wrote {outcome} volume(s) to {final} (volumes.csv, one folder per eye)")
-        else:
-            _print_outcome(outcome, final, prompting)
-    return 0 if volumes else len(outcome.failures)
+    if not processes.is_main:
+        return 0  # the main process reports the run (and its exit status says whether B-scans failed)
+    if volumes:
+        print(f"wrote {outcome} volume(s) to {final} (volumes.csv, one folder per eye)")
+        return 0
+    _print_outcome(outcome, final, prompting)
+    return len(outcome.failures)
 
 
 def partial_exists(final: Path) -> bool:

@@ -21,7 +21,7 @@ from octsam.cli.infer import main as infer_main
 from octsam.infer.archive import JOURNAL_DIR, partial_path, read_journal
 
 #: run.json fields that may differ between two runs of the same inputs: when and how (processes, timings)
-RUN_FIELDS = {"created", "timings", "processes", "progress", "device"}
+RUN_FIELDS = {"created", "timings", "processes", "progress", "device", "seconds"}
 ARGUMENT_FIELDS = {"output", "quiet", "resume", "overwrite"}
 
 
@@ -144,3 +144,23 @@ def test_interrupted_run_with_nothing_finished_leaves_nothing(adapter, scans, tm
         assert infer_main(argv) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert infer_main(argv) == 0 and (out / "masks" / "Image 1.png").is_file()
+
+
+def test_volumes_in_two_processes_equal_one(adapter, tmp_path):
+    """Volumes (3 DICOM eyes) across 2 processes: the same eye folders (masks, en-face maps, report.json), the
+    same volumes.csv in input order and the same run.json as one process."""
+    from test_volumes import write_oct_dicom
+
+    rng = np.random.default_rng(4)
+    eyes = [write_oct_dicom(tmp_path / f"eye{i}.dcm", rng.integers(0, 255, (3, 40, 48)).astype(np.uint8))
+            for i in range(3)]  # fmt: skip
+    argv = ["--adapter", adapter, "--input", *eyes, "--quiet"]
+    assert infer_main([*map(str, argv), "--output", str(tmp_path / "one")]) == 0
+    proc = torchrun([*argv, "--output", tmp_path / "two"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = files(tmp_path / "one"), files(tmp_path / "two")
+    same = [k for k in one if not k.endswith("report.png")]  # the rendered figure is compared by its report.json
+    assert sorted(one) == sorted(two) and all(one[k] == two[k] for k in same)
+    assert run_record(tmp_path / "one") == run_record(tmp_path / "two")
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert [p["volumes"] for p in record["processes"]] == [2, 1] and record["segmented"] == 9

@@ -6,9 +6,11 @@ python inference.py --adapter runs/amd/best_adapter --input "scans/**/*.tif" --o
 Per B-scan (at its native size): ``masks/NAME.png`` (class ids), ``overlays/NAME.png`` (class colours, legend below),
 and with ``--save-probabilities`` ``probabilities/NAME.npz`` (float16 (K+1, H, W), channel 0 background). For the
 run: ``summary.csv`` (per class: area in pixels, in mm² with ``--pixel-spacing-mm``, 8-connected components) and
-``run.json`` (adapter and revision, base model, device, dtype, timings, failures). Everything is written to a
-temporary folder that replaces ``--output`` at the end, so an interrupted run leaves nothing half-written and an
-existing output is only replaced with ``--overwrite``.
+``run.json`` (adapter and revision, base model, device, dtype, timings per stage, cores used, failures, progress).
+Everything is written to a staging folder (``.NAME.partial``, with a journal of finished B-scans) that replaces
+``--output`` at the end, so an interrupted run leaves nothing half-written, an existing output is only replaced
+with ``--overwrite``, and ``--resume`` continues a stopped run. Under ``accelerate launch`` each process segments its
+share of the inputs (``octsam.infer.archive``).
 
 Prompts (boxes and points in native pixel coordinates; CLASS is a label name or id): ``--box CLASS:x1,y1,x2,y2``
 and ``--point CLASS:x,y[:neg]`` apply to every input B-scan; ``--prompts FILE.json`` gives them per B-scan::

@@ -79,6 +79,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert not partial_path(b).exists() and not (b / JOURNAL_DIR).exists()
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_process_writes(adapter, scans, one_process, tmp_path):
     """2 processes: each segments its share (5 and 5 of 10 inputs, the broken one included) into one staging folder;
     masks, overlays, summary.csv and run.json (but for timings and process fields) equal the one-process run's."""
@@ -96,6 +97,7 @@ def test_two_processes_write_what_one_process_writes(adapter, scans, one_process
     assert sorted(p.name for p in out.parent.iterdir()) == ["two"]  # no lock, no staging left
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_does_only_the_rest(adapter, scans, one_process, tmp_path, capsys):
     """kill -9 while the 6th B-scan is written: the finished B-scans stay in .out.partial with the journal; a run
     without --resume is refused with both commands; --resume with other options is refused; --resume in 2
@@ -146,6 +148,7 @@ def test_interrupted_run_with_nothing_finished_leaves_nothing(adapter, scans, tm
     assert infer_main(argv) == 0 and (out / "masks" / "Image 1.png").is_file()
 
 
+@pytest.mark.slow
 def test_volumes_in_two_processes_equal_one(adapter, tmp_path):
     """Volumes (3 DICOM eyes) across 2 processes: the same eye folders (masks, en-face maps, report.json), the
     same volumes.csv in input order and the same run.json as one process."""
@@ -164,3 +167,34 @@ def test_volumes_in_two_processes_equal_one(adapter, tmp_path):
     assert run_record(tmp_path / "one") == run_record(tmp_path / "two")
     record = json.loads((tmp_path / "two" / "run.json").read_text())
     assert [p["volumes"] for p in record["processes"]] == [2, 1] and record["segmented"] == 9
+
+
+@pytest.mark.slow
+def test_evaluate_in_two_processes_equals_one(adapter, tiny_base, shape_dataset, tmp_path):
+    """octsam-evaluate across 2 processes (an adapter and the zero-shot row): each predicts its share of the split,
+    the main process computes the metrics once on all of them; the tables equal a one-process run's."""
+    from octsam.cli.evaluate import main as evaluate_main
+
+    argv = ["--adapter", f"LoRA={adapter}", "--method", "zero-shot", "--base-model", tiny_base, "--dataset",
+            shape_dataset, "--split", "validation", "--n-bootstrap", "20", "--batch-size", "2", "--dpi", "40"]  # fmt: skip
+    assert evaluate_main([*map(str, argv), "--output", str(tmp_path / "one")]) == 0
+    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    from test_training import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "octsam.cli.evaluate", *map(str, argv), "--output", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    tables = sorted(p.relative_to(one).as_posix() for p in one.rglob("*.csv"))
+    assert tables and tables == sorted(p.relative_to(two).as_posix() for p in two.rglob("*.csv"))
+    assert all((one / t).read_bytes() == (two / t).read_bytes() for t in tables)
+
+    def summary(folder: Path) -> dict:
+        record = json.loads((folder / "comparison.json").read_text())
+        for method in record["methods"].values():
+            method.pop("seconds")
+        return record
+
+    assert summary(one) == summary(two) and summary(one)["n_images"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]

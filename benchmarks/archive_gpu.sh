@@ -18,7 +18,7 @@
 #
 # CPU dry run (known to work; a minute or two on 2 cores):
 #   N=20 MODELS=litemedsam DEVICE=cpu EXTRA="--batch-size 4" TWO_CPU=1 OUT=/tmp/archive_dry PYTHON=.venv/bin/python \
-#       bash benchmarks/archive_gpu.sh          (TWO_CPU=1: also `accelerate launch --cpu --num_processes 2`)
+#       bash benchmarks/archive_gpu.sh          (TWO_CPU=1: also 2 CPU processes with torchrun)
 #
 # Environment (all optional): N=2000, MODELS="vit-b litemedsam", DEVICE=auto, EXTRA (more inference.py options),
 # T_RUN=150 (seconds per inference run), WHEELS=.devcarry/w2 (wheels installed where a module is missing:
@@ -179,11 +179,12 @@ infer() {
 for model in $MODELS; do
     infer "$model-1proc" "$PY"
     if [ "$GPUS" -ge 2 ]; then
-        infer "$model-2gpu" "$PY" -m accelerate.commands.launch --num_processes 2 --num_machines 1 \
+        infer "$model-2gpu" "$PY" -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 \
             --mixed_precision no --dynamo_backend no
-    elif [ "$TWO_CPU" = 1 ]; then  # the dry run of the same launch on the CPU (gloo)
-        infer "$model-2cpu" "$PY" -m accelerate.commands.launch --cpu --num_processes 2 --num_machines 1 \
-            --mixed_precision no --dynamo_backend no
+    elif [ "$TWO_CPU" = 1 ]; then
+        # 2 processes on the CPU (gloo): torchrun, as the tests do (`accelerate launch --cpu` starts one process
+        # unless MPI is set up)
+        ACCELERATE_USE_CPU=true infer "$model-2cpu" "$PY" -m torch.distributed.run --nproc_per_node 2
     fi
 done
 

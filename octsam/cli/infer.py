@@ -28,6 +28,9 @@ one more object. --prompts FILE.json gives prompts per B-scan (keys: output name
 outputs (native size): masks/NAME.png (class ids), overlays/NAME.png (legend below), probabilities/NAME.npz,
 summary.csv (area px / mm2 and 8-connected components per class), run.json. Exit status: 0 all segmented, 1 some
 B-scans failed (listed), 2 a usage or adapter error.
+
+whole archives: `accelerate launch [--num_processes N] inference.py ...` splits the inputs across processes (one
+device each) into one output; a run that stops keeps its finished part (.OUTPUT.partial) and --resume continues it.
 """
 
 
@@ -81,7 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="Split of --dataset (or of a dataset folder in --input).")
     p.add_argument("--dataset-revision", default=None, help="Hub revision of --dataset.")
     p.add_argument("--output", required=True, help="Output folder (created; never overwritten without --overwrite).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty output folder.")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing, non-empty output folder (and discard an interrupted run's finished part).",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue an interrupted run into --output: only the B-scans / volumes it did not finish are done, and "
+        "the outputs equal an uninterrupted run's (nothing to do if --output is complete).",
+    )
     p.add_argument("--box", action="append", default=[], metavar="CLASS:x1,y1,x2,y2", help="Box prompt (repeat).")
     p.add_argument("--point", action="append", default=[], metavar="CLASS:x,y[:neg]", help="Point prompt (repeat).")
     p.add_argument("--prompts", default=None, metavar="FILE.json", help="Prompts per B-scan (format below).")
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry (``octsam-infer`` / ``python inference.py``): 0 all done, 1 some B-scans failed, 2 a
     usage error (printed without a traceback)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume / discard commands in messages
     # one name for messages and run.json; the list for loading (an ensemble when several)
     args.adapters, args.adapter = list(args.adapter), " + ".join(args.adapter)
     if args.quiet:  # also the weight-loading bar and notices of transformers / huggingface_hub

@@ -177,6 +177,13 @@ def run_comparison(
         methods, data, labels, str(dataset), split, pixel_spacing_mm, n_bootstrap, seed, histories, device,
         batch_size, figure_dpi, rank_by, tta, zero_shot_input_mode,
     )  # fmt: skip
+    from octsam.infer.archive import Processes
+
+    if not Processes(device).is_main:
+        # another process of an accelerate launch: it predicts its share of every method's B-scans; the main
+        # process gathers them, computes every metric once and writes the folder
+        _evaluate_methods(comparison, None)
+        return {}
     with atomic_folder(final, lock="evaluation", overwrite=overwrite) as tmp:
         summary = _evaluate_and_write(comparison, tmp)
     summary["output_dir"] = str(final)
@@ -246,7 +253,7 @@ def _evaluate_and_write(comparison: Comparison, out: Path) -> dict[str, Any]:
     return summary
 
 
-def _evaluate_methods(comparison: Comparison, out: Path) -> tuple[dict[str, Any], dict[str, float]]:
+def _evaluate_methods(comparison: Comparison, out: Path | None) -> tuple[dict[str, Any], dict[str, float]]:
     """Every method on the same B-scans; each method's own tables written as soon as it is done."""
     from octsam.evaluation.predict import evaluate_model, evaluate_zero_shot
     from octsam.evaluation.report import write_results
@@ -264,6 +271,8 @@ def _evaluate_methods(comparison: Comparison, out: Path) -> tuple[dict[str, Any]
             result = evaluate_model(source, c.data, c.labels, None, method=name, device=c.device,
                                     batch_size=c.batch_size, tta=c.tta, **kwargs)  # fmt: skip
         seconds[name] = round(time.perf_counter() - start, 2)
+        if out is None:  # a process that only predicts (see run_comparison)
+            continue
         write_results(result, out, name)
         results[name] = result
     return results, seconds

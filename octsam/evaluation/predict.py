@@ -33,7 +33,21 @@ def ground_truth_prompts(mask: np.ndarray, num_labels: int) -> list[Prompt]:
 def predict_split(
     segmenter: Segmenter, split, prompted: bool = False, multimask: bool = False, desc: str = "predicting"
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[str]]:
-    """Predicted and reference masks, patient ids and scan ids of every B-scan of ``split``."""
+    """Predicted and reference masks, patient ids and scan ids of every B-scan of ``split``. Under ``accelerate
+    launch`` each process predicts its contiguous share of the split and every process gets all of them, in the
+    split's order (``octsam.infer.archive.Processes``)."""
+    from octsam.infer.archive import Processes
+
+    processes = Processes(str(segmenter.device.type))
+    if processes.count > 1:
+        mine = processes.share(list(range(len(split))))
+        part = _predict_rows(segmenter, split.select(mine), prompted, multimask, desc) if mine else ([], [], [], [])
+        parts = processes.all_gather(part)
+        return tuple([item for p in parts for item in p[k]] for k in range(4))
+    return _predict_rows(segmenter, split, prompted, multimask, desc)
+
+
+def _predict_rows(segmenter: Segmenter, split, prompted: bool, multimask: bool, desc: str):
     num_labels = len(segmenter.labels)
     preds, refs, patients, scans = [], [], [], []
     batch = segmenter.batch_size
@@ -65,8 +79,11 @@ def evaluate_segmenter(
     """Predict ``split`` and compute every metric; write the tables to ``output_dir`` when given."""
     from octsam.evaluation.metrics import evaluate_predictions
     from octsam.evaluation.report import write_results
+    from octsam.infer.archive import Processes
 
     preds, refs, patients, scans = predict_split(segmenter, split, prompted, multimask, desc=method)
+    if not Processes(str(segmenter.device.type)).is_main:
+        return None  # another process of an accelerate launch: the main process computes the metrics once
     result = evaluate_predictions(
         preds,
         refs,
@@ -133,6 +150,8 @@ def evaluate_zero_shot(
     result = evaluate_segmenter(
         segmenter, split, labels, None, "zero-shot", prompted=True, multimask=multimask, **kwargs
     )
+    if result is None:  # not the main process of an accelerate launch
+        return None
     result.settings["zero_shot_multimask"] = multimask  # report.md says how this base was prompted (octsam.protocol)
     if output_dir is not None:
         from octsam.evaluation.report import write_results
@@ -142,4 +161,8 @@ def evaluate_zero_shot(
 
 
 def _device_name(device) -> str:
-    return device.type if isinstance(device, torch.device) else device
+    """The device to run on; under ``accelerate launch`` this process's own (``cuda:LOCAL_RANK``)."""
+    from octsam.infer.archive import Processes
+
+    name = device.type if isinstance(device, torch.device) else device
+    return Processes(name).use_device(name)

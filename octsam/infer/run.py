@@ -6,9 +6,11 @@ python inference.py --adapter runs/amd/best_adapter --input "scans/**/*.tif" --o
 Per B-scan (at its native size): ``masks/NAME.png`` (class ids), ``overlays/NAME.png`` (class colours, legend below),
 and with ``--save-probabilities`` ``probabilities/NAME.npz`` (float16 (K+1, H, W), channel 0 background). For the
 run: ``summary.csv`` (per class: area in pixels, in mm² with ``--pixel-spacing-mm``, 8-connected components) and
-``run.json`` (adapter and revision, base model, device, dtype, timings, failures). Everything is written to a
-temporary folder that replaces ``--output`` at the end, so an interrupted run leaves nothing half-written and an
-existing output is only replaced with ``--overwrite``.
+``run.json`` (adapter and revision, base model, device, dtype, timings per stage, cores used, failures, progress).
+Everything is written to a staging folder (``.NAME.partial``, with a journal of finished B-scans) that replaces
+``--output`` at the end, so an interrupted run leaves nothing half-written, an existing output is only replaced
+with ``--overwrite``, and ``--resume`` continues a stopped run. Under ``accelerate launch`` each process segments its
+share of the inputs (``octsam.infer.archive``).
 
 Prompts (boxes and points in native pixel coordinates; CLASS is a label name or id): ``--box CLASS:x1,y1,x2,y2``
 and ``--point CLASS:x,y[:neg]`` apply to every input B-scan; ``--prompts FILE.json`` gives them per B-scan::
@@ -37,7 +39,7 @@ from octsam.adapter import check_same_labels
 from octsam.data.contract import parse_pixel_spacing
 from octsam.data.prompts import PromptSpec, build_prompts, label_id, parse_box, parse_point, read_prompt_file
 from octsam.errors import OctSamError
-from octsam.folders import atomic_folder
+from octsam.infer.archive import Journal, Processes, count_lines, latest_entries, read_journal, run_folder
 from octsam.infer.inputs import ScanInput, collect_inputs
 from octsam.infer.outputs import OutputSettings, ScanOutput, write_scan, write_summary
 from octsam.segmenter import device_name, resolve_device
@@ -69,10 +71,10 @@ class Prompting:
     def for_scan(self, name: str) -> list[PromptSpec]:
         return self.cli_specs + self.per_scan.get(name, [])
 
-    def match(self, scans: list[ScanInput]) -> None:
+    def match(self, scans: list[ScanInput], warn: bool = True) -> None:
         """Match the prompt file's keys to scans (output name, file name with suffix, or stem); warn of the rest."""
         self.per_scan, self.unmatched = _file_prompts(self.file, scans)
-        for key in self.unmatched:
+        for key in self.unmatched if warn else []:
             print(f"warning: --prompts key {key!r} matches no input B-scan", file=sys.stderr)
 
 
@@ -175,6 +177,8 @@ class Timings:
     load_s: float = 0.0
     compile_s: float | None = None
     read_s: float = 0.0
+    decode_s: float = 0.0
+    prepare_s: float = 0.0
     predict_s: float = 0.0
     write_s: float = 0.0
     wait_read_s: float = 0.0
@@ -186,9 +190,12 @@ class Timings:
     first_done: float | None = None
     first_scans: int = 0
 
-    def add_read(self, seconds: tuple[float, float]) -> None:
+    def add_read(self, seconds: tuple) -> None:
         self.read_s += seconds[0]
         self.read_cpu_s += seconds[1]
+        if len(seconds) > 2:  # (wall, CPU, decode, resize) of a B-scan file
+            self.decode_s += seconds[2]
+            self.prepare_s += seconds[3]
 
     def add_write(self, seconds: tuple[float, float]) -> None:
         self.write_s += seconds[0]
@@ -210,7 +217,17 @@ class Timings:
             "load_s": round(self.load_s, 3),
             "compile_s": None if self.compile_s is None else round(self.compile_s, 3),
         }
-        stages = ("read_s", "predict_s", "write_s", "wait_read_s", "wait_write_s", "read_cpu_s", "write_cpu_s")
+        stages = (
+            "read_s",
+            "decode_s",
+            "prepare_s",
+            "predict_s",
+            "write_s",
+            "wait_read_s",
+            "wait_write_s",
+            "read_cpu_s",
+            "write_cpu_s",
+        )
         out.update({k: round(getattr(self, k), 3) for k in stages})
 
         def per_scan(seconds: float) -> float | None:
@@ -222,6 +239,8 @@ class Timings:
                 "total_s": round(time.perf_counter() - self.started, 3),
                 "predict_s_per_scan": per_scan(self.predict_s),
                 "read_s_per_scan": per_scan(self.read_s),
+                "decode_s_per_scan": per_scan(self.decode_s),
+                "prepare_s_per_scan": per_scan(self.prepare_s),
                 "write_s_per_scan": per_scan(self.write_s),
                 "read_cpu_s_per_scan": per_scan(self.read_cpu_s),
                 "write_cpu_s_per_scan": per_scan(self.write_cpu_s),
@@ -231,7 +250,22 @@ class Timings:
                 else None,
             }
         )
+        out.update(cpu_use(time.perf_counter() - self.started))
         return out
+
+
+def cpu_use(wall_s: float) -> dict:
+    """The CPUs this process may use and how many it kept busy on average over ``wall_s`` (its own threads plus
+    its finished children, e.g. writer processes), to tell a CPU-bound run from a GPU-bound one."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return {
+        "cpus_available": _cpus(),
+        "cpu_s": round(cpu_s, 3),
+        "cores_used": round(cpu_s / wall_s, 2) if wall_s > 0 else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -249,6 +283,8 @@ class InferenceRun:
     plan: SpeedPlan
     segmenter: object  # octsam.segmenter.Segmenter
     batch_size: int
+    processes: Processes = field(default_factory=Processes)
+    journal: Journal | None = None  # this process's record of finished work (octsam.infer.archive)
 
     @property
     def labels(self) -> list[str]:
@@ -264,9 +300,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise OctSamError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
 
 
-def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
-    """Resolve the adapter once and load it with the speed plan of this device and run size; returns
-    (adapter folder, plan, segmenter, seconds)."""
+def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int, device: str | None = None):
+    """Resolve the adapter once and load it with the speed plan of this device and run size (``device``: this
+    process's device, default ``args.device``); returns (adapter folder, plan, segmenter, seconds)."""
     from octsam.adapter import resolve_adapter
     from octsam.export.runtime import load_segmenter as load_engine
 
@@ -290,7 +326,7 @@ def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
         engine,
         folders if len(folders) > 1 else folder,
         revision=args.revision,
-        device=args.device,
+        device=device or args.device,
         merge=not args.no_merge,
         base_model=args.base_model,
         fast_attention=plan.attention or False,
@@ -306,51 +342,71 @@ def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int):
 
 def run(args: argparse.Namespace) -> int:
     """Segment every input (B-scan files, a dataset split, or OCT volumes); returns the number of B-scans that
-    failed. The output folder is locked, staged and swapped into place when complete."""
-    from octsam.infer.volumes import check_volume_arguments, read_volumes, segment_volumes, wants_volumes
+    failed. The output folder is locked, staged (``.NAME.partial``, with a journal of finished work that
+    ``--resume`` continues from) and swapped into place when complete. Under ``accelerate launch`` every process
+    segments its share of the inputs into the same staging folder (``octsam.infer.archive``)."""
+    from octsam.infer.volumes import check_volume_arguments, segment_volume_share, wants_volumes
 
     started = time.perf_counter()
     check_arguments(args)
+    processes = Processes(args.device)
     volumes = wants_volumes(args)
     if volumes:
         check_volume_arguments(args)
     spacing = None if volumes else parse_pixel_spacing(args.pixel_spacing_mm)
     prompting = Prompting.from_args(args)
     final = Path(args.output).expanduser()
-    with atomic_folder(final, lock="inference", overwrite=args.overwrite) as tmp:
+    if getattr(args, "resume", False) and not partial_exists(final) and (final / "run.json").is_file():
+        if processes.is_main:
+            print(f"--resume: {final} is complete (run.json); nothing to do.", file=sys.stderr)
+        return 0
+    arguments = {k: v for k, v in vars(args).items() if k != "argv"}
+    with run_folder(final, args, processes, arguments) as tmp:
+        entries = read_journal(tmp)  # the work of earlier attempts (every process reads the same)
         if volumes:
-            inputs = read_volumes(args)  # every file read (and checked) before the model is loaded
-            num_scans = sum(volume.n_bscans for volume in inputs)
+            outcome = segment_volume_share(args, processes, final, tmp, started, entries)
         else:
-            inputs = collect_inputs(args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp])
-            prompting.match(inputs)
-            num_scans = len(inputs)
-        with _ModelAndWriters(args, final, tmp, started, num_scans) as ctx:
-            if volumes:
-                record = run_record(ctx)
-                record.update(segment_volumes(ctx, inputs))
-                write_run_record(ctx.tmp, record)
-                failed = 0
-            else:
-                outcome = _segment_scans(ctx, inputs, prompting, spacing)
-                failed = len(outcome.failures)
+            inputs = processes.agree(
+                lambda: collect_inputs(
+                    args.input, args.dataset, args.split, args.dataset_revision, exclude=[final, tmp]
+                )
+            )
+            prompting.match(inputs, warn=processes.is_main)
+            done = {name for name, entry in latest_entries(entries, "scan").items() if "row" in entry}
+            todo = [(index, scan) for index, scan in enumerate(inputs) if scan.name not in done]
+            processes.barrier()  # every process has read the journal before any writes to it
+            mine = processes.share(todo)
+            with _ModelAndWriters(args, final, tmp, started, len(mine), processes) as ctx:
+                processes.agree(lambda: _check_scans(ctx, inputs, prompting))
+                share = _segment_scans(ctx, mine, prompting, spacing, len(inputs), len(inputs) - len(todo))
+                outcome = _finish_scans(ctx, inputs, share, prompting, spacing, len(inputs) - len(todo))
+    if not processes.is_main:
+        return 0  # the main process reports the run (and its exit status says whether B-scans failed)
     if volumes:
-        print(f"wrote {len(inputs)} volume(s) to {final} (volumes.csv, one folder per eye)")
-    else:
-        _print_outcome(outcome, final, prompting)
-    return failed
+        print(f"wrote {outcome} volume(s) to {final} (volumes.csv, one folder per eye)")
+        return 0
+    _print_outcome(outcome, final, prompting)
+    return len(outcome.failures)
+
+
+def partial_exists(final: Path) -> bool:
+    from octsam.infer.archive import partial_path
+
+    return partial_path(final).exists()
 
 
 class _ModelAndWriters:
     """The writer pool (started before the model is loaded, so forked writers hold no copy of it) and the model;
     the pool is shut down however the run ends."""
 
-    def __init__(self, args, final: Path, tmp: Path, started: float, num_scans: int):
+    def __init__(self, args, final: Path, tmp: Path, started: float, num_scans: int, processes: Processes):
         self.args, self.final, self.tmp, self.started, self.num_scans = args, final, tmp, started, num_scans
+        self.processes = processes
 
     def __enter__(self) -> InferenceRun:
         args = self.args
-        device_type = resolve_device(args.device).type
+        device = self.processes.use_device(args.device)
+        device_type = resolve_device(device).type
         if device_type == "cuda":
             # The reader threads decode and resize in parallel with each other; OpenCV's own thread pool on top of
             # them only oversubscribes the cores that the writers and the main thread need.
@@ -360,14 +416,14 @@ class _ModelAndWriters:
         write_workers = getattr(args, "write_workers", None) or default_write_workers()
         self.writers = start_writers(getattr(args, "writer", "auto"), write_workers, device_type)
         try:
-            folder, plan, segmenter, load_s = load_segmenter(args, device_type, self.num_scans)
+            folder, plan, segmenter, load_s = load_segmenter(args, device_type, self.num_scans, device)
         except BaseException:
             self.writers.shutdown(wait=True, cancel_futures=True)
             raise
         timings = Timings(started=self.started, load_s=load_s)
         return InferenceRun(
             args, self.final, self.tmp, timings, self.writers, write_workers, folder, plan, segmenter,
-            segmenter.batch_size,
+            segmenter.batch_size, self.processes, Journal(self.tmp, self.processes),
         )  # fmt: skip
 
     def __exit__(self, *exc) -> None:
@@ -380,6 +436,7 @@ class ScanOutcome:
     failures: list[dict]
     inputs: int
     no_prompts: int
+    record: dict = field(default_factory=dict)  # this process's part of run.json (timings, device, share)
 
 
 def _check_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompting) -> None:
@@ -397,33 +454,58 @@ def _check_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompting
         )
 
 
-def _segment_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompting, spacing) -> ScanOutcome:
-    """Read (reader threads), predict (this thread, in batches) and write (the writer pool) every B-scan, then
-    ``summary.csv`` and ``run.json``."""
-    _check_scans(ctx, scans, prompting)
-    args, segmenter, timings = ctx.args, ctx.segmenter, ctx.timings
+def _segment_scans(
+    ctx: InferenceRun,
+    todo: list[tuple[int, ScanInput]],
+    prompting: Prompting,
+    spacing,
+    total: int | None = None,
+    done_before: int = 0,
+) -> ScanOutcome:
+    """Read (reader threads), predict (this thread, in batches) and write (the writer pool) this process's B-scans
+    (``todo``: (input index, scan)); every finished or failed B-scan goes into the journal as soon as its files
+    are written."""
+    args, segmenter, timings, journal = ctx.args, ctx.segmenter, ctx.timings, ctx.journal
     prompted, labels = prompting.active, ctx.labels
+    index_of = {scan.name: index for index, scan in todo}
+    scans = [scan for _, scan in todo]
 
     def load(scan: ScanInput):
         """Read, decode and resize one B-scan (a reader thread); an error is returned, not raised."""
         t, cpu = time.perf_counter(), time.thread_time()
+        decode_s = prepare_s = 0.0
         try:
             image = scan.read()
+            decode_s = time.perf_counter() - t
             prompts = None
             if prompted:
                 prompts = build_prompts(prompting.for_scan(scan.name), labels, image.shape[:2], scan.source)
+            t1 = time.perf_counter()
             item = (scan, image, prompts, segmenter.prepare(image)), None
+            prepare_s = time.perf_counter() - t1
         except Exception as err:  # noqa: BLE001 - any unreadable B-scan is reported and skipped
             message = str(err) if isinstance(err, OctSamError) else f"{type(err).__name__}: {err}"
             item = None, {"scan": scan.name, "source": scan.source, "error": message}
-        return item, (time.perf_counter() - t, time.thread_time() - cpu)
+        return item, (time.perf_counter() - t, time.thread_time() - cpu, decode_s, prepare_s)
+
+    def fail(failure: dict) -> None:
+        outcome.failures.append(failure)
+        journal.add({"scan": failure["scan"], "index": index_of[failure["scan"]], "failure": failure})
+
+    def written(future: Future) -> None:
+        row, seconds = future.result()
+        outcome.rows.append(row)
+        timings.add_write(seconds)
+        no_prompt = row["scan"] in no_prompt_names
+        journal.add({"scan": row["scan"], "index": index_of[row["scan"]], "row": row, "no_prompt": no_prompt})
 
     settings = OutputSettings(ctx.tmp, labels, spacing)
     read_workers = getattr(args, "read_workers", None) or default_read_workers()
     outcome = ScanOutcome([], [], len(scans), 0)
+    no_prompt_names = set()
     pending: list[Future] = []  # futures of written rows, in scan order
-    drained = 0  # pending[:drained] are known to be written
-    bar = _progress(len(scans), args.quiet)
+    drained = 0  # pending[:drained] are written and in the journal
+    bar = _progress(ctx, total, done_before, args.quiet)
     timings.loop_start = time.perf_counter()
     with ThreadPoolExecutor(read_workers, thread_name_prefix="octsam-read") as readers:
         try:
@@ -435,16 +517,22 @@ def _segment_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompti
                     (item, error), seconds = next(loaded)
                     timings.add_read(seconds)
                     if error is not None:
-                        outcome.failures.append(error)
-                        bar.update(1)
+                        fail(error)
+                        bar.update()
                         continue
-                    outcome.no_prompts += prompted and not prompting.for_scan(item[0].name)
+                    if prompted and not prompting.for_scan(item[0].name):
+                        outcome.no_prompts += 1
+                        no_prompt_names.add(item[0].name)
                     ready.append(item)
                 timings.wait_read_s += time.perf_counter() - t0
                 if not ready:
+                    journal.sync()
                     continue
                 t0 = time.perf_counter()
-                results = _predict(segmenter, ready, prompted, args.save_probabilities, outcome.failures)
+                failures: list[dict] = []
+                results = _predict(segmenter, ready, prompted, args.save_probabilities, failures)
+                for failure in failures:
+                    fail(failure)
                 seconds = time.perf_counter() - t0
                 timings.predict_s += seconds
                 timings.first_batch(seconds, len(ready), segmenter.compiled, args.quiet)
@@ -453,31 +541,85 @@ def _segment_scans(ctx: InferenceRun, scans: list[ScanInput], prompting: Prompti
                     if result is not None:
                         out = ScanOutput(scan.name, scan.source, image, result.mask, result.probabilities)
                         pending.append(ctx.writers.submit(write_one, settings, out))
-                    bar.update(1)
-                # bounded memory: at most a few batches of B-scans waiting for the writers
-                while len(pending) - drained > 4 * ctx.batch_size + ctx.write_workers:
-                    pending[drained].result()
+                    bar.update()
+                # bounded memory: at most a few batches of B-scans waiting for the writers; what is written
+                # goes into the journal in scan order
+                while drained < len(pending) and (
+                    len(pending) - drained > 4 * ctx.batch_size + ctx.write_workers or pending[drained].done()
+                ):
+                    written(pending[drained])
                     drained += 1
+                journal.sync()
                 timings.wait_write_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            for future in pending:
-                row, seconds = future.result()
-                outcome.rows.append(row)
-                timings.add_write(seconds)
+            for future in pending[drained:]:
+                written(future)
+                bar.update()
+            drained = len(pending)
+            journal.close()
             timings.wait_write_s += time.perf_counter() - t0
         except BaseException:
             for future in pending:
                 future.cancel()
+            journal.close()
             raise
     timings.loop_end = time.perf_counter()
     bar.close()
     ctx.writers.shutdown(wait=True)
-
-    t0 = time.perf_counter()
-    write_summary(ctx.tmp / "summary.csv", outcome.rows, outcome.failures, labels, spacing)
-    timings.write_s += time.perf_counter() - t0
-    write_run_record(ctx.tmp, _scan_record(ctx, outcome, prompting, spacing, read_workers))
+    outcome.record = {
+        **ctx.processes.record(),
+        "device": str(segmenter.device),
+        "inputs": len(scans),
+        "segmented": len(outcome.rows),
+        "failed": len(outcome.failures),
+        "read_workers": read_workers,
+        "timings": timings.record(len(outcome.rows)),
+    }
     return outcome
+
+
+def _finish_scans(
+    ctx: InferenceRun, inputs: list[ScanInput], share: ScanOutcome, prompting: Prompting, spacing, done_before: int
+) -> ScanOutcome:
+    """After every process's share: the main process writes ``summary.csv`` and ``run.json`` from the journal of
+    every process and attempt (the newest outcome of each input B-scan); returns the whole run's outcome."""
+    processes = ctx.processes
+    parts = processes.all_gather(share.record)  # also the barrier: every process's journal is complete
+    if not processes.is_main:
+        return share
+    names = {scan.name for scan in inputs}
+    latest = [e for name, e in latest_entries(read_journal(ctx.tmp), "scan").items() if name in names]
+    latest.sort(key=lambda e: e["index"])
+    outcome = ScanOutcome(
+        [e["row"] for e in latest if "row" in e],
+        [e["failure"] for e in latest if "failure" in e],
+        len(inputs),
+        sum(bool(e.get("no_prompt")) for e in latest if "row" in e),
+    )
+    t0 = time.perf_counter()
+    write_summary(ctx.tmp / "summary.csv", outcome.rows, outcome.failures, ctx.labels, spacing)
+    ctx.timings.write_s += time.perf_counter() - t0
+    record = _scan_record(ctx, outcome, prompting, spacing, share.record["read_workers"])
+    record["timings"] = ctx.timings.record(len(share.rows))
+    record["processes"] = parts
+    record["progress"] = progress_record(len(inputs), done_before, parts, ctx.timings)
+    write_run_record(ctx.tmp, record)
+    return outcome
+
+
+def progress_record(total: int, done_before: int, parts: list[dict], timings: Timings) -> dict:
+    """run.json's progress block: what this attempt did on top of earlier (resumed) ones, over all processes."""
+    this_run = sum(part["segmented"] + part["failed"] for part in parts)
+    seconds = timings.loop_end - timings.loop_start
+    return {
+        "total": total,
+        "done": done_before + this_run,
+        "done_before_resume": done_before,
+        "this_run": this_run,
+        "processes": len(parts),
+        "seconds": round(seconds, 3),
+        "scans_per_s": round(this_run / seconds, 3) if this_run and seconds > 0 else None,
+    }
 
 
 def _scan_record(ctx: InferenceRun, outcome: ScanOutcome, prompting: Prompting, spacing, read_workers: int) -> dict:
@@ -500,10 +642,39 @@ def _scan_record(ctx: InferenceRun, outcome: ScanOutcome, prompting: Prompting, 
     return record
 
 
-def _progress(total: int, quiet: bool):
-    from tqdm.auto import tqdm
+class _Progress:
+    """The main process's progress bar over the whole run (done / total, B-scans/s, time left): it counts the lines
+    that every process adds to its journal (read at most once a second), on top of what earlier attempts did."""
 
-    return tqdm(total=total, unit="scan", desc="segmenting", disable=quiet)
+    def __init__(self, ctx: InferenceRun, total: int, done_before: int, quiet: bool):
+        from tqdm.auto import tqdm
+
+        self.folder, self.offsets, self.last = ctx.tmp, {}, 0.0
+        count_lines(self.folder, self.offsets)  # earlier attempts: already in done_before
+        self.bar = tqdm(total=total, initial=done_before, unit="scan", desc="segmenting", disable=quiet)
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last > 1.0:
+            self.last = now
+            self.bar.update(count_lines(self.folder, self.offsets))
+
+    def close(self) -> None:
+        self.update(force=True)
+        self.bar.close()
+
+
+class _NoBar:
+    def update(self, force: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(ctx: InferenceRun, total: int, done_before: int, quiet: bool):
+    """A bar in the main process only."""
+    return _Progress(ctx, total, done_before, quiet) if ctx.processes.is_main else _NoBar()
 
 
 def run_record(ctx: InferenceRun) -> dict:
@@ -541,7 +712,7 @@ def run_record(ctx: InferenceRun) -> dict:
         "octsam_version": __version__,
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "arguments": {k: v for k, v in vars(args).items()},
+        "arguments": {k: v for k, v in vars(args).items() if k != "argv"},
     }
 
 

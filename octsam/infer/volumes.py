@@ -45,50 +45,135 @@ def read_volumes(args: argparse.Namespace) -> list:
     return volumes
 
 
-def segment_volumes(ctx, volumes: list) -> dict:
-    """Segment every volume with the run's model (``ctx``: ``octsam.infer.run.InferenceRun``) into its staging
-    folder: one folder per eye (written by the writer pool) and ``volumes.csv`` rows in input order; returns what
-    run.json says of the volumes (the run writes it)."""
-    from octsam.volumes.report import append_volumes_csv, csv_row
-    from octsam.volumes.segment import VOLUMES_CSV, segment_volume, write_volume_folder
+def _read_share(args: argparse.Namespace, processes) -> list[tuple[tuple[int, int], object]]:
+    """This process's share of the input files (Accelerate's split of ``--input`` in its order), read and checked:
+    ((file index, volume index in the file), volume) per volume."""
+    from octsam.volumes.readers import read_volume
     from octsam.volumes.volume import parse_spacing
+
+    spacing = parse_spacing(args.spacing)
+    mine = processes.share(list(enumerate(args.input)))
+    return [((i, k), volume) for i, path in mine for k, volume in enumerate(read_volume(path, spacing))]
+
+
+def segment_volume_share(args, processes, final, tmp, started: float, entries: list[dict]) -> int:
+    """The volume half of ``octsam.infer.run.run``: every process reads its share of the files, checks (with the
+    others) that no two volumes share a folder, segments the volumes that no earlier attempt finished and journals
+    each; the main process then writes ``volumes.csv`` (input order) and ``run.json``. Returns the volumes."""
+    from octsam.infer.archive import latest_entries, read_journal
+    from octsam.infer.run import _ModelAndWriters, progress_record, run_record, write_run_record
+    from octsam.volumes.segment import VOLUMES_CSV, volume_folder_name
+    from octsam.volumes.volume import parse_spacing
+
+    share = processes.agree(lambda: _read_share(args, processes))
+    listed = [(order, volume_folder_name(v), v.source, v.n_bscans) for order, v in share]
+    every = sorted(item for part in processes.all_gather(listed) for item in part)
+
+    def unique() -> None:
+        seen: dict[str, str] = {}
+        for _, name, source, _ in every:
+            if name in seen:
+                raise OctSamError(f"two volumes would be written to {name}/: {seen[name]} and {source}; rename one.")
+            seen[name] = source
+
+    processes.agree(unique)
+    done = {name for name, entry in latest_entries(entries, "volume").items() if "row" in entry}
+    todo = [(order, volume) for order, volume in share if volume_folder_name(volume) not in done]
+    processes.barrier()  # every process has read the journal before any writes to it
+    with _ModelAndWriters(args, final, tmp, started, sum(v.n_bscans for _, v in todo), processes) as ctx:
+        record = segment_volumes(ctx, todo)
+        parts = processes.all_gather(record)
+        if processes.is_main:
+            names = {name for _, name, _, _ in every}
+            latest = latest_entries(read_journal(tmp), "volume")
+            rows = sorted((tuple(e["order"]), e["row"]) for name, e in latest.items() if name in names)
+            write_volumes_csv(tmp / VOLUMES_CSV, [row for _, row in rows])
+            total = sum(n for *_, n in every)
+            before = sum(n for _, name, _, n in every if name in done)
+            record = run_record(ctx)
+            record.update(
+                {
+                    "volumes": [source for _, _, source, _ in every],
+                    "spacing_mm": list(parse_spacing(args.spacing)) if args.spacing else None,
+                    "inputs": total,
+                    "segmented": total,
+                    "seconds": round(time.perf_counter() - ctx.timings.started, 2),
+                    "timings": ctx.timings.record(parts[0]["segmented"]),
+                    "processes": parts,
+                    "progress": progress_record(total, before, parts, ctx.timings),
+                }
+            )
+            write_run_record(tmp, record)
+    return len(every)
+
+
+def write_volumes_csv(path, rows: list[dict]) -> None:
+    """``volumes.csv`` in one go, as ``append_volumes_csv`` row by row would leave it (one row per volume id and
+    source, text cells made safe for spreadsheets)."""
+    import csv
+
+    from octsam.textsafe import csv_row as safe_csv_row
+
+    unique = {(str(row.get("volume_id")), str(row.get("source"))): safe_csv_row(row) for row in rows}
+    if not unique:
+        return
+    rows = list(unique.values())
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def segment_volumes(ctx, volumes: list) -> dict:
+    """Segment this process's volumes (``ctx``: ``octsam.infer.run.InferenceRun``; ``volumes``: (order, volume))
+    into the staging folder: one folder per eye (written by the writer pool), journalled with its ``volumes.csv``
+    row when complete; returns this process's part of run.json."""
+    from octsam.volumes.report import csv_row
+    from octsam.volumes.segment import segment_volume, volume_folder_name, write_volume_folder
 
     args, segmenter, timings = ctx.args, ctx.segmenter, ctx.timings
     if segmenter.config.mode == "prompted":
         raise OctSamError("This adapter was trained in prompted mode; volumes are segmented in automatic mode only.")
-    pending: list[tuple[object, Future]] = []
+    pending: list[tuple[tuple, object, Future]] = []
+    scans = 0
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
-            result, future = pending.pop(0)
+            order, result, future = pending.pop(0)
             t0 = time.perf_counter()
             folder = future.result()
             timings.wait_write_s += time.perf_counter() - t0
-            append_volumes_csv(ctx.tmp / VOLUMES_CSV, csv_row(result.volume, result.measures))
+            row = csv_row(result.volume, result.measures)
+            ctx.journal.add({"volume": volume_folder_name(result.volume), "order": list(order), "row": row})
+            ctx.journal.sync()
             totals = ", ".join(f"{k} {v:.4f} mm³" for k, v in result.measures.volume_mm3.items())
             print(f"{result.volume.source}: {result.volume.n_bscans} B-scans -> {ctx.final / folder.name} ({totals})")
 
     timings.loop_start = time.perf_counter()
     try:
-        for volume in volumes:
+        for order, volume in volumes:
             t0 = time.perf_counter()
             result = segment_volume(segmenter, volume, return_probabilities=args.save_probabilities)
             seconds = time.perf_counter() - t0
             timings.predict_s += seconds
             timings.first_batch(seconds, volume.n_bscans, segmenter.compiled, args.quiet)
-            pending.append((result, ctx.writers.submit(write_volume_folder, result, ctx.tmp)))
+            scans += volume.n_bscans
+            pending.append((order, result, ctx.writers.submit(write_volume_folder, result, ctx.tmp)))
             drain(keep=ctx.write_workers)  # bounded memory: a few eyes waiting for the writers
         drain(keep=0)
     except BaseException:
-        for _, future in pending:
+        for _, _, future in pending:
             future.cancel()
+        ctx.journal.close()
         raise
+    ctx.journal.close()
     timings.loop_end = time.perf_counter()
     return {
-        "volumes": [volume.source for volume in volumes],
-        "spacing_mm": list(parse_spacing(args.spacing)) if args.spacing else None,
-        "inputs": sum(volume.n_bscans for volume in volumes),
-        "segmented": sum(volume.n_bscans for volume in volumes),
-        "seconds": round(time.perf_counter() - timings.started, 2),
-        "timings": timings.record(sum(volume.n_bscans for volume in volumes)),
+        **ctx.processes.record(),
+        "device": str(segmenter.device),
+        "inputs": scans,
+        "segmented": scans,
+        "failed": 0,
+        "volumes": len(volumes),
+        "timings": timings.record(scans),
     }

@@ -31,3 +31,15 @@ def test_duke_cpu_cv_table_regenerates_from_its_csvs():
     regenerated = table(summarise(work, 5, n_bootstrap=2000, seed=0))
     assert table_rows(regenerated) == table_rows((work / "cv_table.md").read_text())
     assert table_rows(regenerated) == table_rows(readme_block("duke-cv-cpu"))
+
+
+def test_duke_native_cpu_cv_table_regenerates_from_its_csvs():
+    from benchmarks.duke_native_cv import summarise, table
+
+    results = RESULTS / "duke_native_cpu"
+    folds = sorted(int(p.parent.name.split("-")[1]) for p in results.glob("fold-*/eval") if any(p.iterdir()))
+    if not folds:
+        raise AssertionError(f"no per-B-scan results under {results}")
+    regenerated = table(summarise(results, folds, n_bootstrap=2000, seed=0))
+    assert table_rows(regenerated) == table_rows((results / "cv_table.md").read_text())
+    assert table_rows(regenerated) == table_rows(readme_block("duke-native-cpu"))

@@ -34,6 +34,7 @@ from torch import nn
 
 from octsam import __version__
 from octsam.adapter import CLASS_PROMPTS_MODULE
+from octsam.bases import base_of
 from octsam.errors import OctSamError
 from octsam.export.spec import (
     AUTOMATIC_GRAPH,
@@ -213,7 +214,7 @@ def export_model(model, folder: Path, export_id: str) -> dict:
     checks: dict[str, float] = {}
     graphs: dict[str, str] = {}
     pixels = _example_pixels(2, size)
-    if config.architecture == "unet":
+    if not base_of(config).peft_adapter:  # a whole network (the U-Net), no SAM parts
         graph = UNetGraph(model)
         path = folder / UNET_GRAPH
         _export_graph(
@@ -309,7 +310,7 @@ def build_spec(config, exported: dict, export_id: str, source: str) -> dict:
     """The ``octsam_onnx.json`` of an export: everything a runner needs besides the graphs."""
     from dataclasses import asdict
 
-    encoder = "unet" if config.architecture == "unet" else config.encoder
+    encoder = config.encoder if base_of(config).peft_adapter else base_of(config).name
     spec = {
         "format": ONNX_FORMAT,
         "format_version": ONNX_FORMAT_VERSION,

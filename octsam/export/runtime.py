@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from octsam.adapter import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, OctSamConfig
+from octsam.bases import base_of
 from octsam.errors import OctSamError
 from octsam.export.spec import (
     ENGINES,
@@ -124,7 +125,7 @@ class OnnxModel:
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, S, S), C in {1, 3} -> normalised float32 (B, 3, S, S) (as ``OctSamModel.preprocess``)."""
         size = self.config.image_size
-        if self.config.architecture == "sam" and (pixels.shape[-1] != size or pixels.shape[-2] != size):
+        if base_of(self.config).peft_adapter and (pixels.shape[-1] != size or pixels.shape[-2] != size):
             raise OctSamError(
                 f"Input of size {tuple(pixels.shape[-2:])} given to a model that takes {size}x{size}; resize first "
                 "(octsam.data.samples)."
@@ -147,7 +148,7 @@ class OnnxModel:
         return [torch.from_numpy(o).to(device) for o in session.run(None, arrays)]
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.config.architecture != "sam":
+        if not base_of(self.config).has_embeddings:
             raise OctSamError(f"A {self.config.architecture!r} model has no image embedding.")
         return self._run("encoder", {"pixel_values": pixel_values}, pixel_values.device)[0]
 
@@ -157,7 +158,7 @@ class OnnxModel:
 
     def forward(self, pixel_values, input_boxes=None, input_points=None, input_labels=None, multimask_output=False):
         """Logits and predicted IoU as ``OctSamModel.forward`` (the U-Net: class logits and None)."""
-        if self.config.architecture == "unet":
+        if not base_of(self.config).peft_adapter:
             return self._run("unet", {"pixel_values": pixel_values}, pixel_values.device)[0], None
         embeddings = self.image_embeddings(pixel_values)
         return self.decode(embeddings, input_boxes, input_points, input_labels, multimask_output)

@@ -56,57 +56,6 @@ def _read_share(args: argparse.Namespace, processes) -> list[tuple[tuple[int, in
     return [((i, k), volume) for i, path in mine for k, volume in enumerate(read_volume(path, spacing))]
 
 
-def segment_volume_share(args, processes, final, tmp, started: float, entries: list[dict]) -> int:
-    """The volume half of ``octsam.infer.run.run``: every process reads its share of the files, checks (with the
-    others) that no two volumes share a folder, segments the volumes that no earlier attempt finished and journals
-    each; the main process then writes ``volumes.csv`` (input order) and ``run.json``. Returns the volumes."""
-    from octsam.infer.archive import latest_entries, read_journal
-    from octsam.infer.run import _ModelAndWriters, progress_record, run_record, write_run_record
-    from octsam.volumes.segment import VOLUMES_CSV, volume_folder_name
-    from octsam.volumes.volume import parse_spacing
-
-    share = processes.agree(lambda: _read_share(args, processes))
-    listed = [(order, volume_folder_name(v), v.source, v.n_bscans) for order, v in share]
-    every = sorted(item for part in processes.all_gather(listed) for item in part)
-
-    def unique() -> None:
-        seen: dict[str, str] = {}
-        for _, name, source, _ in every:
-            if name in seen:
-                raise OctSamError(f"two volumes would be written to {name}/: {seen[name]} and {source}; rename one.")
-            seen[name] = source
-
-    processes.agree(unique)
-    done = {name for name, entry in latest_entries(entries, "volume").items() if "row" in entry}
-    todo = [(order, volume) for order, volume in share if volume_folder_name(volume) not in done]
-    processes.barrier()  # every process has read the journal before any writes to it
-    with _ModelAndWriters(args, final, tmp, started, sum(v.n_bscans for _, v in todo), processes) as ctx:
-        record = segment_volumes(ctx, todo)
-        parts = processes.all_gather(record)
-        if processes.is_main:
-            names = {name for _, name, _, _ in every}
-            latest = latest_entries(read_journal(tmp), "volume")
-            rows = sorted((tuple(e["order"]), e["row"]) for name, e in latest.items() if name in names)
-            write_volumes_csv(tmp / VOLUMES_CSV, [row for _, row in rows])
-            total = sum(n for *_, n in every)
-            before = sum(n for _, name, _, n in every if name in done)
-            record = run_record(ctx)
-            record.update(
-                {
-                    "volumes": [source for _, _, source, _ in every],
-                    "spacing_mm": list(parse_spacing(args.spacing)) if args.spacing else None,
-                    "inputs": total,
-                    "segmented": total,
-                    "seconds": round(time.perf_counter() - ctx.timings.started, 2),
-                    "timings": ctx.timings.record(parts[0]["segmented"]),
-                    "processes": parts,
-                    "progress": progress_record(total, before, parts, ctx.timings),
-                }
-            )
-            write_run_record(tmp, record)
-    return len(every)
-
-
 def write_volumes_csv(path, rows: list[dict]) -> None:
     """``volumes.csv`` in one go, as ``append_volumes_csv`` row by row would leave it (one row per volume id and
     source, text cells made safe for spreadsheets)."""

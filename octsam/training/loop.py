@@ -19,8 +19,9 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -350,6 +351,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
 
 def _train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, main_process: bool):
+    """The run, top to bottom, in the shape of Hugging Face's ``*_no_trainer`` examples (setup, prepare, the epoch
+    loop with validation, checkpoints and early stopping, finish). Long on purpose: it reads in order, and each step
+    it calls (``build_model``, ``train_one_epoch``, ``validate``, ``save_checkpoint``, ``finish``) is its own function."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -516,28 +520,15 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     stopped_early = False
     first_epoch = state["epoch"]
     speed_log = {"compiled": speed.compile, "compile_reported": False}
+    parts = TrainingParts(accelerator, model, train_loader, optimizer, scheduler, loss_fn, config, data_args,
+                          train_args, out, steps_per_epoch)  # fmt: skip
     for epoch in range(first_epoch, train_args.num_train_epochs):
         if train_args.stop_after_epochs is not None and epoch >= train_args.stop_after_epochs:
             logger.info(f"stopping after epoch {epoch} as asked (--stop-after-epochs)")
             accelerator.end_training()
             return {"stopped_after_epoch": epoch}
         train_loader.set_epoch(epoch)  # Accelerate's loader passes it to EpochSampler (and keeps its own count)
-        epoch_loss = train_one_epoch(
-            accelerator,
-            model,
-            train_loader,
-            optimizer,
-            scheduler,
-            loss_fn,
-            config,
-            data_args,
-            train_args,
-            state,
-            epoch,
-            out,
-            steps_per_epoch,
-            speed_log,
-        )
+        epoch_loss = train_one_epoch(parts, state, epoch, speed_log)
         if epoch == first_epoch and state.get("foreground_pixels") == 0 and accelerator.is_main_process:
             logger.warning(
                 f"warning: the training split of {data_args.dataset} has no foreground pixel (every mask is all "
@@ -582,22 +573,24 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     return results
 
 
-def train_one_epoch(
-    accelerator,
-    model,
-    loader,
-    optimizer,
-    scheduler,
-    loss_fn,
-    config,
-    data_args,
-    train_args,
-    state,
-    epoch,
-    out,
-    steps_per_epoch,
-    speed_log: dict | None = None,
-) -> float:
+@dataclass
+class TrainingParts:
+    """What every epoch of one run uses (prepared by Accelerate), passed as one."""
+
+    accelerator: Any
+    model: Any
+    loader: Any
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Any
+    config: OctSamConfig
+    data_args: DataArguments
+    train_args: TrainArguments
+    out: Path
+    steps_per_epoch: int
+
+
+def train_one_epoch(parts: TrainingParts, state: dict, epoch: int, speed_log: dict | None = None) -> float:
     """One pass over the training data; returns the mean training loss. Stops the run on a non-finite loss.
 
     ``speed_log`` receives the epoch's training images/s (all processes; data loading included, validation not),
@@ -605,6 +598,9 @@ def train_one_epoch(
     ``compile_s`` (the first step of a compiled run, logged once). One device sync after the first step of an
     epoch is the only one this adds; the epoch's end syncs anyway (the loss reduce).
     """
+    accelerator, model, loader, optimizer = parts.accelerator, parts.model, parts.loader, parts.optimizer
+    scheduler, loss_fn, config, out = parts.scheduler, parts.loss_fn, parts.config, parts.out
+    data_args, train_args, steps_per_epoch = parts.data_args, parts.train_args, parts.steps_per_epoch
     speed_log = {} if speed_log is None else speed_log
     total = torch.zeros((), device=accelerator.device)
     count = 0

@@ -177,14 +177,16 @@ def run_comparison(
         methods, data, labels, str(dataset), split, pixel_spacing_mm, n_bootstrap, seed, histories, device,
         batch_size, figure_dpi, rank_by, tta, zero_shot_input_mode,
     )  # fmt: skip
+    from octsam.evaluation.predict import across_processes
     from octsam.infer.archive import Processes
 
     if not Processes(device).is_main:
         # another process of an accelerate launch: it predicts its share of every method's B-scans; the main
         # process gathers them, computes every metric once and writes the folder
-        _evaluate_methods(comparison, None)
+        with across_processes():
+            _evaluate_methods(comparison, None)
         return {}
-    with atomic_folder(final, lock="evaluation", overwrite=overwrite) as tmp:
+    with atomic_folder(final, lock="evaluation", overwrite=overwrite) as tmp, across_processes():
         summary = _evaluate_and_write(comparison, tmp)
     summary["output_dir"] = str(final)
     if verbose:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from pathlib import Path
 
@@ -30,6 +32,21 @@ def ground_truth_prompts(mask: np.ndarray, num_labels: int) -> list[Prompt]:
     ]
 
 
+_ACROSS_PROCESSES = contextvars.ContextVar("octsam_predict_across_processes", default=False)
+
+
+@contextlib.contextmanager
+def across_processes():
+    """Within this block, under ``accelerate launch``, ``predict_split`` splits a split across the processes (every
+    process must then call it: ``octsam-evaluate``); outside it each call predicts the whole split where it runs
+    (e.g. the end of training, on the main process only)."""
+    token = _ACROSS_PROCESSES.set(True)
+    try:
+        yield
+    finally:
+        _ACROSS_PROCESSES.reset(token)
+
+
 def predict_split(
     segmenter: Segmenter, split, prompted: bool = False, multimask: bool = False, desc: str = "predicting"
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[str]]:
@@ -39,7 +56,7 @@ def predict_split(
     from octsam.infer.archive import Processes
 
     processes = Processes(str(segmenter.device.type))
-    if processes.count > 1:
+    if processes.count > 1 and _ACROSS_PROCESSES.get():
         mine = processes.share(list(range(len(split))))
         part = _predict_rows(segmenter, split.select(mine), prompted, multimask, desc) if mine else ([], [], [], [])
         parts = processes.all_gather(part)

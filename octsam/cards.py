@@ -192,6 +192,9 @@ def render_adapter_card(
     ``metrics`` is ``octsam.evaluation.metrics.EvaluationResult.to_dict()`` on the test split (or the ``*_summary.json`` that
     ``write_results`` writes); ``training`` a flat dict of training settings/results; ``dataset`` a Hub dataset id
     or a description; ``repo_id`` the Hub repo the card is for (``ORG/NAME`` is shown while unknown).
+
+    Long because it gathers every field the card template shows (model-index metrics, labels and colours, base,
+    training, usage); each field is one plain assignment into the template's context.
     """
     from huggingface_hub import ModelCard
 

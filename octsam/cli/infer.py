@@ -36,6 +36,7 @@ device each) into one output; a run that stops keeps its finished part (.OUTPUT.
 
 # ------------------------------------------------------------------------------------------------ run
 def build_parser() -> argparse.ArgumentParser:
+    """inference.py's options, one ``add_argument`` each (long, and flat on purpose: it is the ``--help`` text)."""
     p = argparse.ArgumentParser(
         prog="inference.py",
         description="Segment OCT B-scans with an octsam adapter: masks, overlays, probabilities and biomarker areas.",

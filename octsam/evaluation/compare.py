@@ -111,6 +111,9 @@ def run_comparison(
 ) -> dict[str, Any]:
     """Evaluate every method on the same ``split`` of ``dataset`` and write tables, figures and ``report.md``.
 
+    The public entry of ``octsam-evaluate`` (and the demo): its keyword options are the command's options, one each,
+    with the command's defaults; inside, they become one ``Comparison`` dataclass.
+
     ``adapters`` maps a method name (the row name in the tables, e.g. "LoRA", "U-Net") to an adapter folder or Hub
     repo, or to a list of them (an ensemble: probabilities averaged); ``tta`` ``flip`` adds the mirrored B-scan to
     every adapter's prediction; ``zero_shot_input_mode`` ``native`` decodes each zero-shot box in a native window; SAM adapters trained in automatic mode run without prompts, prompted-mode ones with one ground-truth box per

@@ -107,7 +107,8 @@ def collect_inputs(
     """Expand files, folders (recursive), globs and a dataset into B-scans with unique output names.
 
     A folder holding a ``datasets`` DatasetDict (``dataset_dict.json``) is read as a dataset (``split``); files under
-    ``exclude`` (the output folder) are skipped. A path that does not exist stops the run.
+    ``exclude`` (the output folder) are skipped. A path that does not exist stops the run. One function because
+    each input kind (file, folder, glob, dataset) is a short branch of the same loop over ``inputs``.
     """
     exclude = [p.resolve() for p in exclude or []]
     found: list[tuple[str, str, Callable[[], np.ndarray] | None]] = []

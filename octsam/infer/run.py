@@ -515,7 +515,8 @@ def _segment_scans(
 ) -> ScanOutcome:
     """Read (reader threads), predict (this thread, in batches) and write (the writer pool) this process's B-scans
     (``todo``: (input index, scan)); every finished or failed B-scan goes into the journal as soon as its files
-    are written."""
+    are written. One function because the three stages share one bounded pipeline (prefetch, batches, pending
+    writes) whose order is the whole point."""
     args, segmenter, timings, journal = ctx.args, ctx.segmenter, ctx.timings, ctx.journal
     prompted, labels = prompting.active, ctx.labels
     index_of = {scan.name: index for index, scan in todo}

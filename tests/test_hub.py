@@ -299,7 +299,7 @@ def test_push_sends_only_the_allow_list_and_changes_nothing(trained, tmp_path, f
         push_adapter(folder, "octsam-test/other")
 
 
-def test_push_onnx_folder_only_when_asked_and_never_pickles(trained, tmp_path, fake_hub):
+def test_push_onnx_folder_only_when_asked_and_never_pickles(trained, tmp_path, fake_hub, monkeypatch):
     folder = tmp_path / "adapter"
     shutil.copytree(trained[0], folder)
     (folder / "onnx").mkdir()
@@ -307,6 +307,9 @@ def test_push_onnx_folder_only_when_asked_and_never_pickles(trained, tmp_path, f
         (folder / "onnx" / name).write_text("x")
     push_adapter(folder, REPO_ID)
     assert not any(n.startswith("onnx/") for n in fake_hub.called("create_commit")[0]["operations"])
+    with pytest.raises(OctSamError, match="not an octsam ONNX folder"):  # an export is checked before it is sent
+        push_adapter(folder, REPO_ID, include_onnx=True)
+    monkeypatch.setattr("octsam.export.spec.read_spec", lambda path: None)  # the allow-list is what is tested here
     push_adapter(folder, REPO_ID, include_onnx=True)
     sent = fake_hub.called("create_commit")[1]["operations"]
     assert sorted(n for n in sent if n.startswith("onnx/")) == ["onnx/config.json", "onnx/model.onnx",

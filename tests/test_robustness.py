@@ -326,11 +326,12 @@ def test_concurrent_dataset_builds_one_wins(tmp_path):
         subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)
     ]
     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
-    codes = sorted(r[2] for r in results)
-    assert codes == [0, 2, 2], results
+    # one build writes; each other one is refused while it holds the lock (2), or, started after it finished, finds
+    # the output built by this same command and keeps it (0)
+    assert sum("wrote" in stdout for stdout, _, _ in results) == 1, results
     for stdout, stderr, code in results:
         assert "Traceback" not in stderr
-        assert ("wrote" in stdout) == (code == 0)
+        assert code == 2 or "wrote" in stdout or "already built by this same command" in stdout, results
     assert (out / "dataset_dict.json").is_file() and not list(tmp_path.glob(".data.*"))
 
 

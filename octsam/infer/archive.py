@@ -242,9 +242,15 @@ def run_folder(final: Path, args, processes: Processes, arguments: dict) -> Iter
             check_output_folder(final, args.overwrite or (getattr(args, "resume", False) and partial.exists()))
             final.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_staging(final.parent, final.name)
-            (partial / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
-            if not key_path.is_file():
-                key_path.write_text(json.dumps(arguments, indent=2, default=str) + "\n")
+            created = not partial.exists()
+            try:
+                (partial / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+                if not key_path.is_file():
+                    key_path.write_text(json.dumps(arguments, indent=2, default=str) + "\n")
+            except BaseException:  # e.g. a full disk: a folder this run just made holds nothing to resume
+                if created:
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise
             return str(partial)
 
         processes.agree(prepare)

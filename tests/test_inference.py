@@ -692,3 +692,26 @@ def test_cli_fold_ensemble_and_flip_tta_match_the_python_api(adapter, tiny_base,
     assert record["ensemble"] == [str(adapter), str(second)] and record["tta"] == "flip"
     single = Segmenter.from_pretrained(adapter, device="cpu", fast_attention=False)([image])[0].mask
     assert record["adapter"] == f"{adapter} + {second}" and single.shape == written.shape
+
+
+def test_cli_output_that_is_or_holds_the_input_is_refused_naming_both(adapter, tmp_path, capsys):
+    """--output equal to --input, or a folder that holds it, is refused by name (not "No input B-scans"), and with
+    --overwrite the inputs are never touched; an --output inside the --input folder is fine (it is skipped)."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(scan(40, 48)).save(scans / "a.png")
+    cases = [
+        (["--input", scans, "--output", scans], "is --input"),
+        (["--input", scans / "a.png", "--output", scans], "contains --input"),
+        (["--input", str(scans / "*.png"), "--output", scans], "is --input"),
+        (["--input", scans, "--output", tmp_path], "contains --input"),
+    ]
+    for args, message in cases:
+        for extra in ([], ["--overwrite"]):
+            code, err = run_cli(["--adapter", adapter, *args, *extra, "--quiet"], capsys)
+            assert code == 2 and message in err and "--output" in err and "Traceback" not in err, (args, err)
+            assert "No input B-scans" not in err and "not empty" not in err, err
+            assert sorted(p.name for p in scans.iterdir()) == ["a.png"]
+    code, err = run_cli(["--adapter", adapter, "--input", scans, "--output", scans / "out", "--quiet"], capsys)
+    assert code == 0, err
+    assert len(read_summary(scans / "out" / "summary.csv")) == 1

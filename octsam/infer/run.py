@@ -300,6 +300,38 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise OctSamError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
 
 
+def _input_root(text: str) -> Path | None:
+    """The file or folder that an --input names (for a glob: the folder above its first wildcard), or None."""
+    import glob
+
+    parts = Path(text).expanduser().parts
+    if any(glob.has_magic(part) for part in parts):
+        parts = parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]
+    path = Path(*parts) if parts else Path(".")
+    return path if path.exists() else None
+
+
+def check_output_outside_inputs(args: argparse.Namespace) -> None:
+    """--output must not be an --input (or --dataset) folder or file, nor a folder that holds one: the run would
+    skip the inputs as its own output ("No input B-scans") or, with --overwrite, replace them."""
+    final = Path(args.output).expanduser().resolve()
+    named = [("--input", text) for text in getattr(args, "input", None) or []]
+    if getattr(args, "dataset", None):
+        named.append(("--dataset", args.dataset))
+    for option, text in named:
+        root = _input_root(text)
+        if root is None:
+            continue
+        root = root.resolve()
+        if root == final or final in root.parents:
+            how = "is" if root == final else "contains"
+            raise OctSamError(
+                f"--output {args.output} {how} {option} {text}: the output folder is replaced as a whole, so it "
+                f"cannot hold the B-scans it is made from. Choose an --output outside {option}, e.g. "
+                f"--output {final.parent / (final.name + '-predictions')}."
+            )
+
+
 def load_segmenter(args: argparse.Namespace, device_type: str, num_scans: int, device: str | None = None):
     """Resolve the adapter once and load it with the speed plan of this device and run size (``device``: this
     process's device, default ``args.device``); returns (adapter folder, plan, segmenter, seconds)."""
@@ -349,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     check_arguments(args)
+    check_output_outside_inputs(args)
     processes = Processes(args.device)
     volumes = wants_volumes(args)
     if volumes:

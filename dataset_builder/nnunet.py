@@ -21,7 +21,7 @@ import numpy as np
 
 from dataset_builder.folder import check_pairs, index_mask, listing, patient_ids, read_mask
 from dataset_builder.writer import BuildResult, DatasetMeta, ScanRecord, build_dataset, check_output
-from octsam.data.contract import MAX_SCAN_PIXELS, too_large_message
+from octsam.data.contract import MAX_SCAN_PIXELS, check_scan_size, too_large_message
 from octsam.data.dataset import IGNORE_INDEX, IMAGE_SUFFIXES, read_scan, to_uint8
 from octsam.errors import OctSamError
 from octsam.folders import require_utf8_name
@@ -104,6 +104,8 @@ def check_nifti_header(path: Path, shape: tuple[int, ...], itemsize: int, offset
             too_large_message(path, width, height)
             + f" (NIfTI header shape {' x '.join(str(v) for v in shape)}; a B-scan is one 2D slice)"
         )
+    if len(shape) >= 2:
+        check_scan_size(path, int(shape[0]), int(shape[1]))  # an extreme aspect ratio (MAX_SCAN_ASPECT)
     if not path.name.lower().endswith(".gz"):
         needed = int(float(offset or 0)) + pixels * itemsize
         if path.stat().st_size < needed:

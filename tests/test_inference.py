@@ -242,13 +242,15 @@ def test_cli_prompted_matches_python_api(adapter, segmenter, tmp_path, capsys):
         assert np.array_equal(got, want)
     run = json.loads((out / "run.json").read_text())
     assert run["mode"] == "prompted" and run["scans_without_prompts"] == 0
-    # The box outside an image fails that B-scan only.
+    # The box outside an image fails that B-scan only (a larger B-scan that holds both boxes is segmented).
+    Image.fromarray(scan(50, 60, 12)).save(tmp_path / "large.png")
     code, err = run_cli(
         [
             "--adapter",
             adapter,
             "--input",
             *paths,
+            tmp_path / "large.png",
             "--output",
             tmp_path / "o2",
             "--box",
@@ -260,6 +262,7 @@ def test_cli_prompted_matches_python_api(adapter, segmenter, tmp_path, capsys):
         capsys,
     )
     assert code == 1 and "outside the 48x40 B-scan" in err and "2 B-scan(s) could not be segmented" in err
+    assert [r["scan"] for r in read_summary(tmp_path / "o2" / "summary.csv") if r["status"] == "ok"] == ["large"]
 
 
 def test_cli_dataset_inputs(adapter, shape_dataset, tmp_path, capsys):
@@ -715,3 +718,30 @@ def test_cli_output_that_is_or_holds_the_input_is_refused_naming_both(adapter, t
     code, err = run_cli(["--adapter", adapter, "--input", scans, "--output", scans / "out", "--quiet"], capsys)
     assert code == 0, err
     assert len(read_summary(scans / "out" / "summary.csv")) == 1
+
+
+@pytest.mark.parametrize("shape", [(10, 100_000), (100_000, 10)])
+def test_cli_extreme_aspect_scan_is_refused_and_leaves_no_output(adapter, tmp_path, capsys, shape):
+    """A 100000 x 10 or 10 x 100000 "B-scan" is refused from its header by name (octsam's MAX_SCAN_ASPECT); a run in
+    which no B-scan could be segmented leaves no output folder (nor its staging folder) and exits 2; beside a good
+    B-scan it is one listed failure (exit 1)."""
+    strip = tmp_path / "in" / "strip.png"
+    strip.parent.mkdir()
+    Image.fromarray(np.zeros(shape, np.uint8)).save(strip)
+    out = tmp_path / "out"
+    code, err = run_cli(["--adapter", adapter, "--input", strip, "--output", out, "--quiet"], capsys)
+    assert code == 2 and "strip.png" in err and "MAX_SCAN_ASPECT" in err and "Traceback" not in err, err
+    assert "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    # an existing output is kept as it was, even with --overwrite
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(["--adapter", adapter, "--input", strip, "--output", out, "--overwrite", "--quiet"], capsys)
+    assert code == 2 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    Image.fromarray(scan(40, 48)).save(tmp_path / "in" / "good.png")
+    code, err = run_cli(
+        ["--adapter", adapter, "--input", tmp_path / "in", "--output", tmp_path / "o2", "--quiet"], capsys
+    )
+    assert code == 1 and "MAX_SCAN_ASPECT" in err
+    assert [r["scan"] for r in read_summary(tmp_path / "o2" / "summary.csv") if r["status"] == "ok"] == ["good"]

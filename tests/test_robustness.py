@@ -398,7 +398,7 @@ def folder_source(root: Path, n: int = 4) -> tuple[Path, Path]:
     return images, masks
 
 
-@pytest.mark.parametrize("case", ["bomb", "too-large", "non-utf8"])
+@pytest.mark.parametrize("case", ["bomb", "too-large", "non-utf8", "wide", "tall"])
 def test_builder_refuses_bad_files_by_name(case, tmp_path, capsys):
     from dataset_builder.__main__ import main as build_main
 
@@ -409,6 +409,10 @@ def test_builder_refuses_bad_files_by_name(case, tmp_path, capsys):
     elif case == "too-large":
         bomb_png(images / "p9_scan.png", 10_000, 10_000)
         shutil.copy(masks / "p0_scan.png", masks / "p9_scan.png")
+    elif case in ("wide", "tall"):  # 100000 x 10 / 10 x 100000: no B-scan (MAX_SCAN_ASPECT)
+        shape = (10, 100_000) if case == "wide" else (100_000, 10)
+        Image.fromarray(np.zeros(shape, np.uint8)).save(images / "p9_scan.png")
+        Image.fromarray(np.zeros(shape, np.uint8)).save(masks / "p9_scan.png")
     else:
         name = os.fsdecode(b"p9_\xff\xfe.png")
         shutil.copy(images / "p0_scan.png", images / name)
@@ -419,7 +423,10 @@ def test_builder_refuses_bad_files_by_name(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and not out.exists()
     assert "p9_" in err
-    assert ("megapixels" in err) if case != "non-utf8" else ("not valid UTF-8" in err and "\\xff" in err)
+    if case in ("wide", "tall"):
+        assert "MAX_SCAN_ASPECT" in err and "100000" in err, err
+    else:
+        assert ("megapixels" in err) if case != "non-utf8" else ("not valid UTF-8" in err and "\\xff" in err)
     assert not list(tmp_path.glob(".data.*"))
 
 

@@ -22,6 +22,12 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".b
 #: peak memory of segmenting one B-scan stays bounded (see README "Reliability").
 MAX_SCAN_PIXELS = 2**25
 
+#: The most elongated B-scan octsam reads: the longer side at most 64 times the shorter (either way round), about
+#: ten times the widest clinical B-scans (a 1536 x 496 Spectralis scan is 3.1 : 1). A longer strip is no B-scan (a
+#: corrupt header, a line profile, a volume stored as one image): resized into the model's square input it keeps
+#: under one pixel across, so it is refused from the header like an oversized image, before any output is made.
+MAX_SCAN_ASPECT = 64
+
 #: The largest OCT volume octsam reads, in voxels (B-scans x height x width): 2**30, e.g. 256 B-scans of 2048 x 2048 -
 #: over ten times a Cirrus 1024 x 512 x 128 cube. Volume readers refuse a larger size from the header before reading
 #: any data (each B-scan must also stay within ``MAX_SCAN_PIXELS``).
@@ -34,6 +40,20 @@ def too_large_message(source: object, width: int | None = None, height: int | No
         f"{source}: image is {size}, more than octsam's limit of {MAX_SCAN_PIXELS / 1e6:.1f} megapixels per B-scan "
         "(octsam.data.contract.MAX_SCAN_PIXELS); crop or downscale it, or check that the file is not corrupt."
     )
+
+
+def check_scan_size(source: object, width: int, height: int) -> None:
+    """Refuse a B-scan of ``width`` x ``height`` (from its header) above ``MAX_SCAN_PIXELS`` or ``MAX_SCAN_ASPECT``."""
+    if width * height > MAX_SCAN_PIXELS:
+        raise OctSamError(too_large_message(source, width, height))
+    if width < 1 or height < 1 or max(width, height) > MAX_SCAN_ASPECT * min(width, height):
+        ratio = max(width, height) / max(1, min(width, height))
+        across = "high" if width > height else "wide"
+        raise OctSamError(
+            f"{source}: image is {width} x {height} pixels, {ratio:.0f} times longer than it is {across}, more than"
+            f" octsam's limit of {MAX_SCAN_ASPECT} : 1 per B-scan (octsam.data.contract.MAX_SCAN_ASPECT); "
+            "it is not a B-scan - check that the file is not corrupt, or crop it into B-scans."
+        )
 
 
 def volume_too_large_message(source: object, shape: tuple[int, ...]) -> str:

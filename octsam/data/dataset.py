@@ -32,8 +32,8 @@ from octsam.data.contract import (
     IMAGE_SUFFIXES,
     LABELS_FILE,
     LABELS_MARKER,
-    MAX_SCAN_PIXELS,
     SPLITS,
+    check_scan_size,
     too_large_message,
 )
 from octsam.errors import OctSamError
@@ -267,7 +267,7 @@ def _gray_if_equal(rgb: np.ndarray, tolerance: int = 2) -> np.ndarray:
 
 @contextlib.contextmanager
 def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
-    """``PIL.Image.open`` that refuses an image above ``MAX_SCAN_PIXELS`` from its header (before decoding), with
+    """``PIL.Image.open`` that refuses an image above ``MAX_SCAN_PIXELS`` or ``MAX_SCAN_ASPECT`` from its header (before decoding), with
     one message whether Pillow's own decompression-bomb guard or ours noticed it."""
     try:
         with warnings.catch_warnings():
@@ -276,9 +276,7 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
     except Image.DecompressionBombError:
         raise OctSamError(too_large_message(path)) from None
     with im:
-        width, height = im.size
-        if width * height > MAX_SCAN_PIXELS:
-            raise OctSamError(too_large_message(path, width, height))
+        check_scan_size(path, *im.size)
         yield im
 
 
@@ -337,8 +335,7 @@ def _read_with_tifffile(path: Path, err: Exception) -> np.ndarray:
 
             with tifffile.TiffFile(path) as tif:
                 shape = tif.pages[0].shape
-                if int(np.prod(shape[:2])) > MAX_SCAN_PIXELS:
-                    raise OctSamError(too_large_message(path, shape[1], shape[0]))
+                check_scan_size(path, int(shape[1]), int(shape[0]))
             array = tifffile.imread(path)
             if array.ndim == 3 and array.shape[0] > 1 and array.shape[-1] not in (3, 4):
                 raise OctSamError(f"{path} holds {array.shape[0]} pages (a volume?); export one B-scan per file.")

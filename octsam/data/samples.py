@@ -41,7 +41,7 @@ def input_frame(shape: tuple[int, ...], size: int, resize: str = "stretch") -> t
     height, width = shape[0], shape[1]
     if resize == "pad":
         scale = size / max(height, width)
-        return scale, scale, int(height * scale + 0.5), int(width * scale + 0.5)
+        return scale, scale, max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))  # >= 1 pixel
     return size / height, size / width, size, size
 
 

@@ -413,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
                 processes.agree(lambda: _check_scans(ctx, inputs, prompting))
                 share = _segment_scans(ctx, mine, prompting, spacing, len(inputs), len(inputs) - len(todo))
                 outcome = _finish_scans(ctx, inputs, share, prompting, spacing, len(inputs) - len(todo))
+                processes.agree(lambda: _refuse_if_none_segmented(outcome, final) if processes.is_main else None)
     if not processes.is_main:
         return 0  # the main process reports the run (and its exit status says whether B-scans failed)
     if volumes:
@@ -420,6 +421,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print_outcome(outcome, final, prompting)
     return len(outcome.failures)
+
+
+def _refuse_if_none_segmented(outcome: ScanOutcome, final: Path, shown: int = 5) -> None:
+    """A run in which every B-scan failed (unreadable, too large, not a B-scan, prompts outside it) is refused as a
+    whole: no output folder is made (its staging folder is removed), exit status 2, the reasons in the message."""
+    if outcome.rows or not outcome.failures:
+        return
+    lines = [
+        f"  {f['error']}" if str(f["error"]).startswith(f["source"]) else f"  {f['source']}: {f['error']}"
+        for f in outcome.failures[:shown]
+    ]
+    if len(outcome.failures) > shown:
+        lines.append(f"  ... and {len(outcome.failures) - shown} more")
+    raise OctSamError(
+        f"none of the {len(outcome.failures)} input B-scan(s) could be segmented, so nothing was written to "
+        f"{final}:\n" + "\n".join(lines)
+    )
 
 
 def _segment_volume_share(args, processes, final, tmp, started: float, entries: list[dict]) -> int:

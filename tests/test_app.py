@@ -318,6 +318,49 @@ def test_volume_scans_with_localizer(segmenter, monkeypatch, tmp_path):
     assert rows[1] == f"eye1,3,1,{29 * 0.0039 * 0.0114 * 0.12:.6g},0"
 
 
+def test_page_handlers_turn_bad_uploads_and_clicks_into_page_messages(segmenter, tmp_path):
+    """The page's own handlers, called as Gradio calls them: a text file renamed .png, an empty file, a 100000 x 10
+    strip, a .mhd alone whose data file lies outside, and clicks outside the B-scan or with an odd position each
+    give a message in the status box (and no exception, so no Gradio error); a good B-scan still opens after them."""
+    import types
+
+    pytest.importorskip("gradio")
+    from octsam.app.ui import AppConfig, build_app
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "text.png").write_text("not an image")
+    (uploads / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((10, 100_000), np.uint8)).save(uploads / "strip.png")
+    (uploads / "alone.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 2\nElementType = MET_UCHAR\nElementDataFile = /etc/hostname\n"
+    )
+    Image.fromarray(shape_scan(np.random.default_rng(0))[0]).save(uploads / "good.png")
+    demo = build_app(AppConfig({"tiny": segmenter}, tmp_path / "exports", upload_root=uploads))
+    handlers = {f.api_name: f.fn for f in demo.fns.values() if isinstance(f.api_name, str)}
+    on_select = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_select")
+    view = [[1, 2], 0.45, None, None]  # shown classes, opacity, spacing y / x
+    for name, expected in [
+        ("text.png", "text.png"),
+        ("empty.png", "empty.png"),
+        ("strip.png", "MAX_SCAN_ASPECT"),
+        ("alone.mhd", "does not open"),
+    ]:
+        out = handlers["open"](None, [str(uploads / name)], *view)
+        assert "not opened" in out[2] and expected in out[2], out[2]
+    session = handlers["open"](None, [str(uploads / "good.png")], *view)[0]
+    assert len(session.scans) == 1
+    for x, y in [(-5, 3), (1000, 1000), (float("nan"), 3), ("a", 2)]:
+        out = handlers["apply"](session, "point +", 1, x, y, 6, *view)
+        assert out[2].startswith("B-scan 1/1") and "⚠" in out[2], out[2]
+    for index in [[-3, 5], [480, 2], 5, [7], ["a", "b"], None]:
+        out = on_select(session, "point +", 1, 6, *view, types.SimpleNamespace(index=index))
+        assert "⚠" in out[2] and ("outside" in out[2] or "click position" in out[2].lower()), (index, out[2])
+    assert session.prompts.get(0, {}) == {} and 0 not in session.masks  # no bad click left a prompt
+    out = handlers["apply"](None, "point +", 1, 3, 3, 6, *view)
+    assert "Open a B-scan first" in out[2]
+
+
 def test_cli_errors_are_messages_not_tracebacks(adapter, tmp_path, capsys):
     from octsam.app.__main__ import main
 

@@ -83,6 +83,16 @@ def parse_spacing(sy, sx) -> tuple[float, float] | None:
     return y, x
 
 
+def click_position(index) -> tuple[object, object]:
+    """The (x, y) of a click on the B-scan view (Gradio's ``SelectData.index``), or (None, None) when there is
+    none; anything else (a number, one value) is a message, not an exception."""
+    if index is None:
+        return None, None
+    if not isinstance(index, (list, tuple)) or len(index) < 2:
+        raise OctSamError(f"The click position {index!r} is not a point (x, y) on the B-scan; click on the B-scan.")
+    return index[0], index[1]
+
+
 def build_app(config: AppConfig) -> gr.Blocks:
     """The Gradio page. Long on purpose: a ``gr.Blocks`` page is declared inside one ``with`` block, and each event
     handler is wired to components created in that same scope; every handler is a thin call into ``Session``
@@ -301,7 +311,15 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 raise OctSamError("Choose a class first.")
             if x is None or y is None:
                 raise OctSamError("No click position was given.")
-            return session.click(tool_name, int(label), float(x), float(y), int(rad or 1))
+            try:
+                x, y = float(x), float(y)
+            except (TypeError, ValueError):
+                raise OctSamError(f"The click position ({x!r}, {y!r}) is not a point on the B-scan.") from None
+            return session.click(tool_name, int(label), x, y, int(rad or 1))
+
+        def do_select(session: Session, tool_name, label, index, rad):
+            x, y = click_position(index)
+            return do_apply(session, tool_name, label, x, y, rad)
 
         def do_undo(session: Session):
             return "undone" if session.undo() else "nothing to undo on this B-scan"
@@ -350,8 +368,8 @@ def build_app(config: AppConfig) -> gr.Blocks:
                 return session, f"⚠ export failed ({type(err).__name__}: {err})", None
 
         def on_select(state_value, tool_name, label, rad, vis, opac, sy, sx, evt: gr.SelectData):
-            x, y = (evt.index if evt is not None and evt.index is not None else (None, None))[:2]
-            return guarded(do_apply)(state_value, tool_name, label, x, y, rad, vis, opac, sy, sx)
+            index = getattr(evt, "index", None)  # checked inside the guard: an odd index is a message
+            return guarded(do_select)(state_value, tool_name, label, index, rad, vis, opac, sy, sx)
 
         # ------------------------------------------------------------------------------------------------ wiring
         # No load event: the first paint shows the initial B-scan; a session is made on the first action.

@@ -745,3 +745,26 @@ def test_cli_extreme_aspect_scan_is_refused_and_leaves_no_output(adapter, tmp_pa
     )
     assert code == 1 and "MAX_SCAN_ASPECT" in err
     assert [r["scan"] for r in read_summary(tmp_path / "o2" / "summary.csv") if r["status"] == "ok"] == ["good"]
+
+
+def test_cli_extreme_aspect_scan_in_a_dataset_is_refused(adapter, tmp_path, capsys):
+    """A dataset's 10 x 100000 image is refused like a file's (MAX_SCAN_ASPECT), leaving no output folder."""
+    import datasets
+
+    def split(shape):
+        rows = {
+            "image": [Image.fromarray(np.zeros(shape, np.uint8))],
+            "mask": [Image.fromarray(np.zeros(shape, np.uint8))],
+        }
+        rows |= {k: ["x"] for k in ("patient_id", "scan_id", "disease", "source")}
+        features = {"image": datasets.Image(), "mask": datasets.Image()}
+        features |= {k: datasets.Value("string") for k in ("patient_id", "scan_id", "disease", "source")}
+        return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+
+    data = tmp_path / "data"
+    splits = {"train": split((40, 48)), "validation": split((40, 48)), "test": split((10, 100_000))}
+    datasets.DatasetDict(splits).save_to_disk(str(data))
+    (data / "id2label.json").write_text(json.dumps(dict(enumerate(TINY_LABELS))))
+    code, err = run_cli(["--adapter", adapter, "--dataset", data, "--output", tmp_path / "out", "--quiet"], capsys)
+    assert code == 2 and "MAX_SCAN_ASPECT" in err and "test[0]" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

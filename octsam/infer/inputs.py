@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from octsam.data.contract import IMAGE_SUFFIXES
+from octsam.data.contract import IMAGE_SUFFIXES, check_scan_size
 from octsam.errors import OctSamError
 from octsam.folders import is_utf8_name, printable
 from octsam.safepaths import files_under
@@ -76,6 +76,7 @@ def _dataset_inputs(name: str, split: str, revision: str | None) -> list[ScanInp
     def reader(index: int) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
             image = np.asarray(rows[index]["image"])
+            check_scan_size(f"{name}:{split}[{index}]", image.shape[1], image.shape[0])  # as read_scan does
             return data_to_uint8(image)
 
         return read

@@ -358,6 +358,32 @@ def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
         return [scan()], str(w.adapter), []
 
     infer_probe("--output not empty", out_not_empty)
+
+    def out_is_input(where: str, overwrite: bool):
+        def make(t):
+            folder = t / "out" if where == "is" else t / "out" / "in"
+            folder.mkdir(parents=True)
+            shutil.copy(scan(), folder / "scan0.png")
+            (t / "keep").write_text("")  # --output exists (it holds the input): it must be left as it is
+            return [str(folder)], str(w.adapter), ["--overwrite"] if overwrite else []
+
+        return make
+
+    for where in ("is", "holds"):
+        for overwrite in (False, True):
+            infer_probe(
+                f"--output {where} --input{' (--overwrite)' if overwrite else ''}",
+                out_is_input(where, overwrite),
+                needles=("--output", "--input", "outside"),
+            )
+
+    for label, shape in {"100000 x 10 PNG alone": (10, 100_000), "10 x 100000 PNG alone": (100_000, 10)}.items():
+
+        def strip(t, shape=shape):
+            Image.fromarray(np.zeros(shape, np.uint8)).save(t / "strip.png")
+            return [str(t / "strip.png")], str(w.adapter), []
+
+        infer_probe(label, strip, needles=("strip.png", "MAX_SCAN_ASPECT", "nothing was written"))
     infer_probe("--batch-size 0", lambda t: ([scan()], str(w.adapter), ["--batch-size", "0"]))
     infer_probe("bad --pixel-spacing-mm", lambda t: ([scan()], str(w.adapter), ["--pixel-spacing-mm", "a,b"]))
     infer_probe("bad --box", lambda t: ([scan()], str(w.adapter), ["--box", "fluid:1,2"]))
@@ -459,6 +485,56 @@ def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
 
     evaluate_probe("--dpi 0", ["--dpi", "0"], needles=("--dpi",))
 
+    def app_page_messages():
+        """The page's handlers as Gradio calls them: bad uploads and odd clicks end in a status-box message."""
+        import types
+
+        from octsam.app.ui import AppConfig, build_app
+        from octsam.segmenter import Segmenter
+
+        tmp = w.fresh("app-page")
+        up = tmp / "uploads"
+        up.mkdir()
+        (up / "text.png").write_text("not an image")
+        (up / "empty.png").write_bytes(b"")
+        Image.fromarray(np.zeros((10, 100_000), np.uint8)).save(up / "strip.png")
+        (up / "alone.mhd").write_text(
+            "ObjectType = Image\nNDims = 3\nDimSize = 4 4 2\nElementType = MET_UCHAR\nElementDataFile = /etc/hostname\n"
+        )
+        shutil.copy(scan(), up / "good.png")
+        segmenter = Segmenter.from_pretrained(w.adapter, device="cpu")
+        demo = build_app(AppConfig({"a": segmenter}, tmp / "exports", upload_root=up))
+        fns = {f.api_name: f.fn for f in demo.fns.values() if isinstance(f.api_name, str)}
+        select = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_select")
+        view = [[1], 0.45, None, None]
+        bad = []
+        for name in ("text.png", "empty.png", "strip.png", "alone.mhd"):
+            try:
+                message = fns["open"](None, [str(up / name)], *view)[2]
+                if "not opened" not in message or name not in message:
+                    bad.append(f"{name}: {message[:80]}")
+            except Exception as err:  # noqa: BLE001 - a raise is a Gradio error in the page
+                bad.append(f"{name}: raised {type(err).__name__}")
+        session = fns["open"](None, [str(up / "good.png")], *view)[0]
+        clicks = [("apply", (-5, 3)), ("apply", (10_000, 3)), ("apply", ("a", 2))]
+        clicks += [("select", index) for index in ([-3, 5], [900, 2], 5, [7], None)]
+        for how, where in clicks:
+            try:
+                if how == "apply":
+                    message = fns["apply"](session, "point +", 1, *where, 6, *view)[2]
+                else:
+                    message = select(session, "point +", 1, 6, *view, types.SimpleNamespace(index=where))[2]
+                if "⚠" not in message:
+                    bad.append(f"click {where!r}: {message[:80]}")
+            except Exception as err:  # noqa: BLE001
+                bad.append(f"click {where!r}: raised {type(err).__name__}")
+        n = 4 + len(clicks)
+        return not bad, f"{n - len(bad)} of {n} bad uploads / clicks were page messages" + (
+            f"; {'; '.join(bad)}" if bad else ""
+        )
+
+    probes.append(("app: bad uploads and clicks outside the B-scan are page messages", app_page_messages))
+
     def with_file(kind):
         def make(t):
             args, out = folder_args(t)
@@ -484,6 +560,10 @@ def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
                 (images / "p0_scan.png").write_bytes((images / "p0_scan.png").read_bytes()[:900])
             elif kind == "text":
                 (images / "p0_scan.png").write_text("hello")
+            elif kind in ("wide", "tall"):
+                shape = (10, 100_000) if kind == "wide" else (100_000, 10)
+                for f in (images, masks):
+                    Image.fromarray(np.zeros(shape, np.uint8)).save(f / "p5_scan.png")
             return args, out
 
         return make
@@ -496,6 +576,8 @@ def bad_inputs(w: World) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
     build_probe("10000 x 10000 PNG header", with_file("huge"), needles=("megapixels",))
     build_probe("truncated PNG", with_file("truncated"), needles=("p0_scan",))
     build_probe("text file named .png", with_file("text"), needles=("p0_scan",))
+    build_probe("100000 x 10 PNG", with_file("wide"), needles=("p5_scan", "MAX_SCAN_ASPECT"))
+    build_probe("10 x 100000 PNG", with_file("tall"), needles=("p5_scan", "MAX_SCAN_ASPECT"))
     build_probe("bad --split", lambda t: folder_args(t, "--split", "0.5,0.6,x"))
     build_probe("--split-file missing", lambda t: folder_args(t, "--split-file", str(t / "s.json")))
     build_probe(

@@ -653,16 +653,14 @@ def test_disk_full_during_training_build_and_inference(small_dataset, tiny_base,
 
 
 # ------------------------------------------------------------------------------------------------ 8. security (issue 22)
-def test_security_probes_hold(adapter, tiny_base, tmp_path):
-    """The security group of benchmarks/robustness.py on this module's tiny adapter: paths inside files and symbolic
-    links that lead out of their folder, the app's .mhd upload, hub push allow-list / dry run / failed push, label
-    names in cards and CSV cells, pickled weights, hostile NIfTI/DICOM/VOL headers."""
+def _robustness_world(adapter, tiny_base, tmp_path):
+    """benchmarks/robustness.py and its World on this module's fixtures instead of the benchmark's trained world."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("octsam_robustness", REPO_ROOT / "benchmarks" / "robustness.py")
     robustness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(robustness)
-    world = robustness.World.__new__(robustness.World)  # the fixtures instead of the benchmark's trained world
+    world = robustness.World.__new__(robustness.World)
     world.root, world.base, world.adapter, world.n = tmp_path, tiny_base, adapter, 0
     world.scans = tmp_path / "scans"
     world.scans.mkdir()
@@ -670,9 +668,29 @@ def test_security_probes_hold(adapter, tiny_base, tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64), dtype=np.uint8)).save(
             world.scans / f"scan{i}.png"
         )
+    return robustness, world
+
+
+def test_security_probes_hold(adapter, tiny_base, tmp_path):
+    """The security group of benchmarks/robustness.py on this module's tiny adapter: paths inside files and symbolic
+    links that lead out of their folder, the app's .mhd upload, hub push allow-list / dry run / failed push, label
+    names in cards and CSV cells, pickled weights, hostile NIfTI/DICOM/VOL headers."""
+    robustness, world = _robustness_world(adapter, tiny_base, tmp_path)
     results = [(name, *probe()) for name, probe in robustness.security(world)]
     failed = [f"{name}: {why}" for name, held, why in results if not held]
     assert len(results) >= 19 and not failed, "\n".join(failed)
+
+
+def test_issue_22_bad_input_probes_are_clean(adapter, tiny_base, tmp_path):
+    """The issue-22 bad-input probes of benchmarks/robustness.py: an --output that is or holds the --input is refused
+    naming both; a 100000 x 10 / 10 x 100000 B-scan is refused by name, leaving no output folder (inference) or no
+    dataset (builder); the app's page turns bad uploads and clicks outside the B-scan into messages."""
+    robustness, world = _robustness_world(adapter, tiny_base, tmp_path)
+    wanted = ("--output is --input", "--output holds --input", "100000", "app: bad uploads")
+    probes = [(name, probe) for name, probe in robustness.bad_inputs(world) if any(w in name for w in wanted)]
+    results = [(name, *probe()) for name, probe in probes]
+    failed = [f"{name}: {why}" for name, ok, why in results if not ok]
+    assert len(results) == 9 and not failed, "\n".join(failed)
 
 
 # ------------------------------------------------------------------------------------------------ 9. restartable (issue 22, item 5)

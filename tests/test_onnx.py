@@ -343,6 +343,40 @@ def test_torch_free_runner_writes_the_same_masks(auto_adapter, auto_onnx, tmp_pa
             assert agreement(got, want) >= 0.999, (mode, path.name)
 
 
+# ------------------------------------------------------------------------------------------------ the app
+def test_app_handlers_run_the_onnx_folder(auto_adapter, auto_onnx, prompted_pair, tmp_path):
+    """``octsam-app --engine onnxruntime``: the page's segment and click handlers, called as Gradio calls them (no
+    browser), give the masks of the PyTorch adapter, on an automatic and a prompted adapter."""
+    from octsam.app.__main__ import load, parse_args
+    from octsam.app.ui import build_app
+    from octsam.export.runtime import OnnxModel
+
+    path = tmp_path / "bscan.png"
+    Image.fromarray(scan(40, 48, seed=3)).save(path)
+    prompted_adapter, prompted_onnx = prompted_pair
+    cases = [
+        (auto_adapter, auto_onnx, [("segment", ()), ("apply", ("point +", 1, 20.0, 15.0, 6))]),
+        (prompted_adapter, prompted_onnx, [("apply", ("point +", 1, 20.0, 15.0, 6)), ("apply", ("box", 2, 5, 5, 6)),
+                                           ("apply", ("box", 2, 30, 25, 6))]),
+    ]  # fmt: skip
+    for adapter, folder, actions in cases:
+        masks = {}
+        for engine, name in (("torch", adapter), ("onnxruntime", folder)):
+            argv = ["--adapter", str(name), "--engine", engine, "--device", "cpu", "--open", str(path)]
+            config = load(parse_args(argv + ["--export-dir", str(tmp_path / "exports")]))
+            assert config.engine == engine
+            segmenter = config.adapters[str(name)]
+            assert isinstance(segmenter.model, OnnxModel) == (engine == "onnxruntime")
+            handlers = {f.api_name: f.fn for f in build_app(config).fns.values()}
+            session = None
+            for action, args in actions:
+                session, _, message, *_ = handlers[action](session, *args, None, 0.45, None, None)
+                assert "⚠" not in message, message
+            masks[engine] = session.mask()
+        assert agreement(masks["onnxruntime"], masks["torch"]) >= 0.999, folder.name
+        assert masks["torch"].any()
+
+
 # ------------------------------------------------------------------------------------------------ LiteMedSAM
 @pytest.mark.slow
 def test_litemedsam_adapter_on_duke_bscans(tmp_path):

@@ -158,6 +158,32 @@ def test_same_masks_through_the_segmenter(auto_adapter, auto_onnx):
         assert agreement(y.mask, x.mask) >= 0.999
 
 
+def test_fused_export_is_checked_and_gives_the_same_outputs(auto_adapter, auto_onnx, tmp_path, capsys):
+    """``octsam-export --fuse-for-onnxruntime``: ONNX Runtime's GELU / LayerNorm fusions (contrib ops) in every graph,
+    still checked against PyTorch, and the same logits and masks (automatic and prompted) as the plain export."""
+    import onnx
+
+    from octsam.cli.export import main as export_main
+
+    out = tmp_path / "fused"
+    assert export_main(["--adapter", str(auto_adapter), "--output", str(out), "--fuse-for-onnxruntime"]) == 0
+    assert "largest relative difference" in capsys.readouterr().out
+    spec = json.loads((out / ONNX_SPEC_NAME).read_text())
+    assert "encoder" in spec["onnxruntime_fusions"]
+    assert all(v <= 1e-4 for v in spec["export_check_max_relative_difference"].values())
+    encoder = onnx.load(str(out / spec["graphs"]["encoder"]))
+    assert {"com.microsoft"} <= {o.domain for o in encoder.opset_import}
+    contrib = {n.op_type for n in encoder.graph.node if n.domain == "com.microsoft"}
+    assert contrib & {"Gelu", "BiasGelu", "SkipLayerNormalization"}, contrib
+    images = [scan(40, 48, seed=i) for i in range(3)]
+    plain, fused = onnx_segmenter(auto_onnx), onnx_segmenter(out)
+    for a, b in zip(plain.native_logits(images), fused.native_logits(images)):
+        assert rel_diff(b, a) < 1e-4
+    for p in (None, [PROMPTS] * len(images)):
+        for x, y in zip(plain(images, prompts=p), fused(images, prompts=p)):
+            assert agreement(y.mask, x.mask) >= 0.999
+
+
 def test_prompted_adapter_exports_without_the_automatic_decoder(prompted_pair):
     adapter, folder = prompted_pair
     spec = json.loads((folder / ONNX_SPEC_NAME).read_text())

@@ -18,6 +18,9 @@ EPILOG = """examples:
   octsam-export --adapter ORG/NAME --output octsam-amd-onnx --overwrite
   python inference.py --engine onnxruntime --adapter octsam-amd-onnx --input scans/ --output predictions/
   python deploy/onnx_segment.py --model octsam-amd-onnx --input scan.png --output scan_mask.png   # torch-free
+
+ONNX Runtime's CUDA provider has not been measured (no GPU was lent); on a GPU with onnxruntime-gpu:
+  python benchmarks/onnx_cpu.py --provider cuda --out benchmarks/results/onnx_cuda
 """
 
 

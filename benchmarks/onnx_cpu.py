@@ -1,4 +1,4 @@
-"""LiteMedSAM on the CPU: PyTorch fp32 vs ONNX Runtime fp32 (and int8, and the torch-free runner), side by side.
+"""LiteMedSAM on the CPU: PyTorch fp32 vs ONNX Runtime fp32 (fused, int8, the torch-free runner), side by side.
 
 On the 110 Duke DME B-scans (768 x 496), one LiteMedSAM adapter (automatic mode, fluid) is run end to end per B-scan -
 reading the PNG, resizing, encoding, decoding, upsampling to the B-scan and the index mask - by each variant in turn
@@ -7,10 +7,22 @@ reading the PNG, resizing, encoding, decoding, upsampling to the B-scan and the 
 - ``torch-fp32``: ``Segmenter.from_pretrained`` (LoRA merged, BatchNorm fused, octsam's fast attention), the baseline;
 - ``onnxruntime-fp32``: ``Segmenter(OnnxModel.load(folder))`` on the ``octsam-export`` folder (``--engine
   onnxruntime``);
-- ``onnxruntime-int8`` (only with ``--variants``): the same with the graphs' weights quantised to int8 by ONNX
-  Runtime's dynamic quantisation (``quantize_dynamic``, per-channel); on 4 B-scans it was slower than fp32 and
-  changed 40 % of the pixels (benchmarks/results/onnx_cpu_int8_smoke), so it is not offered and not in the default run;
+- ``onnxruntime-fp32-fused``: the same folder after ``onnxruntime.transformers``' graph fusions (``optimize_model``,
+  fp32: GELU's erf pattern -> ``Gelu``, LayerNorm and residual + LayerNorm -> ``SkipLayerNormalization``; contrib
+  ops, so these graphs run on ONNX Runtime only), what ``octsam-export --fuse-for-onnxruntime`` writes; the encoder
+  output moved by 1.8e-6 relative, and took 12-15 % less CPU in exploratory runs;
+- ``onnxruntime-int8-matmul``: the fused graphs with the weights of the matrix products (``MatMul``/``Gemm``, not
+  the convolutions) quantised to int8 by ``quantize_dynamic`` (per tensor, activations quantised per call): ~20 %
+  less encoder CPU than fp32-fused in exploratory runs but the embedding moves by up to 0.2 relative, so it changes
+  masks; offered only with the pixel agreement and Dice change this benchmark measures;
+- ``onnxruntime-int8`` (only with ``--variants``): every graph's weights quantised (convolutions too, per-channel);
+  on 4 B-scans it was slower than fp32 and changed 40 % of the pixels (benchmarks/results/onnx_cpu_int8_smoke), so
+  it is not offered and not in the default run;
 - ``runner-fp32``: ``deploy/onnx_segment.py``'s functions (numpy + onnxruntime, no torch) on the fp32 folder.
+
+``--provider cuda`` (on a GPU machine) runs torch-fp32 on the GPU and the ONNX Runtime variants with
+``CUDAExecutionProvider`` (``pip install onnxruntime-gpu`` in place of ``onnxruntime``); the runner stays on the CPU
+and is left out. No GPU was lent to the task that wrote this: the CUDA provider has not been measured.
 
 Per variant: seconds per B-scan (median and mean; and the process CPU seconds, which a loaded machine inflates
 less than the wall time), pixels identical to torch-fp32, and fluid Dice against the
@@ -21,6 +33,7 @@ is how much each engine changes the masks and the time. Writes ``--out``: ``run_
 shared, timings are as noisy as the load says).
 
     python benchmarks/onnx_cpu.py                    # 110 B-scans, 2 threads, benchmarks/results/onnx_cpu
+    python benchmarks/onnx_cpu.py --provider cuda --out benchmarks/results/onnx_cuda   # on a GPU
     python benchmarks/onnx_cpu.py --scans 5 --out /tmp/onnx_smoke --variants torch-fp32,onnxruntime-fp32,onnxruntime-int8
     python benchmarks/onnx_cpu.py --max-minutes 50   # stop measuring after 50 minutes (B-scans interleave patients)
 
@@ -50,8 +63,21 @@ if str(REPO) not in sys.path:
 from benchmarks.common import cpu_name, log  # noqa: E402
 
 DUKE = REPO.parent / "shared" / "data" / "duke_dme_fluid"
-VARIANTS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "runner-fp32")
-DEFAULT_VARIANTS = ("torch-fp32", "onnxruntime-fp32", "runner-fp32")
+VARIANTS = (
+    "torch-fp32",
+    "onnxruntime-fp32",
+    "onnxruntime-fp32-fused",
+    "onnxruntime-int8-matmul",
+    "onnxruntime-int8",
+    "runner-fp32",
+)
+DEFAULT_VARIANTS = (
+    "torch-fp32",
+    "onnxruntime-fp32",
+    "onnxruntime-fp32-fused",
+    "onnxruntime-int8-matmul",
+    "runner-fp32",
+)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
@@ -98,6 +124,30 @@ def quantise(folder: Path, target: Path) -> Path:
         onnx.save(model, str(target / name))
     spec["quantisation"] = "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8, per_channel=True)"
     (target / "octsam_onnx.json").write_text(json.dumps(spec, indent=2))
+    return target
+
+
+def quantise_matmuls(folder: Path, target: Path) -> Path:
+    """A copy of the ONNX folder whose MatMul/Gemm weights are int8 (dynamic quantisation, per tensor), then fused as
+    ``octsam-export --fuse-for-onnxruntime`` does (quantising first: the fused graph's contrib ops stop the
+    quantiser's shape inference)."""
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from octsam.export.onnx import fuse_for_onnxruntime
+
+    staging = target.with_name(target.name + ".unfused")
+    shutil.copytree(folder, staging)
+    spec = json.loads((folder / "octsam_onnx.json").read_text())
+    for name in spec["graphs"].values():
+        quantize_dynamic(
+            folder / name, staging / name, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
+    spec["quantisation"] = "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8, MatMul/Gemm only)"
+    (staging / "octsam_onnx.json").write_text(json.dumps(spec, indent=2))
+    fuse_for_onnxruntime(staging, target)
+    shutil.rmtree(staging)
     return target
 
 
@@ -165,12 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Stop after this many minutes of measuring and report the B-scans done (a loaded, shared CPU).",
     )
+    p.add_argument(
+        "--provider",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cpu (default), or cuda: torch on the GPU and ONNX Runtime's CUDAExecutionProvider (needs onnxruntime-gpu).",
+    )
     p.add_argument("--adapter", default=None, help="Use this LiteMedSAM adapter folder instead of making one.")
     p.add_argument("--onnx", default=None, help="Use this export of --adapter instead of exporting it again.")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "onnx_cpu"), help="Result folder.")
     args = p.parse_args(argv)
     started_load = os.getloadavg()
     variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.provider == "cuda" and "runner-fp32" in variants:
+        variants.remove("runner-fp32")  # the torch-free runner is the CPU deployment
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_lines: list[str] = []
@@ -182,15 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from octsam.export.onnx import export_onnx
-    from octsam.export.runtime import OnnxModel
+    from octsam.export.onnx import export_onnx, fuse_for_onnxruntime
+    from octsam.export.runtime import OnnxModel, import_onnxruntime
     from octsam.segmenter import Segmenter
+
+    device = "cuda" if args.provider == "cuda" else "cpu"
+    providers = ["CPUExecutionProvider"]
+    if args.provider == "cuda":
+        available = import_onnxruntime().get_available_providers()
+        if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
+            p.error(f"--provider cuda needs a GPU and onnxruntime-gpu (ONNX Runtime has {', '.join(available)})")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     torch.set_num_threads(args.threads)
     # patients interleaved (s01_b10, s02_b10, ...): a run stopped by --max-minutes still covers every patient
     images = sorted((Path(args.data) / "images").glob("*.png"), key=lambda p: (p.stem.split("_b")[-1], p.stem))
     images = images[: args.scans]
-    note(f"{len(images)} B-scans, {args.threads} threads, CPU {cpu_name()}, load {started_load}")
+    note(f"{len(images)} B-scans, {args.threads} threads, {args.provider}, CPU {cpu_name()}, load {started_load}")
     work = Path(tempfile.mkdtemp(prefix="onnx_cpu_"))
     adapter = Path(args.adapter) if args.adapter else make_adapter(work / "adapter")
     t = time.perf_counter()
@@ -200,20 +269,34 @@ def main(argv: list[str] | None = None) -> int:
     note(
         f"exported in {export_s or 0:.0f} s; export check (max relative difference): {spec['export_check_max_relative_difference']}"
     )
+
+    def ort_engine(onnx_folder: Path):
+        model = OnnxModel.load(onnx_folder, providers=providers, threads=args.threads)
+        return Segmenter(model, device=device, batch_size=1)
+
     engines: dict = {}
     if "torch-fp32" in variants:
-        engines["torch-fp32"] = Segmenter.from_pretrained(adapter, device="cpu", batch_size=1, precision="fp32")
+        engines["torch-fp32"] = Segmenter.from_pretrained(adapter, device=device, batch_size=1, precision="fp32")
     if "onnxruntime-fp32" in variants:
-        engines["onnxruntime-fp32"] = Segmenter(
-            OnnxModel.load(folder, threads=args.threads), device="cpu", batch_size=1
-        )
+        engines["onnxruntime-fp32"] = ort_engine(folder)
+    if "onnxruntime-fp32-fused" in variants:
+        t = time.perf_counter()
+        fused = fuse_for_onnxruntime(folder, work / "onnx-fused")
+        note(f"fused in {time.perf_counter() - t:.0f} s")
+        engines["onnxruntime-fp32-fused"] = ort_engine(fused)
+    if "onnxruntime-int8-matmul" in variants:
+        t = time.perf_counter()
+        quantised = quantise_matmuls(folder, work / "onnx-int8-matmul")
+        note(f"quantised (MatMul/Gemm) and fused in {time.perf_counter() - t:.0f} s")
+        engines["onnxruntime-int8-matmul"] = ort_engine(quantised)
     if "onnxruntime-int8" in variants:
         t = time.perf_counter()
         quantised = quantise(folder, work / "onnx-int8")
         note(f"quantised in {time.perf_counter() - t:.0f} s")
-        engines["onnxruntime-int8"] = Segmenter(
-            OnnxModel.load(quantised, threads=args.threads), device="cpu", batch_size=1
-        )
+        engines["onnxruntime-int8"] = ort_engine(quantised)
+    for variant, engine in engines.items():
+        if variant.startswith("onnxruntime"):
+            note(f"{variant}: providers {engine.model.providers}")
     runner = None
     if "runner-fp32" in variants:
         runner = load_runner()
@@ -309,12 +392,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     table = "\n".join(lines)
     env = env_record(args, started_load)
+    env["provider"] = args.provider
+    if args.provider == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["onnxruntime_providers"] = providers
     env["export_seconds"] = None if export_s is None else round(export_s, 1)
     env["export_check_max_relative_difference"] = spec["export_check_max_relative_difference"]
     (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(
         f"LiteMedSAM adapter, {done} of {len(images)} Duke B-scans (768 x 496), end to end per B-scan, {args.threads} threads, "
+        f"{env['gpu'] if args.provider == 'cuda' else 'CPU only'}, "
         f"{env['cpu']}; load average {started_load[0]:.1f} at start, {env['loadavg_at_end'][0]:.1f} at end.\n\n"
         + table
         + "\n"

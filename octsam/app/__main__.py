@@ -21,6 +21,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         help="adapter folder or Hub repo id; repeat to offer several in the page (the first is the default)",
     )
+    p.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "onnxruntime"],
+        help="torch: the adapters with PyTorch. onnxruntime: each --adapter names an ONNX folder from octsam-export "
+        "(or an adapter folder / Hub repo with onnx/), run with ONNX Runtime (fp32; same masks)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
@@ -55,12 +62,14 @@ def load(args: argparse.Namespace):
     """Load the adapters and the dataset split; OctSamError with a clear message when something is wrong."""
     from octsam.app.loading import dataset_scans, open_local
     from octsam.app.ui import AppConfig
-    from octsam.segmenter import Segmenter, resolve_device
+    from octsam.export.runtime import load_segmenter
+    from octsam.segmenter import resolve_device
 
     resolve_device(args.device)  # --device cuda without a GPU: refused before any adapter is loaded
+    engine = getattr(args, "engine", "torch")
     adapters = {}
     for name in args.adapter:
-        adapters[name] = Segmenter.from_pretrained(name, device=args.device)
+        adapters[name] = load_segmenter(engine, name, device=args.device)
     scans, volumes = open_local(args.open) if args.open else ([], [])
     message = f"opened {len(scans)} B-scan(s)" if scans else ""
     first = next(iter(adapters.values()))
@@ -77,6 +86,7 @@ def load(args: argparse.Namespace):
         initial_message=message,
         dataset_labels=first.labels if args.dataset else None,
         device=args.device,
+        engine=engine,
     )
 
 

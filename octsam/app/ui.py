@@ -24,6 +24,7 @@ from octsam.app.loading import open_uploads
 from octsam.app.session import TOOLS, Scan, Session
 from octsam.colors import class_color
 from octsam.errors import OctSamError
+from octsam.export.runtime import load_segmenter
 from octsam.segmenter import Segmenter
 from octsam.textsafe import html_text
 
@@ -41,6 +42,7 @@ class AppConfig:
     initial_message: str = ""
     dataset_labels: list[str] | None = None  # labels of the --dataset opened at start
     device: str = "auto"
+    engine: str = "torch"  # torch | onnxruntime: how an adapter chosen in the page (a Hub id) is run
     upload_root: Path | None = None  # where Gradio writes uploads (default: its temp folder)
 
     @property
@@ -337,7 +339,7 @@ def build_app(config: AppConfig) -> gr.Blocks:
                     raise OctSamError(
                         f"Adapter {name!r}: choose one the app was started with, or give a Hub repo id ORG/NAME."
                     )
-                segmenters[name] = Segmenter.from_pretrained(name, device=config.device)
+                segmenters[name] = load_segmenter(config.engine, name, device=config.device)
             labels = segmenters[name].labels
             if config.dataset_labels is not None and labels != config.dataset_labels:
                 raise OctSamError(

@@ -18,6 +18,9 @@ EPILOG = """examples:
   octsam-export --adapter ORG/NAME --output octsam-amd-onnx --overwrite
   python inference.py --engine onnxruntime --adapter octsam-amd-onnx --input scans/ --output predictions/
   python deploy/onnx_segment.py --model octsam-amd-onnx --input scan.png --output scan_mask.png   # torch-free
+
+ONNX Runtime's CUDA provider has not been measured (no GPU was lent); on a GPU with onnxruntime-gpu:
+  python benchmarks/onnx_cpu.py --provider cuda --out benchmarks/results/onnx_cuda
 """
 
 
@@ -33,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing, non-empty output folder.")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the adapter.")
     p.add_argument("--base-model", default=None, help="Local copy of the adapter's base (e.g. for offline use).")
+    p.add_argument(
+        "--fuse-for-onnxruntime",
+        action="store_true",
+        help="Also apply ONNX Runtime's fp32 graph fusions (GELU, LayerNorm; onnxruntime.transformers): faster on "
+        "ONNX Runtime's CPU, still checked against PyTorch, but the graphs then run on ONNX Runtime only.",
+    )
     return p
 
 
@@ -43,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     from octsam.export.spec import ONNX_SPEC_NAME
 
     folder = export_onnx(
-        args.adapter, args.output, overwrite=args.overwrite, revision=args.revision, base_model=args.base_model
+        args.adapter,
+        args.output,
+        overwrite=args.overwrite,
+        revision=args.revision,
+        base_model=args.base_model,
+        fuse=args.fuse_for_onnxruntime,
     )
     spec = json.loads((folder / ONNX_SPEC_NAME).read_text())
     checks = ", ".join(f"{k} {v:.1e}" for k, v in spec["export_check_max_relative_difference"].items())

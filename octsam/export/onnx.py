@@ -163,6 +163,56 @@ def _export_graph(module: nn.Module, name: str, args: tuple, names: dict, dynami
     program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
 
 
+def fuse_graph(source: Path, target: Path) -> bool:
+    """Write ``source`` to ``target`` with ONNX Runtime's transformer fusions (``onnxruntime.transformers``'
+    ``optimize_model``, fp32 throughout): GELU's erf pattern -> ``Gelu``/``BiasGelu``, LayerNorm and residual +
+    LayerNorm -> ``LayerNormalization``/``SkipLayerNormalization``; no attention fusion (SAM's attention has its own
+    shapes). The result uses ``com.microsoft`` contrib ops, so it runs on ONNX Runtime only. A graph with external
+    weights (over 1 GiB) is copied unchanged (False): the fusion tool's external-data handling is untested here."""
+    if source.with_name(source.name + ".data").exists() or source.stat().st_size > EXTERNAL_DATA_BYTES:
+        if source != target:
+            shutil.copy2(source, target)
+        return False
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_attention = False
+    options.enable_embed_layer_norm = False
+    options.enable_rotary_embeddings = False
+    options.enable_qordered_matmul = False
+    with _quiet_onnxruntime_tools():
+        fused = optimize_model(str(source), model_type="bert", optimization_options=options, opt_level=0)
+        fused.save_model_to_file(str(target))
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime_tools():
+    """The fusion tool logs each fusion at INFO/WARNING through the root logger's handlers: keep that out of the CLI."""
+    loggers = [logging.getLogger(name) for name in ("onnxruntime", "onnx_model", "fusion_base", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def fuse_for_onnxruntime(folder: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """A copy of an exported ONNX folder with every graph fused by :func:`fuse_graph` (what ``octsam-export
+    --fuse-for-onnxruntime`` writes, applied afterwards; checked against the unfused graphs by the benchmark)."""
+    folder, target = Path(folder), Path(target)
+    shutil.copytree(folder, target)
+    spec = json.loads((folder / ONNX_SPEC_NAME).read_text())
+    spec["onnxruntime_fusions"] = [role for role, name in spec["graphs"].items()
+                                   if fuse_graph(folder / name, target / name)]  # fmt: skip
+    (target / ONNX_SPEC_NAME).write_text(json.dumps(spec, indent=2) + "\n")
+    return target
+
+
 def _relative_difference(ours: np.ndarray, reference: torch.Tensor) -> float:
     ref = reference.detach().float().numpy()
     scale = max(float(np.abs(ref).max()), 1e-12)
@@ -201,8 +251,9 @@ def _example_pixels(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
 
 
-def export_model(model, folder: Path, export_id: str) -> dict:
-    """Write the graphs of a loaded (merged) model into ``folder``; the spec's graph and check entries."""
+def export_model(model, folder: Path, export_id: str, fuse: bool = False) -> dict:
+    """Write the graphs of a loaded (merged) model into ``folder``; the spec's graph and check entries. ``fuse``:
+    each graph is rewritten by :func:`fuse_graph` before its check against PyTorch."""
     config = model.config
     size = config.image_size
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -213,6 +264,12 @@ def export_model(model, folder: Path, export_id: str) -> dict:
     }
     checks: dict[str, float] = {}
     graphs: dict[str, str] = {}
+    fused: list[str] = []
+
+    def written(role: str, path: Path) -> None:
+        if fuse and fuse_graph(path, path):
+            fused.append(role)
+
     pixels = _example_pixels(2, size)
     if not base_of(config).peft_adapter:  # a whole network (the U-Net), no SAM parts
         graph = UNetGraph(model)
@@ -226,10 +283,11 @@ def export_model(model, folder: Path, export_id: str) -> dict:
             path,
             meta,
         )
+        written("unet", path)
         with torch.inference_mode():
             reference = graph(_example_pixels(3, size, 1))
         checks["unet"] = _check_graph(path, {"pixel_values": _example_pixels(3, size, 1)}, [reference], "U-Net")
-        return {"graphs": {"unet": UNET_GRAPH}, "checks": checks, "output_grid": size}
+        return {"graphs": {"unet": UNET_GRAPH}, "checks": checks, "output_grid": size, "fused": fused}
 
     encoder = EncoderGraph(model)
     _export_graph(
@@ -242,6 +300,7 @@ def export_model(model, folder: Path, export_id: str) -> dict:
         meta,
     )
     graphs["encoder"] = ENCODER_GRAPH
+    written("encoder", folder / ENCODER_GRAPH)
     check_pixels = _example_pixels(3, size, 1)
     with torch.inference_mode():
         embeddings = encoder(check_pixels)
@@ -264,6 +323,7 @@ def export_model(model, folder: Path, export_id: str) -> dict:
             meta,
         )
         graphs["decoder_automatic"] = AUTOMATIC_GRAPH
+        written("decoder_automatic", folder / AUTOMATIC_GRAPH)
         with torch.inference_mode():
             logits, iou = automatic(embeddings)
         output_grid = int(logits.shape[-1])
@@ -285,6 +345,7 @@ def export_model(model, folder: Path, export_id: str) -> dict:
         meta,
     )
     graphs["decoder_prompted"] = PROMPTED_GRAPH
+    written("decoder_prompted", folder / PROMPTED_GRAPH)
     check_coords = torch.tensor(
         [[[5.0, 6.0], [size / 2, size / 3], [0.0, 0.0]], [[size / 4, 2.0], [1.0, 1.0], [size - 1.0, size / 2]]]
     )
@@ -303,6 +364,7 @@ def export_model(model, folder: Path, export_id: str) -> dict:
         "checks": checks,
         "output_grid": output_grid,
         "embedding_shape": list(embeddings.shape[1:]),
+        "fused": fused,
     }
 
 
@@ -379,12 +441,14 @@ def export_onnx(
     revision: str | None = None,
     base_model: str | None = None,
     model=None,
+    fuse: bool = False,
 ) -> Path:
     """Export an adapter folder or Hub repo (or an already loaded ``model``) to the ONNX folder ``output``.
 
     The folder is written next to ``output`` and renamed into place, so ``output`` is either the old folder or the
     complete new one; an existing non-empty ``output`` is refused without ``overwrite``. Each graph is run with ONNX
-    Runtime against PyTorch before the folder is kept (``CHECK_TOLERANCE``).
+    Runtime against PyTorch before the folder is kept (``CHECK_TOLERANCE``). ``fuse``: the graphs get ONNX Runtime's
+    fp32 fusions (:func:`fuse_graph`; faster on ONNX Runtime, not portable to other runtimes) before that check.
     """
     output = Path(output).expanduser()
     tmp = _prepare_output(output, overwrite)
@@ -394,8 +458,10 @@ def export_onnx(
             model = load_for_export(adapter, revision=revision, base_model=base_model)
         export_id = uuid.uuid4().hex
         with torch.inference_mode(False), torch.no_grad():
-            exported = export_model(model, tmp, export_id)
+            exported = export_model(model, tmp, export_id, fuse=fuse)
         spec = build_spec(model.config, exported, export_id, str(adapter))
+        if fuse:
+            spec["onnxruntime_fusions"] = exported["fused"]
         spec["export_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / ONNX_SPEC_NAME).write_text(json.dumps(spec, indent=2) + "\n")
         _move_into_place(tmp, output)

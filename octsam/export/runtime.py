@@ -118,6 +118,11 @@ class OnnxModel:
         return f"ONNX folder {self.folder} ({', '.join(self.spec['graphs'].values())})"
 
     @property
+    def supports_prompts(self) -> bool:
+        """Whether clicks and boxes can be decoded (the app asks): the folder has the prompted decoder graph."""
+        return "decoder_prompted" in self.sessions
+
+    @property
     def providers(self) -> list[str]:
         return next(iter(self.sessions.values())).get_providers()
 

@@ -69,12 +69,20 @@ def _encoders() -> tuple[str, ...]:
     return tuple(b.name for b in registered() if b.peft_adapter)
 
 
+# How automatic mode turns the mask decoder into K class outputs (octsam.models.sam): "class_tokens" decodes each class
+# with its own learned prompt tokens (K decoder passes); "mask_tokens" decodes once with one learned prompt and reads
+# class k from SAM's k-th multimask output token (as SAMed does; at most MASK_TOKEN_CLASSES classes), with the
+# decoder's output head (upscaling + hypernetwork MLPs) trained.
+AUTOMATIC_HEADS = ("class_tokens", "mask_tokens")
+MASK_TOKEN_CLASSES = 3
+
 # The constraint table of an adapter's settings (octsam.options); train.py's options of the same names copy theirs.
 ADAPTER_CHECKS = {
     "labels": All((Length(tuple(range(2, 256))), Each(NonEmpty()))),
     "base_model": NonEmpty(),
     "mode": Choice(("automatic", "prompted")),
     "class_activation": Choice(("softmax", "sigmoid")),
+    "automatic_head": Choice(AUTOMATIC_HEADS),
     "image_size": Range(1),
     "image_mean": All((Length((1, 3)), Each(Range()))),
     "image_std": All((Length((1, 3)), Each(Range(0, min_open=True)))),
@@ -103,6 +111,7 @@ class OctSamConfig:
     architecture: str = "sam"
     mode: str = "automatic"
     class_activation: str = "softmax"
+    automatic_head: str = "class_tokens"  # adapters written before this field existed used class tokens
     image_size: int = 1024
     image_mean: tuple[float, ...] = SAM_IMAGE_MEAN
     image_std: tuple[float, ...] = SAM_IMAGE_STD
@@ -142,6 +151,15 @@ class OctSamConfig:
         if unknown:
             raise OptionError("lora_target_modules", self.lora_target_modules, f"roles of {self.encoder}: "
                               f"{', '.join(sorted(roles))}")  # fmt: skip
+        if (
+            self.mode == "automatic"
+            and self.automatic_head == "mask_tokens"
+            and self.num_labels - 1 > MASK_TOKEN_CLASSES
+        ):
+            raise OptionError(
+                "automatic_head", self.automatic_head, f"at most {MASK_TOKEN_CLASSES} biomarker classes (SAM's "
+                f"multimask outputs; these labels have {self.num_labels - 1}); use class_tokens for more"
+            )  # fmt: skip
         if self.train_mask_decoder and "decoder_attention" in self.lora_target_modules:
             raise OctSamError(
                 "lora_target_modules 'decoder_attention' and train_mask_decoder=true both train the mask decoder; "

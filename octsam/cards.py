@@ -252,7 +252,12 @@ def render_adapter_card(
         ("mask decoder", "fully trained" if config.train_mask_decoder else "frozen (or LoRA)"),
     ]
     if config.mode == "automatic":
-        config_rows.append(("prompt tokens per class", str(config.tokens_per_class)))
+        mask_tokens = getattr(config, "automatic_head", "class_tokens") == "mask_tokens"
+        config_rows.append(("automatic head", "SAM's multimask output tokens, one per class; output head trained"
+                            if mask_tokens else "learned prompt tokens per class"))  # fmt: skip
+        config_rows.append(
+            ("prompt tokens" if mask_tokens else "prompt tokens per class", str(config.tokens_per_class))
+        )
     config_rows.append(("octsam version", config.octsam_version))
     trained_parts = ", ".join(
         part

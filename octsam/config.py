@@ -136,7 +136,14 @@ class ModelArguments:
     class_activation: str = _adapter_field(
         "class_activation", "softmax: classes compete (one per pixel); sigmoid: overlapping."
     )
-    tokens_per_class: int = _adapter_field("tokens_per_class", "Learned prompt tokens per class (automatic).")
+    automatic_head: str = _adapter_field(
+        "automatic_head",
+        "Automatic mode: class_tokens (learned prompt tokens per class, one decoder pass each) or mask_tokens (one "
+        "pass, class k from SAM's k-th multimask output, output head trained; up to 3 classes, 3x cheaper).",
+    )
+    tokens_per_class: int = _adapter_field(
+        "tokens_per_class", "Learned prompt tokens per class (automatic; mask_tokens: of the one shared prompt)."
+    )
     lora_r: int = _adapter_field("lora_r", "LoRA rank.")
     lora_alpha: int = _adapter_field("lora_alpha", "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _adapter_field("lora_dropout", "Dropout on the LoRA path.")

@@ -3,7 +3,11 @@
 Automatic mode (default): every foreground class k gets ``tokens_per_class`` learned prompt tokens, initialised from
 SAM's own embedding of a whole-image box prompt (so training starts from "segment the object in this box" rather than
 from noise). All K classes go through SAM's pretrained mask decoder in one forward pass (as K prompt sets of the
-decoder's point batch), giving one mask logit per class.
+decoder's point batch), giving one mask logit per class. ``automatic_head: mask_tokens`` instead decodes once with
+one learned prompt and reads class k from SAM's k-th multimask output token (SAMed's head; up to 3 classes), training
+the decoder's output head (upscaling + hypernetwork MLPs): a third of the decoder work per step, and each class starts
+from its own pretrained output token instead of K copies of one prompt. On the CPU demo it learns in 10 epochs what
+class tokens did not reach in 15 (benchmarks/results/demo_recipe/).
 
 Class activation (``class_activation``):
 - ``softmax`` (default): classes compete. The background logit is fixed at 0 and the K class logits are SAM's mask
@@ -34,6 +38,7 @@ from torch import nn
 from octsam.adapter import (
     ADAPTER_CONFIG_NAME,
     CLASS_PROMPTS_MODULE,
+    MASK_TOKEN_CLASSES,
     OFFLINE_HINT,
     OctSamConfig,
     check_adapter_folder,
@@ -190,7 +195,8 @@ def box_prompt_embedding(sam, image_size: int) -> torch.Tensor:
 
 
 class ClassPrompts(nn.Module):
-    """Learned prompt tokens, ``tokens_per_class`` per foreground class (K, T, D)."""
+    """Learned prompt tokens (S, T, D): ``tokens_per_class`` per foreground class (S = K), or one set shared by all
+    classes (S = 1, the mask_tokens head)."""
 
     def __init__(self, num_classes: int, tokens_per_class: int, hidden_size: int):
         super().__init__()
@@ -198,6 +204,21 @@ class ClassPrompts(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.weight
+
+
+# The mask decoder's output head that the mask_tokens head trains (when the whole decoder is not trained anyway):
+# the upscaling and the hypernetwork MLPs of the three multimask output tokens.
+MASK_TOKEN_HEAD_MODULES = (
+    "upscale_conv1",
+    "upscale_conv2",
+    "upscale_layer_norm",
+    *(f"output_hypernetworks_mlps.{k}" for k in range(1, MASK_TOKEN_CLASSES + 1)),
+)
+
+
+def _prompt_sets(cfg: OctSamConfig) -> int:
+    """Learned prompt sets of automatic mode: one per class, or one shared by all (mask_tokens head)."""
+    return 1 if cfg.automatic_head == "mask_tokens" else cfg.num_labels - 1
 
 
 def _lora_config(cfg: OctSamConfig):
@@ -209,6 +230,8 @@ def _lora_config(cfg: OctSamConfig):
         modules_to_save.append("mask_decoder")
     if cfg.mode == "automatic":
         modules_to_save.append(CLASS_PROMPTS_MODULE)
+        if cfg.automatic_head == "mask_tokens" and not cfg.train_mask_decoder:
+            modules_to_save.extend(MASK_TOKEN_HEAD_MODULES)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -311,7 +334,7 @@ class OctSamModel(nn.Module):
     def _attach_class_prompts(sam: nn.Module, config: OctSamConfig) -> None:
         if config.mode == "automatic":
             hidden = sam.config.prompt_encoder_config.hidden_size
-            sam.add_module(CLASS_PROMPTS_MODULE, ClassPrompts(config.num_labels - 1, config.tokens_per_class, hidden))
+            sam.add_module(CLASS_PROMPTS_MODULE, ClassPrompts(_prompt_sets(config), config.tokens_per_class, hidden))
 
     @classmethod
     def from_pretrained(
@@ -442,6 +465,8 @@ class OctSamModel(nn.Module):
             sparse = prompts.unsqueeze(0).expand(batch, -1, -1, -1)
             grid = embeddings.shape[-1]
             dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, grid, grid)
+            # mask_tokens: one prompt set, and the multimask outputs (tokens 1-3) are the classes
+            multimask_output = self.config.automatic_head == "mask_tokens"
         masks, iou = sam.mask_decoder(
             image_embeddings=embeddings,
             image_positional_embeddings=positional,
@@ -450,6 +475,9 @@ class OctSamModel(nn.Module):
             multimask_output=multimask_output,
         )
         if not prompted:
+            if multimask_output:
+                classes = self.config.num_labels - 1
+                return masks[:, 0, :classes], iou[:, 0, :classes]
             return masks[:, :, 0], iou[:, :, 0]
         return masks, iou
 

@@ -146,8 +146,8 @@ def prepare_output_dir(args: TrainArguments, main_process: bool = True) -> Path:
 
 #: What shapes a trained network: a checkpoint resumed with other values would not load, or would silently train at
 #: another size (the U-Net's unet_image_size is its image_size).
-NETWORK_SETTINGS = ("architecture", "mode", "image_size", "tokens_per_class", "lora_r", "lora_target_modules",
-                    "input_mode", "encoder")  # fmt: skip
+NETWORK_SETTINGS = ("architecture", "mode", "automatic_head", "image_size", "tokens_per_class", "lora_r",
+                    "lora_target_modules", "input_mode", "encoder")  # fmt: skip
 NETWORK_EXTRAS = ("unet_channels", "unet_variant")
 
 

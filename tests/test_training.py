@@ -320,3 +320,32 @@ def test_a_compiled_run_validates_the_same_module_uncompiled():
     assert validation_model(accelerator, plain, compiled=False) is plain
     x = torch.randn(3, 4)
     torch.testing.assert_close(eval_module(x), compiled(x))
+
+
+def test_flip_only_augmentation_keeps_the_embedding_cache(tmp_path, shape_dataset, tiny_base, monkeypatch):
+    """Flips make at most two images of a B-scan, so a frozen encoder's embeddings stay cached (exactly: keyed by
+    the pixels); a rotation or a brightness change turns the cache off."""
+    from octsam.data.augment import AugmentConfig
+    from octsam.training import embedding_cache
+
+    assert AugmentConfig(rotate_p=0, brightness_contrast_p=0).finite
+    assert not AugmentConfig().finite and not AugmentConfig(rotate_p=0).finite
+    assert AugmentConfig(rotate_limit=0, brightness_limit=0, contrast_limit=0).finite
+    caches = []
+    original = embedding_cache.enable_embedding_cache
+
+    def spy(*args, **kwargs):
+        caches.append(original(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(embedding_cache, "enable_embedding_cache", spy)
+    frozen = ("--lora-target-modules", "decoder_attention", "--train-mask-decoder", "false", "--num_train_epochs",
+              "4", "--early_stopping_patience", "0", "--evaluate_test", "false", "--augment", "true", "--hflip-p",
+              "0.5")  # fmt: skip
+    train(*parse_config(run_args(shape_dataset, tiny_base, tmp_path / "flips", *frozen, "--rotate-p", "0",
+                                 "--brightness-contrast-p", "0")))  # fmt: skip
+    cache = caches[-1]
+    scans = 8 + 4  # train + validation B-scans of the shape dataset
+    assert cache is not None and cache.misses <= 8 * 2 + 4 and cache.hits >= 4 * scans - cache.misses
+    train(*parse_config(run_args(shape_dataset, tiny_base, tmp_path / "rotations", *frozen)))
+    assert caches[-1] is None

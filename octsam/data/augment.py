@@ -21,6 +21,15 @@ class AugmentConfig:
     contrast_limit: float = 0.2
     brightness_contrast_p: float = 0.5
 
+    @property
+    def finite(self) -> bool:
+        """True when the augmentation makes only finitely many images of a B-scan - flips alone (no rotation, no
+        brightness/contrast change) - so a frozen encoder's embeddings can still be cached exactly: each B-scan and
+        its mirror image are encoded once (octsam.training.embedding_cache)."""
+        rotates = self.rotate_p > 0 and self.rotate_limit > 0
+        shades = self.brightness_contrast_p > 0 and (self.brightness_limit > 0 or self.contrast_limit > 0)
+        return not rotates and not shades
+
 
 def build_augmentation(cfg: AugmentConfig) -> A.Compose:
     """Flips, small rotations (image bilinear, mask nearest, borders filled with ignore) and brightness/contrast."""

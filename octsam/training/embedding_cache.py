@@ -111,7 +111,7 @@ def enable_embedding_cache(
     model, augmented: bool, limit_bytes: int = DEFAULT_LIMIT_BYTES, directory=None
 ) -> EmbeddingCache | None:
     """Cache the image embeddings of ``model`` when that is exact: the encoder is frozen and the inputs repeat (no
-    augmentation). Returns the cache (its ``hits``/``misses`` say how much it saved), or None. With ``directory``
+    augmentation, or one that makes finitely many images, ``AugmentConfig.finite``: flips). Returns the cache (its ``hits``/``misses`` say how much it saved), or None. With ``directory``
     the embeddings are also kept on disk (safetensors, keyed by the base's weights and the pixels), so that runs on
     the same B-scans - cross-validation folds, modes - share them."""
     from octsam.bases import base_of
@@ -123,5 +123,5 @@ def enable_embedding_cache(
     namespace = f"{config.encoder}:{config.base_model}:{config.base_sha256}:{config.image_size}:{config.resize}:"
     cache = EmbeddingCache(encoder, limit_bytes, directory, namespace + config.normalization)
     encoder.forward = cache
-    logger.info("image encoder frozen and no augmentation: embeddings are computed once and reused every epoch")
+    logger.info("image encoder frozen and inputs that repeat: embeddings are computed once and reused every epoch")
     return cache

@@ -417,7 +417,9 @@ def _train(model_args: ModelArguments, data_args: DataArguments, train_args: Tra
     if train_args.cache_embeddings and not (train_args.compile and torch.cuda.is_available()):
         from octsam.training.embedding_cache import enable_embedding_cache
 
-        enable_embedding_cache(model, augmented=augment is not None, directory=train_args.embedding_cache_dir)
+        enable_embedding_cache(
+            model, augmented=augment is not None and not augment.finite, directory=train_args.embedding_cache_dir
+        )
     tiles = tile_config(config, data_args)
     train_data = SegmentationSamples(
         train_split,

@@ -1495,6 +1495,7 @@ def write_results(out: Path, probe_lines, summary, results, skipped, lost, secon
     """The raw output of a run (``--out``): what was printed, every probe's outcome and where it ran."""
     from benchmarks.common import environment
 
+    env = environment([Path(sys.executable).name, *sys.argv])  # before writing: git_dirty is about the code run
     out.mkdir(parents=True, exist_ok=True)
     (out / "probes.log").write_text("\n".join(probe_lines) + "\n")
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
@@ -1506,7 +1507,6 @@ def write_results(out: Path, probe_lines, summary, results, skipped, lost, secon
     record["data_lost"] = lost
     record["counts"] = {group: [sum(bool(ok) for _, ok, _ in rows), len(rows)] for group, rows in results.items()}
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    env = environment([Path(sys.executable).name, *sys.argv])
     env.update(
         {
             "seconds": round(seconds, 1),

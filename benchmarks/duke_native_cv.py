@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cpu_name, log  # noqa: E402
+from benchmarks.common import environment, log  # noqa: E402
 from benchmarks.duke_cv import RAW, build_folds, cache_embeddings_everywhere  # noqa: E402
 
 # what can be trained per fold: name -> (folder, method name in the tables, train.py arguments after --config)
@@ -75,35 +75,6 @@ DIFFERENCES = (
     ("LoRA prompted native", "zero-shot native"),
     ("LoRA prompted native", "LoRA prompted (shrunk)"),
 )
-
-
-def environment(command: list[str]) -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    versions = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "monai", "datasets", "numpy", "triton"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "octsam", "benchmarks", "configs"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return {
-        "cpu": cpu_name(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cuda": torch.version.cuda,
-        "versions": versions,
-        "python": sys.version.split()[0],
-        "git_commit": commit.strip(),
-        "git_dirty": bool(dirty),
-        "command": " ".join(command),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-    }
 
 
 def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int, time_limit: float | None) -> dict:

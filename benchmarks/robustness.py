@@ -3,6 +3,7 @@
     python benchmarks/robustness.py            # all probes (about 3 minutes on 2 CPU cores)
     python benchmarks/robustness.py --quick    # bad inputs and security probes only (in-process)
     python benchmarks/robustness.py --security # the security probes only
+    python benchmarks/robustness.py --out benchmarks/results/robustness   # also keep the raw output there
 
 A bad input is *handled cleanly* when the command ends with the expected exit status, a message that names the
 problem (``error:``/``failed:``/``warning:``), no traceback, no code executed from a file it read, and no litter or
@@ -1418,10 +1419,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="bad inputs and security probes only (no faults)")
     parser.add_argument("--security", action="store_true", help="the security probes only (issue 22)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="also write the raw output to this folder: probes.log (one line per probe, as printed), summary.txt, "
+        "results.json (every probe's outcome) and env.json (CPU, versions, git commit, command, seconds)",
+    )
     args = parser.parse_args(argv)
     logging.disable(logging.NOTSET)
     root = Path(tempfile.mkdtemp(prefix="octsam-robustness-"))
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
+    probe_lines: list[str] = []
+    summary: list[str] = []
+
+    def report(line: str, lines: list[str]) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     try:
         world = World(root)
         results = {"bad inputs handled cleanly": [], "faults survived": []}
@@ -1432,7 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001
                 ok, why = False, f"probe crashed: {type(err).__name__}: {err}"
             results["bad inputs handled cleanly"].append((name, ok, why))
-            print(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", flush=True)
+            report(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", probe_lines)
         results["security held"] = []
         for name, probe in security(world):
             try:
@@ -1440,7 +1455,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001
                 ok, why = False, f"probe crashed: {type(err).__name__}: {err}"
             results["security held"].append((name, ok, why))
-            print(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", flush=True)
+            report(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", probe_lines)
         skipped = []
         if not (args.quick or args.security):
             reference = root / "reference"
@@ -1451,26 +1466,56 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # noqa: BLE001
                     ok, why, data_lost = False, f"probe crashed: {type(err).__name__}: {err}", False
                 if ok is None:
-                    skipped.append(name)
-                    print(f"skip {name}: {why}", flush=True)
+                    skipped.append((name, why))
+                    report(f"skip {name}: {why}", probe_lines)
                     continue
                 results["faults survived"].append((name, ok, why))
                 if data_lost:
                     lost.append(name)
-                print(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", flush=True)
+                report(f"{'ok  ' if ok else 'FAIL'} {name}: {why}", probe_lines)
         print()
         for label, rows in results.items():
             if rows:
-                print(f"{label}: {sum(ok for _, ok, _ in rows)} of {len(rows)}")
+                report(f"{label}: {sum(ok for _, ok, _ in rows)} of {len(rows)}", summary)
         if skipped:
-            print(f"skipped (no tmpfs): {len(skipped)}")
-        print(f"data lost: {'nowhere' if not lost else ', '.join(lost)}")
-        print(f"({time.perf_counter() - started:.0f} s)")
+            report(f"skipped (no tmpfs): {len(skipped)}", summary)
+        report(f"data lost: {'nowhere' if not lost else ', '.join(lost)}", summary)
+        seconds = time.perf_counter() - started
+        report(f"({seconds:.0f} s)", summary)
         failed = sum(not ok for rows in results.values() for _, ok, _ in rows)
+        if args.out is not None:
+            write_results(args.out, probe_lines, summary, results, skipped, lost, seconds, load_at_start)
         return 1 if failed or lost else 0
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def write_results(out: Path, probe_lines, summary, results, skipped, lost, seconds: float, load_at_start) -> None:
+    """The raw output of a run (``--out``): what was printed, every probe's outcome and where it ran."""
+    from benchmarks.common import environment
+
+    env = environment([Path(sys.executable).name, *sys.argv])  # before writing: git_dirty is about the code run
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probes.log").write_text("\n".join(probe_lines) + "\n")
+    (out / "summary.txt").write_text("\n".join(summary) + "\n")
+    record = {
+        group: [{"probe": name, "ok": bool(ok), "detail": why} for name, ok, why in rows]
+        for group, rows in results.items()
+    }
+    record["skipped"] = [{"probe": name, "detail": why} for name, why in skipped]
+    record["data_lost"] = lost
+    record["counts"] = {group: [sum(bool(ok) for _, ok, _ in rows), len(rows)] for group, rows in results.items()}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    env.update(
+        {
+            "seconds": round(seconds, 1),
+            "loadavg_at_start": [round(x, 2) for x in load_at_start],
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        }
+    )
+    (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -816,6 +816,34 @@ def test_sigterm_during_evaluation_leaves_no_lock_or_staging(small_dataset, adap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hook.py"]
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigterm_while_a_write_hangs_stops_promptly(writer, adapter, tmp_path, capsys):
+    """SIGTERM to inference.py --overwrite while a writer hangs in the 2nd B-scan's write (120 s): the run stops
+    within seconds (it waited for the hung writer, then was killed after 60 s) with status 130 and no traceback,
+    the old output is untouched, no lock is left and no writer outlives it (a surviving writer process would hold
+    the pipes that ``communicate`` reads to the end); the same command with --resume then completes the run."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 48), 60 + 20 * i, np.uint8)).save(scans / f"scan{i}.png")
+    out = tmp_path / "pred"
+    argv = ["--adapter", str(adapter), "--input", str(scans), "--output", str(out), "--quiet", "--writer", writer,
+            "--write-workers", "1", "--batch-size", "1"]  # fmt: skip
+    assert infer_main(argv) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = hooked_process(tmp_path, "octsam.infer.run", "write_scan", 2, "infer", [*argv, "--overwrite"])
+    started = time.monotonic()
+    code, err = kill(proc, signal.SIGTERM)
+    seconds = time.monotonic() - started
+    assert code == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert seconds < 15, f"stopping took {seconds:.1f} s"
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p.name for p in tmp_path.iterdir() if "lock" in p.name or ".tmp-" in p.name]
+    assert infer_main([*argv, "--resume"]) == 0, capsys.readouterr().err[-3000:]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"scan{i}.png" for i in range(3)]
+    assert not list(tmp_path.glob(".pred*"))
+
+
 # ------------------------------------------------------------------------------------------------ 10. messages that name the real problem
 @pytest.mark.parametrize("damage", ["peft-config-not-json", "peft-config-not-lora", "tensor-header-shape"])
 def test_damaged_adapter_files_are_named_not_blamed_on_the_base(damage, adapter, tmp_path, capsys):

@@ -31,7 +31,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from octsam.errors import OctSamError
 from octsam.infer.archive import Journal, Processes, count_lines, latest_entries, read_journal, run_folder
 from octsam.infer.inputs import ScanInput, collect_inputs
 from octsam.infer.outputs import OutputSettings, ScanOutput, write_scan, write_summary
+from octsam.infer.pools import WorkerThreads, stop_pool, writer_process_init
 from octsam.segmenter import device_name, resolve_device
 from octsam.speed import SpeedPlan, plan_speed
 
@@ -130,7 +131,7 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
     if kind == "auto":
         kind = "process" if device_type == "cuda" else "thread"
     if kind == "thread":
-        return ThreadPoolExecutor(workers, thread_name_prefix="octsam-write")
+        return WorkerThreads(workers, "octsam-write")  # daemons: a hung write never holds up a stop
     if kind != "process":
         raise OctSamError(f"--writer must be auto, thread or process, got {kind!r}.")
     import multiprocessing
@@ -146,7 +147,9 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
     previous = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=writer_process_init
+        )
         for future in [pool.submit(os.getpid) for _ in range(workers)]:  # a fork pool starts all its processes
             future.result()
     finally:
@@ -520,7 +523,7 @@ class _ModelAndWriters:
         try:
             folder, plan, segmenter, load_s = load_segmenter(args, device_type, self.num_scans, device)
         except BaseException:
-            self.writers.shutdown(wait=True, cancel_futures=True)
+            stop_pool(self.writers)
             raise
         timings = Timings(started=self.started, load_s=load_s)
         return InferenceRun(
@@ -528,8 +531,11 @@ class _ModelAndWriters:
             segmenter.batch_size, self.processes, Journal(self.tmp, self.processes),
         )  # fmt: skip
 
-    def __exit__(self, *exc) -> None:
-        self.writers.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.writers.shutdown(wait=True)
+        else:  # Ctrl-C, SIGTERM or an error: cancel what waits, give what runs STOP_GRACE_S, end the rest
+            stop_pool(self.writers)
 
 
 @dataclass
@@ -610,7 +616,7 @@ def _segment_scans(
     drained = 0  # pending[:drained] are written and in the journal
     bar = _progress(ctx, total, done_before, args.quiet)
     timings.loop_start = time.perf_counter()
-    with ThreadPoolExecutor(read_workers, thread_name_prefix="octsam-read") as readers:
+    with WorkerThreads(read_workers, "octsam-read") as readers:  # a stop waits at most STOP_GRACE_S for them
         try:
             loaded = _prefetch(readers, load, scans, ahead=2 * ctx.batch_size + read_workers)
             for batch in _batches(scans, ctx.batch_size):

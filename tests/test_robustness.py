@@ -844,6 +844,64 @@ def test_sigterm_while_a_write_hangs_stops_promptly(writer, adapter, tmp_path, c
     assert not list(tmp_path.glob(".pred*"))
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); [] for a process gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid``, found in /proc."""
+    parents = {int(p.name): int(fields[1]) for p in Path("/proc").glob("[0-9]*") if len(fields := _stat(p.name)) > 1}
+    found, todo = set(), [pid]
+    while todo:
+        above = todo.pop()
+        below = [child for child, parent in parents.items() if parent == above]
+        found.update(below)
+        todo.extend(below)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie - ended, not yet reaped by whoever adopted it - does not)."""
+    return _stat(pid)[:1] not in ([], ["Z"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the writer processes in /proc")
+def test_kill_9_while_a_writer_process_hangs_leaves_no_writer(adapter, tmp_path):
+    """kill -9 to inference.py --writer process while its writer hangs in the 2nd B-scan's write (120 s): every
+    writer process ends within seconds. A forked writer holds its own copy of the write end of the pipe it reads its
+    work from, so it never sees end-of-file and, before the fix, stayed alive (adopted by init) for the whole 120 s,
+    holding the pipes of whoever started the run."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 48), 60 + 20 * i, np.uint8)).save(scans / f"scan{i}.png")
+    argv = ["--adapter", str(adapter), "--input", str(scans), "--output", str(tmp_path / "pred"), "--quiet",
+            "--writer", "process", "--write-workers", "2", "--batch-size", "1"]  # fmt: skip
+    proc = hooked_process(tmp_path, "octsam.infer.run", "write_scan", 2, "infer", argv)
+    writers: set[int] = set()
+    try:
+        writers = _descendants(proc.pid)
+        assert len(writers) >= 2, writers
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(map(_alive, writers)):
+            time.sleep(0.1)
+        assert not [pid for pid in writers if _alive(pid)], "writer processes outlived kill -9 of inference.py"
+    finally:
+        proc.kill()
+        for pid in writers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()  # not read to the end: a writer left alive would hold them open
+        proc.stderr.close()
+        proc.wait(10)
+
+
 # ------------------------------------------------------------------------------------------------ 10. messages that name the real problem
 @pytest.mark.parametrize("damage", ["peft-config-not-json", "peft-config-not-lora", "tensor-header-shape"])
 def test_damaged_adapter_files_are_named_not_blamed_on_the_base(damage, adapter, tmp_path, capsys):

@@ -11,8 +11,11 @@ that B-scan again and a discarded staging folder takes it with it.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +24,8 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 #: Seconds a stopped run waits for the reads and writes under way (a B-scan's write takes ~40 ms of CPU; a stop must
 #: not wait for one that hangs).
 STOP_GRACE_S = 2.0
+#: prctl(2) option: the signal this process gets when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 class WorkerThreads(Executor):
@@ -114,9 +119,39 @@ def stop_pool(pool: Executor, grace: float = STOP_GRACE_S) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def writer_process_init() -> None:
+def writer_process_init(parent: int | None = None) -> None:
     """In each writer process: Ctrl-C in a terminal (SIGINT to the whole process group) is for the main process to
     handle - it stops the run and ends the writers - and SIGTERM ends a writer quietly rather than with the main
-    process's handler (inherited by the fork) raising KeyboardInterrupt inside it."""
+    process's handler (inherited by the fork) raising KeyboardInterrupt inside it. With ``parent`` (the pid of the
+    process that made the pool), the writer also ends when that process does: see :func:`die_with_parent`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if parent is not None:
+        die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` ends, even by kill -9. A forked writer holds its own copy of the write end of
+    the pipe it reads its work from, so it never sees end-of-file: after a kill -9 of the main process the writers
+    were adopted by init and stayed blocked for good (or until a hung write ended), holding the pipes of whoever
+    started the run (issue 22). Linux: the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``; nothing
+    of the abandoned B-scan is in the journal, so ``--resume`` writes it again); then a check that the parent had not
+    already gone before the request. Elsewhere (macOS) a daemon thread polls the parent pid once a second.
+    ``PR_SET_PDEATHSIG`` follows the parent *thread* that forked the writer: a pool must be made by the thread that
+    uses it (an inference run makes and stops its pool inside one ``with`` block)."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:  # CDLL(None): the C library already loaded (find_library would start ldconfig from the child)
+            armed = ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the request (or before this check)
+        os._exit(1)
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="octsam-parent-watch", daemon=True).start()

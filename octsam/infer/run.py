@@ -148,7 +148,10 @@ def start_writers(kind: str, workers: int, device_type: str) -> Executor:
     cv2.setNumThreads(1)
     try:
         pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("fork"), initializer=writer_process_init
+            workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=writer_process_init,
+            initargs=(os.getpid(),),  # the writers end with this process, even after kill -9
         )
         for future in [pool.submit(os.getpid) for _ in range(workers)]:  # a fork pool starts all its processes
             future.result()

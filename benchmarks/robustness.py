@@ -189,6 +189,31 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); [] for a process gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below ``pid``, found in /proc (Linux)."""
+    parents = {int(p.name): int(f[1]) for p in Path("/proc").glob("[0-9]*") if len(f := proc_stat(p.name)) > 1}
+    found, todo = set(), [pid]
+    while todo:
+        above = todo.pop()
+        below = [child for child, parent in parents.items() if parent == above]
+        found.update(below)
+        todo.extend(below)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie - ended, not yet reaped by whoever adopted it - does not)."""
+    return proc_stat(pid)[:1] not in ([], ["Z"])
+
+
 def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
@@ -1203,6 +1228,36 @@ def faults(w: World, reference: Path) -> list[tuple[str, Callable[[], tuple[bool
     infer_fault("kill -9 while writing", signal.SIGKILL, False)
     infer_fault("kill -9 while writing with --overwrite", signal.SIGKILL, True)
     infer_fault("SIGTERM while writing with --overwrite", signal.SIGTERM, True)
+
+    def writers_die_with_the_run():
+        tmp = w.fresh("writers")
+        args = ["--adapter", str(w.adapter), "--input", str(w.scans), "--output", str(tmp / "pred"), "--quiet",
+                "--writer", "process", "--write-workers", "2", "--batch-size", "1"]  # fmt: skip
+        proc = start(tmp, "infer", args, ("octsam.infer.run", "write_scan", 2))  # a writer hangs in a write
+        writers: set[int] = set()
+        try:
+            if not wait_for(proc, "REACHED"):
+                return False, "the hanging write was not reached", False
+            writers = descendants(proc.pid)
+            proc.kill()
+            proc.wait(10)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(map(running, writers)):
+                time.sleep(0.1)
+            left = sorted(pid for pid in writers if running(pid))
+            return not left and len(writers) >= 2, f"{len(writers)} writers, alive 10 s after kill -9: {left}", False
+        finally:
+            proc.kill()
+            for pid in writers:
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
+            proc.stdout.close()  # not read to the end: a writer left alive would hold them open
+            proc.stderr.close()
+            proc.wait(10)
+
+    if Path("/proc/self/stat").exists():  # the writers are found in /proc
+        probes.append(("inference --writer process: kill -9 while a writer hangs, no writer outlives it",
+                       writers_die_with_the_run))  # fmt: skip
 
     def concurrent(name, entry, make, n):
         def probe():

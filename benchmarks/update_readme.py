@@ -27,6 +27,14 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the README shows it: relative to the repository when inside it."""
+    try:
+        return Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 def demo_block(results: Path) -> str:
     summary = json.loads((results / "comparison.json").read_text())
     labels = summary["labels"][1:]
@@ -45,7 +53,7 @@ def demo_block(results: Path) -> str:
     note = (
         f"\n{summary['n_images']} test B-scans of {summary['n_patients']} patients"
         + (f"; the demo ran {float(seconds.read_text()) / 60:.1f} min" if seconds.is_file() else "")
-        + " (`demo_output/results/report.md`)."
+        + f" (`{_shown(results)}/report.md`)."
     )
     return "\n".join(lines) + "\n" + note
 

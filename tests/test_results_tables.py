@@ -1,5 +1,6 @@
-"""The README's Duke tables are generated from raw output committed under benchmarks/results: regenerate each from its
-per-B-scan CSVs and compare with what the README (and the run's own cv_table.md) says."""
+"""The README's Duke and demo tables are generated from raw output committed under benchmarks/results: regenerate
+each from its per-B-scan CSVs (the demo's from its comparison.json) and compare with what the README (and the run's
+own cv_table.md) says."""
 
 from __future__ import annotations
 
@@ -43,3 +44,10 @@ def test_duke_native_cpu_cv_table_regenerates_from_its_csvs():
     regenerated = table(summarise(results, folds, n_bootstrap=2000, seed=0))
     assert table_rows(regenerated) == table_rows((results / "cv_table.md").read_text())
     assert table_rows(regenerated) == table_rows(readme_block("duke-native-cpu"))
+
+
+def test_demo_table_regenerates_from_the_committed_demo_run():
+    from benchmarks.update_readme import demo_block
+
+    regenerated = demo_block(RESULTS / "demo_cpu" / "results")
+    assert table_rows(regenerated) == table_rows(readme_block("demo-table"))

@@ -19,6 +19,7 @@ from octsam.segmenter import Segmenter, average_logits
 
 
 def _model(tiny_base: str, **config) -> OctSamModel:
+    torch.manual_seed(0)  # PEFT draws LoRA A from the global generator: the same A for every model made here
     model = OctSamModel.from_base(OctSamConfig(labels=TINY_LABELS, base_model=tiny_base, **config))
     torch.manual_seed(1)
     with torch.no_grad():

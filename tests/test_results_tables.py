@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:
@@ -34,16 +36,19 @@ def test_duke_cpu_cv_table_regenerates_from_its_csvs():
     assert table_rows(regenerated) == table_rows(readme_block("duke-cv-cpu"))
 
 
-def test_duke_native_cpu_cv_table_regenerates_from_its_csvs():
+@pytest.mark.parametrize(
+    "run, block", [("duke_native_cpu", "duke-native-cpu"), ("duke_native_cpu_v2", "duke-native-cpu-v2")]
+)
+def test_duke_native_cpu_cv_table_regenerates_from_its_csvs(run, block):
     from benchmarks.duke_native_cv import summarise, table
 
-    results = RESULTS / "duke_native_cpu"
+    results = RESULTS / run
     folds = sorted(int(p.parent.name.split("-")[1]) for p in results.glob("fold-*/eval") if any(p.iterdir()))
     if not folds:
         raise AssertionError(f"no per-B-scan results under {results}")
     regenerated = table(summarise(results, folds, n_bootstrap=2000, seed=0))
     assert table_rows(regenerated) == table_rows((results / "cv_table.md").read_text())
-    assert table_rows(regenerated) == table_rows(readme_block("duke-native-cpu"))
+    assert table_rows(regenerated) == table_rows(readme_block(block))
 
 
 def test_demo_table_regenerates_from_the_committed_demo_run():

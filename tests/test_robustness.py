@@ -653,13 +653,19 @@ def test_disk_full_during_training_build_and_inference(small_dataset, tiny_base,
 
 
 # ------------------------------------------------------------------------------------------------ 8. security (issue 22)
-def _robustness_world(adapter, tiny_base, tmp_path):
-    """benchmarks/robustness.py and its World on this module's fixtures instead of the benchmark's trained world."""
+def _robustness_module():
+    """benchmarks/robustness.py as a module (its probes and its /proc helpers)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("octsam_robustness", REPO_ROOT / "benchmarks" / "robustness.py")
     robustness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(robustness)
+    return robustness
+
+
+def _robustness_world(adapter, tiny_base, tmp_path):
+    """benchmarks/robustness.py and its World on this module's fixtures instead of the benchmark's trained world."""
+    robustness = _robustness_module()
     world = robustness.World.__new__(robustness.World)
     world.root, world.base, world.adapter, world.n = tmp_path, tiny_base, adapter, 0
     world.scans = tmp_path / "scans"
@@ -844,31 +850,6 @@ def test_sigterm_while_a_write_hangs_stops_promptly(writer, adapter, tmp_path, c
     assert not list(tmp_path.glob(".pred*"))
 
 
-def _stat(pid: int | str) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); [] for a process gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _descendants(pid: int) -> set[int]:
-    """The processes below ``pid``, found in /proc."""
-    parents = {int(p.name): int(fields[1]) for p in Path("/proc").glob("[0-9]*") if len(fields := _stat(p.name)) > 1}
-    found, todo = set(), [pid]
-    while todo:
-        above = todo.pop()
-        below = [child for child, parent in parents.items() if parent == above]
-        found.update(below)
-        todo.extend(below)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie - ended, not yet reaped by whoever adopted it - does not)."""
-    return _stat(pid)[:1] not in ([], ["Z"])
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the writer processes in /proc")
 def test_kill_9_while_a_writer_process_hangs_leaves_no_writer(adapter, tmp_path):
     """kill -9 to inference.py --writer process while its writer hangs in the 2nd B-scan's write (120 s): every
@@ -881,21 +862,22 @@ def test_kill_9_while_a_writer_process_hangs_leaves_no_writer(adapter, tmp_path)
         Image.fromarray(np.full((40, 48), 60 + 20 * i, np.uint8)).save(scans / f"scan{i}.png")
     argv = ["--adapter", str(adapter), "--input", str(scans), "--output", str(tmp_path / "pred"), "--quiet",
             "--writer", "process", "--write-workers", "2", "--batch-size", "1"]  # fmt: skip
+    procfs = _robustness_module()  # descendants() and running(): the benchmark's /proc helpers
     proc = hooked_process(tmp_path, "octsam.infer.run", "write_scan", 2, "infer", argv)
     writers: set[int] = set()
     try:
-        writers = _descendants(proc.pid)
+        writers = procfs.descendants(proc.pid)
         assert len(writers) >= 2, writers
         proc.kill()
         proc.wait(10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(map(_alive, writers)):
+        while time.monotonic() < deadline and any(map(procfs.running, writers)):
             time.sleep(0.1)
-        assert not [pid for pid in writers if _alive(pid)], "writer processes outlived kill -9 of inference.py"
+        assert not [pid for pid in writers if procfs.running(pid)], "writer processes outlived kill -9 of inference.py"
     finally:
         proc.kill()
         for pid in writers:
-            if _alive(pid):
+            if procfs.running(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.stdout.close()  # not read to the end: a writer left alive would hold them open
         proc.stderr.close()

@@ -252,7 +252,7 @@ def render_adapter_card(
         ("mask decoder", "fully trained" if config.train_mask_decoder else "frozen (or LoRA)"),
     ]
     if config.mode == "automatic":
-        mask_tokens = getattr(config, "automatic_head", "class_tokens") == "mask_tokens"
+        mask_tokens = config.automatic_head == "mask_tokens"
         config_rows.append(("automatic head", "SAM's multimask output tokens, one per class; output head trained"
                             if mask_tokens else "learned prompt tokens per class"))  # fmt: skip
         config_rows.append(
